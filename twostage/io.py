@@ -1,0 +1,94 @@
+"""File primitives shared by every command: atomic writes, image reading, hashing.
+
+Outputs are never visible half-written: everything is written to a temporary file in the
+same folder and renamed into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import TwostageError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
+    import cv2
+
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise TwostageError(f"{path}: could not encode PNG")
+    write_bytes_atomic(path, buf.tobytes())
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an X-ray PNG as an (H, W) uint8 array.
+
+    1- or 3-channel (identical channels) and alpha are accepted; 16-bit images are scaled to
+    8 bits from their dtype (never guessed from pixel values, so a dark 16-bit image stays dark).
+    """
+    import cv2
+
+    path = Path(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise TwostageError(f"{path}: cannot read image ({e.strerror or e})") from None
+    if data.size == 0:
+        raise TwostageError(f"{path}: empty file, not a PNG")
+    img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise TwostageError(f"{path}: not a readable image (corrupt or truncated PNG?)")
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        img = img[:, :, 0] if img.shape[2] >= 1 else img
+    if img.dtype == np.uint16:
+        img = (img.astype(np.uint32) * 255 + 32767) // 65535
+        img = img.astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise TwostageError(f"{path}: unsupported pixel type {img.dtype} (expected 8- or 16-bit)")
+    return np.ascontiguousarray(img)
