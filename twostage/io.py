@@ -64,12 +64,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an X-ray PNG as an (H, W) uint8 array.
-
-    1- or 3-channel (identical channels) and alpha are accepted; 16-bit images are scaled to
-    8 bits from their dtype (never guessed from pixel values, so a dark 16-bit image stays dark).
-    """
+def read_image_raw(path: str | os.PathLike) -> np.ndarray:
+    """Decode a PNG exactly as stored ((H, W) or (H, W, C), uint8 or uint16), for checks
+    that need the channel count and bit depth; TwostageError for empty/corrupt files."""
     import cv2
 
     path = Path(path)
@@ -82,13 +79,41 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise TwostageError(f"{path}: not a readable image (corrupt or truncated PNG?)")
+    return img
+
+
+def to_gray8(img: np.ndarray, path: str | os.PathLike = "<image>") -> np.ndarray:
+    """(H, W) uint8 from a raw decoded image: first channel (alpha ignored), 16-bit scaled by dtype."""
     if img.ndim == 3:
-        if img.shape[2] == 4:
-            img = img[:, :, :3]
-        img = img[:, :, 0] if img.shape[2] >= 1 else img
+        img = img[:, :, 0]
     if img.dtype == np.uint16:
-        img = (img.astype(np.uint32) * 255 + 32767) // 65535
-        img = img.astype(np.uint8)
+        img = ((img.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
     elif img.dtype != np.uint8:
         raise TwostageError(f"{path}: unsupported pixel type {img.dtype} (expected 8- or 16-bit)")
     return np.ascontiguousarray(img)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an X-ray PNG as an (H, W) uint8 array.
+
+    1- or 3-channel (identical channels) and alpha are accepted; 16-bit images are scaled to
+    8 bits from their dtype (never guessed from pixel values, so a dark 16-bit image stays dark).
+    """
+    return to_gray8(read_image_raw(path), path)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(H, W) of a PNG from its IHDR header, without decoding the pixels (cheap cache keys)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise TwostageError(f"{path}: cannot read image ({e.strerror or e})") from None
+    if len(head) < 24 or head[:8] != PNG_SIGNATURE or head[12:16] != b"IHDR":
+        raise TwostageError(f"{path}: not a PNG file (bad header)")
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return h, w
