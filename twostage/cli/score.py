@@ -1,0 +1,53 @@
+"""`twostage score PRED.csv --gt DATA`: Dice per class, carpal mean and overall of a prediction CSV."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..classes import CLASSES, PALM_CLASSES
+
+
+def _classes(text: str) -> tuple[str, ...]:
+    """'palm', 'all' or a comma-separated list of class names."""
+    if text == "palm":
+        return PALM_CLASSES
+    if text == "all":
+        return CLASSES
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CLASSES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown class name(s) {unknown or [text]}; use 'palm', 'all' "
+                                         f"or names from: {', '.join(CLASSES)}")
+    return names
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "score",
+        help="score a prediction CSV against annotated images",
+        description="Score a prediction CSV (header image_name,class,rle) against the annotated "
+                    "images of a dataset: Dice = (2|A∩B| + 1e-4) / (|A| + |B| + 1e-4) per image "
+                    "and class, averaged over images; prints the per-class table, the carpal mean "
+                    "and the overall mean. A CSV missing ground-truth images or classes is an "
+                    "error; rows for images without ground truth are reported and ignored.",
+    )
+    p.add_argument("pred", type=Path, metavar="PRED.csv", help="prediction CSV (e.g. from `twostage infer`)")
+    p.add_argument("--gt", type=Path, required=True, metavar="DATA",
+                   help="ground truth: dataset root (uses train/) or a split folder with DCM/ and outputs_json/")
+    p.add_argument("--fixes", type=Path, metavar="FIXES.yaml", help="label fixes applied to the ground truth")
+    p.add_argument("--classes", type=_classes, default=None, metavar="NAMES",
+                   help="classes to score: 'all' (default), 'palm' (the 8 carpals, e.g. for a palm-only "
+                        "CSV) or a comma-separated list")
+    p.add_argument("--json", type=Path, metavar="OUT", help="also write the report (with per-image Dice) as JSON")
+    p.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from ..io import write_json_atomic
+    from ..metrics import score_csv
+
+    report = score_csv(args.pred, args.gt, fixes=args.fixes, classes=args.classes)
+    print(report.table())
+    if args.json:
+        write_json_atomic(args.json, report.to_dict())
+    return 0

@@ -1,0 +1,216 @@
+"""Dice scores of DESIGN §2 and the score report: per class, carpal mean, overall.
+
+Dice per image per class = (2·|A∩B| + 1e-4) / (|A| + |B| + 1e-4), so two empty masks score 1;
+the report averages over images first, then over classes.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .classes import CLASS_TO_INDEX, CLASSES, PALM_CLASSES, class_indices
+from .errors import TwostageError
+
+log = logging.getLogger(__name__)
+
+DICE_EPS = 1e-4
+"""Smoothing term of the §2 Dice formula (makes both-empty score exactly 1)."""
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def dice_per_class(pred: Any, gt: Any) -> np.ndarray:
+    """(C,) float64 Dice of each channel of two (C, H, W) masks (nonzero = foreground).
+
+    numpy arrays or torch tensors (counted on the tensor's device; a numpy partner is moved
+    there); only the 3·C pixel counts come back to the CPU.
+    """
+    if tuple(pred.shape) != tuple(gt.shape):
+        raise ValueError(f"prediction shape {tuple(pred.shape)} != ground-truth shape {tuple(gt.shape)}")
+    c = int(pred.shape[0])
+    if _is_torch(pred) or _is_torch(gt):
+        import torch
+
+        device = pred.device if _is_torch(pred) else gt.device
+        p = torch.as_tensor(pred, device=device).reshape(c, -1) != 0
+        g = torch.as_tensor(gt, device=device).reshape(c, -1) != 0
+        counts = torch.stack([(p & g).sum(1), p.sum(1), g.sum(1)]).cpu().numpy()
+    else:
+        p = np.asarray(pred).reshape(c, -1)
+        g = np.asarray(gt).reshape(c, -1)
+        p = p.view(np.bool_) if p.dtype == np.uint8 and p.max(initial=0) <= 1 else p != 0
+        g = g.view(np.bool_) if g.dtype == np.uint8 and g.max(initial=0) <= 1 else g != 0
+        counts = np.stack([np.count_nonzero(p & g, axis=1), np.count_nonzero(p, axis=1),
+                           np.count_nonzero(g, axis=1)])
+    inter, a, b = counts.astype(np.float64)
+    return (2.0 * inter + DICE_EPS) / (a + b + DICE_EPS)
+
+
+@dataclass
+class ScoreReport:
+    """Mean Dice per class over images, the carpal mean and the overall mean."""
+
+    classes: tuple[str, ...]
+    per_class: np.ndarray  # (C,) float64, mean over images
+    carpal_mean: float | None  # mean over the PALM_CLASSES among `classes`; None if none
+    overall: float  # mean over classes
+    n_images: int
+    per_image: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (C,) Dice
+    extra_images: list[str] = field(default_factory=list)  # predicted images not in the GT
+
+    def to_dict(self) -> dict:
+        """JSON-safe report (per-image Dice as lists in `classes` order)."""
+        return {
+            "classes": list(self.classes),
+            "per_class": {c: float(v) for c, v in zip(self.classes, self.per_class)},
+            "carpal_mean": self.carpal_mean,
+            "overall": self.overall,
+            "n_images": self.n_images,
+            "extra_images": list(self.extra_images),
+            "per_image": {k: [float(v) for v in d] for k, d in self.per_image.items()},
+        }
+
+    def value(self, cls: str) -> float | None:
+        """Mean Dice of one class, None if this report does not score it."""
+        return float(self.per_class[self.classes.index(cls)]) if cls in self.classes else None
+
+    def table(self, other: ScoreReport | None = None, names: tuple[str, str] = ("global", "fused")) -> str:
+        """Aligned text table: one row per class, then carpal mean and overall.
+
+        With `other`, the two reports side by side (columns `names`) and `other − self`;
+        classes present in only one report show "-".
+        """
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else f"{v:.4f}"
+
+        def diff(a: float | None, b: float | None) -> str:
+            return "-" if a is None or b is None else f"{b - a:+.4f}"
+
+        reports = [self] if other is None else [self, other]
+        classes = list(self.classes) + [c for c in (other.classes if other else ()) if c not in self.classes]
+        header = ["class"] + (["dice"] if other is None else [*names, "diff"])
+        rows = []
+        for label, values in (
+            *((c, [r.value(c) for r in reports]) for c in classes),
+            (None, None),
+            ("carpal mean", [r.carpal_mean for r in reports]),
+            ("overall", [r.overall for r in reports]),
+        ):
+            if label is None:
+                rows.append(None)
+                continue
+            row = [label] + [fmt(v) for v in values]
+            if other is not None:
+                row.append(diff(*values))
+            rows.append(row)
+        rows.append(["images"] + [str(r.n_images) for r in reports] + ([""] if other else []))
+        widths = [max(len(r[i]) for r in [header] + [r for r in rows if r]) for i in range(len(header))]
+
+        def line(r: list[str]) -> str:
+            return "  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]).rstrip()
+
+        rule = "-" * len(line(header))
+        return "\n".join([line(header), rule] + [rule if r is None else line(r) for r in rows])
+
+
+def summarize(per_image: dict[str, np.ndarray], classes: Sequence[str] = CLASSES) -> ScoreReport:
+    """Average per-image Dice vectors ((C,) in `classes` order) into a ScoreReport."""
+    classes = tuple(classes)
+    if not per_image:
+        raise TwostageError("no images to score")
+    stack = np.stack([np.asarray(v, dtype=np.float64) for v in per_image.values()])
+    if stack.shape[1] != len(classes):
+        raise ValueError(f"per-image Dice has {stack.shape[1]} values, expected {len(classes)} (one per class)")
+    per_class = stack.mean(axis=0)
+    carpal = [per_class[i] for i, c in enumerate(classes) if c in PALM_CLASSES]
+    return ScoreReport(
+        classes=classes,
+        per_class=per_class,
+        carpal_mean=float(np.mean(carpal)) if carpal else None,
+        overall=float(per_class.mean()),
+        n_images=len(per_image),
+        per_image=dict(per_image),
+    )
+
+
+def _some(names: Sequence[str], k: int = 5) -> str:
+    """'a, b, c, … (12 in all)': the first few names and the count, for error messages."""
+    shown = ", ".join(names[:k])
+    return f"{shown}, … ({len(names)} in all)" if len(names) > k else shown
+
+
+def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
+              fixes: Any = None, classes: Sequence[str] | None = None) -> ScoreReport:
+    """Score a §2 prediction CSV against the annotated images under `gt_root`.
+
+    Args:
+        pred_csv: the prediction CSV (may hold more classes than `classes`).
+        gt_root: dataset root or split folder with DCM/ and outputs_json/ (see find_samples).
+        fixes: a `twostage.data.Fixes` or the path of a fixes YAML; dropped images are not scored.
+        classes: class names to score (default all 29); every GT image needs a row for each.
+    Raises:
+        TwostageError: GT images or (image, class) rows missing from the CSV, a malformed
+        RLE (naming image and class), GT images without annotations, unknown class names.
+    """
+    from tqdm import tqdm
+
+    from .data import Fixes, find_samples, load_masks
+    from .rle import decode, read_csv
+
+    pred_csv = Path(pred_csv)
+    classes = tuple(CLASSES if classes is None else classes)
+    class_indices(classes)  # validates the names
+    if fixes is not None and not isinstance(fixes, Fixes):
+        fixes = Fixes.load(fixes)
+
+    samples = find_samples(gt_root)
+    if fixes is not None:
+        samples = fixes.keep(samples)
+    unannotated = [s.rel for s in samples if s.json_path is None]
+    if unannotated:
+        raise TwostageError(f"{gt_root}: no annotation JSON for {len(unannotated)} image(s) "
+                            f"({_some(unannotated)}); score needs ground truth")
+    by_name: dict[str, Any] = {}
+    for s in samples:
+        if s.name in by_name:
+            raise TwostageError(f"{gt_root}: image name {s.name} appears twice ({by_name[s.name].rel}, {s.rel}); "
+                                f"CSV rows are keyed by basename")
+        by_name[s.name] = s
+
+    preds = read_csv(pred_csv)
+    unknown = sorted({c for rows in preds.values() for c in rows if c not in CLASS_TO_INDEX})
+    if unknown:
+        raise TwostageError(f"{pred_csv}: unknown class name(s) {_some(unknown)}")
+    missing_images = [n for n in by_name if n not in preds]
+    if missing_images:
+        raise TwostageError(f"{pred_csv}: missing {len(missing_images)} of {len(by_name)} ground-truth "
+                            f"image(s): {_some(missing_images)}")
+    missing = [f"{n}/{c}" for n in by_name for c in classes if c not in preds[n]]
+    if missing:
+        absent = [c for c in classes if all(c not in preds[n] for n in by_name)]
+        what = f"no rows for class(es) {_some(absent)}" if absent else f"missing rows {_some(missing)}"
+        raise TwostageError(f"{pred_csv}: {what} ({len(missing)} image/class row(s) missing)")
+    extra = [n for n in preds if n not in by_name]
+    if extra:
+        log.warning("%s: %d image(s) not in the ground truth, not scored: %s", pred_csv, len(extra), _some(extra))
+
+    per_image = {}
+    for name, sample in tqdm(by_name.items(), desc="score", unit="img", disable=None):
+        gt = load_masks(sample, classes, fixes)
+        pred = np.empty_like(gt)
+        for i, c in enumerate(classes):
+            try:
+                pred[i] = decode(preds[name][c], gt.shape[1:])
+            except TwostageError as e:
+                raise TwostageError(f"{pred_csv}: image {name} class {c}: {e}") from None
+        per_image[name] = dice_per_class(pred, gt)
+    report = summarize(per_image, classes)
+    report.extra_images = extra
+    return report
