@@ -1,0 +1,142 @@
+"""The phantom dataset: §1 layout, valid labels, determinism, geometry and contrast."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import cv2
+import numpy as np
+import pytest
+
+from twostage.classes import CLASSES, PALM_CLASSES
+from twostage.cli import main
+from twostage.data import find_samples, rasterize, read_annotations
+from twostage.errors import TwostageError
+from twostage.io import read_image
+from twostage.synth import render_hand, synthesize
+
+NAME = re.compile(r"^image\d{13}_[LR]\.png$")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synthesize(tmp_path_factory.mktemp("synth") / "DATA", n=6, size=160, seed=3, test_n=3)
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_names_and_metadata(data):
+    train = find_samples(data, "train")
+    test = find_samples(data, "test")
+    assert len(train) == 6 and len(test) == 3
+    assert all(s.json_path is not None for s in train)
+    assert all(s.json_path is None for s in test)
+    assert not (data / "test" / "outputs_json").exists()
+    for s in train + test:
+        assert NAME.match(s.name), s.name
+        assert re.fullmatch(r"ID\d{3}", s.id)
+        assert read_image(s.image_path).shape == (160, 160)
+    train_ids = {s.id for s in train}
+    test_ids = {s.id for s in test}
+    assert len(train_ids) == 3 and len(test_ids) == 2 and not train_ids & test_ids
+    for pid in train_ids:  # both hands of every training person
+        assert sorted(s.name[-5] for s in train if s.id == pid) == ["L", "R"]
+    names = [s.name for s in train + test]
+    assert len(set(names)) == len(names)
+    with open(data / "meta_data.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["ID", "age", "sex", "weight", "height"]
+    assert sorted(r["ID"] for r in rows) == sorted(train_ids | test_ids)
+    # JSON imitates real files: untrustworthy metadata and filename.
+    obj = json.loads(train[0].json_path.read_text())
+    assert obj["metadata"]["width"] == 2048 and obj["filename"] != train[0].name
+
+
+def test_annotations_valid(data):
+    for s in find_samples(data, "train"):
+        anns = read_annotations(s.json_path)
+        assert sorted(a.label for a in anns) == sorted(CLASSES)
+        for a in anns:
+            assert len(a.points) >= 3 and a.points.dtype == np.int32
+            assert a.points.min() >= 0 and a.points.max() <= 159
+        masks = rasterize(anns, (160, 160))
+        assert (masks.reshape(len(CLASSES), -1).sum(1) > 0).all()
+
+
+def test_deterministic_by_seed(tmp_path):
+    a = synthesize(tmp_path / "a", n=3, size=128, seed=7, test_n=1)
+    b = synthesize(tmp_path / "b", n=3, size=128, seed=7, test_n=1)
+    c = synthesize(tmp_path / "c", n=3, size=128, seed=8, test_n=1)
+    fa, fb, fc = _files(a), _files(b), _files(c)
+    assert fa == fb
+    assert len(fa) == 3 + 3 + 1 + 1  # odd n: 2 IDs, the second with a right hand only
+    assert [k[-5] for k in fa if k.startswith("train/DCM/ID002/")] == ["R"]
+    assert set(fa) != set(fc) and list(fa.values()) != list(fc.values())
+
+
+def test_carpal_box_fraction_and_size_range():
+    fracs = []
+    for k in range(10):
+        size = (128, 192, 256)[k % 3]
+        _, anns = render_hand(np.random.default_rng(k), size, "RL"[k % 2])
+        pts = np.concatenate([a.points for a in anns if a.label in PALM_CLASSES])
+        fracs.append((pts.max(0) - pts.min(0)).max() / size)
+    assert 0.15 <= min(fracs) and max(fracs) <= 0.35, fracs
+
+
+def test_bone_brighter_than_tissue_brighter_than_background():
+    for k in range(4):
+        img, anns = render_hand(np.random.default_rng(100 + k), 256, "RL"[k % 2])
+        bone = rasterize(anns, img.shape).any(0).astype(np.uint8)
+        ring = cv2.dilate(bone, np.ones((9, 9), np.uint8)) - bone  # soft tissue beside bone
+        far = cv2.dilate(bone, np.ones((61, 61), np.uint8)) == 0  # background
+        assert far.sum() > 500
+        b, t, g = img[bone > 0].mean(), img[ring > 0].mean(), img[far].mean()
+        assert b > t + 30 and t > g + 20, (b, t, g)
+        carpals = rasterize([a for a in anns if a.label in PALM_CLASSES], img.shape).any(0)
+        assert img[carpals].mean() > t + 30
+
+
+def test_left_is_mirrored_right():
+    for k in range(3):
+        def thumb_minus_little(side):
+            _, anns = render_hand(np.random.default_rng(k), 192, side)
+            x = {a.label: a.points[:, 0].mean() for a in anns}
+            return x["finger-1"] - x["finger-19"]
+        assert thumb_minus_little("R") < 0 < thumb_minus_little("L")
+    a, _ = render_hand(np.random.default_rng(0), 128, "R")
+    b, _ = render_hand(np.random.default_rng(0), 128, "L")
+    assert not np.array_equal(a, b)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(TwostageError, match="n=0"):
+        synthesize(tmp_path / "x", n=0, size=128)
+    with pytest.raises(TwostageError, match="size=32"):
+        synthesize(tmp_path / "x", n=2, size=32)
+    with pytest.raises(TwostageError, match="test_n"):
+        synthesize(tmp_path / "x", n=2, size=128, test_n=-1)
+    with pytest.raises(TwostageError, match="side"):
+        render_hand(np.random.default_rng(0), 128, "X")
+
+
+def test_refuses_non_empty_folder_unless_overwrite(tmp_path):
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(TwostageError, match="not empty"):
+        synthesize(out, n=2, size=128)
+    synthesize(out, n=2, size=128, overwrite=True)
+    assert len(find_samples(out, "train")) == 2
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["synth", "--out", str(out), "--n", "2", "--size", "128", "--seed", "1", "--test-n", "1"]) == 0
+    assert len(find_samples(out, "train")) == 2 and len(find_samples(out, "test")) == 1
+    assert main(["synth", "--out", str(out), "--n", "2", "--size", "128"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--n", "0"]) == 2
