@@ -1,0 +1,113 @@
+"""`twostage demo`: the whole product on synthetic data, in minutes, on a laptop CPU.
+
+synth (train + a held-out set with another seed) → prepare-sr → train global → train palm →
+evaluate (infer global-only and fused on the held-out set, score both, pictures).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TwostageError
+
+log = logging.getLogger(__name__)
+
+REAL_ESRGAN = "RealESRGAN_x4plus"
+"""The upscaler the demo uses when its weights are present under weights/."""
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes of one demo run; `quick` trades accuracy for a ≤3 minute run."""
+
+    n_train: int
+    n_test: int
+    global_epochs: int
+    palm_epochs: int
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> "DemoPlan":
+        return cls(n_train=12, n_test=6, global_epochs=6, palm_epochs=6) if quick else \
+            cls(n_train=32, n_test=16, global_epochs=0, palm_epochs=0)  # 0: the demo config's own
+
+
+def choose_upscaler(weights_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+    """Real-ESRGAN if its weights are usable here, else bicubic; returns (name, reason)."""
+    from .sr import make_upscaler
+
+    try:
+        make_upscaler(REAL_ESRGAN, weights_dir=weights_dir)
+    except TwostageError as e:
+        return "bicubic", f"Real-ESRGAN weights not usable ({e}); using the bicubic upscaler"
+    return REAL_ESRGAN, f"using {REAL_ESRGAN} (weights found)"
+
+
+def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: bool = False,
+             seed: int = 0, device: str = "cpu", weights_dir: str | os.PathLike | None = None,
+             overwrite: bool = True) -> dict:
+    """Run every step of the product on phantoms and return what was written and measured."""
+    from .evaluate import evaluate
+    from .prepare import prepare_sr
+    from .synth import synthesize
+    from .train import train_stage
+
+    out = Path(out)
+    plan = DemoPlan.for_mode(quick)
+    times: dict[str, float] = {}
+
+    def step(name: str):
+        times[name] = time.perf_counter()
+        log.info("== %s ==", name)
+
+    def done(name: str):
+        times[name] = time.perf_counter() - times[name]
+        log.info("   %s: %.0f s", name, times[name])
+
+    step("synth")
+    data = synthesize(out / "data", n=plan.n_train, size=size, seed=seed, overwrite=overwrite)
+    heldout = synthesize(out / "heldout", n=plan.n_test, size=size, seed=seed + 1000, overwrite=overwrite)
+    done("synth")
+
+    step("prepare-sr")
+    upscaler, reason = choose_upscaler(weights_dir)
+    log.info("   %s", reason)
+    palm_data = out / "palm-data"
+    prepare_sr(data, palm_data, upscaler=upscaler, device=device, overwrite=overwrite,
+               weights_dir=weights_dir)
+    done("prepare-sr")
+
+    runs = {}
+    for stage, root, epochs in (("global", data, plan.global_epochs), ("palm", palm_data, plan.palm_epochs)):
+        step(f"train {stage}")
+        overrides = [f"train.device={device}", f"train.seed={seed}"]
+        if epochs:
+            overrides.append(f"train.epochs={epochs}")
+        runs[stage] = train_stage(f"demo-{stage}", overrides=overrides, data=str(root),
+                                  out=str(out / "runs" / stage))
+        done(f"train {stage}")
+
+    step("evaluate")
+    ev = evaluate(heldout, runs["global"] / "best.pt", runs["palm"] / "best.pt", out / "evaluation",
+                  device=device)
+    done("evaluate")
+    return {"evaluation": ev, "times": times, "upscaler": upscaler, "runs": runs,
+            "data": data, "heldout": heldout, "palm_data": palm_data, "out": out}
+
+
+def hand_commands(result: dict) -> str:
+    """The commands that redo each demo step by hand."""
+    o = result["out"]
+    return "\n".join([
+        f"twostage synth --out {result['data']} --n 32 --size 512 --seed 0",
+        f"twostage prepare-sr {result['data']} --out {result['palm_data']} --upscaler {result['upscaler']}",
+        f"twostage train --stage demo-global --data {result['data']} --out {result['runs']['global']}",
+        f"twostage train --stage demo-palm --data {result['palm_data']} --out {result['runs']['palm']}",
+        f"twostage infer {result['heldout']} --global {result['runs']['global']}/best.pt "
+        f"--palm {result['runs']['palm']}/best.pt --fuse --out {o}/fused.csv",
+        f"twostage score {o}/fused.csv --gt {result['heldout']}",
+        f"twostage evaluate {result['heldout']} --global {result['runs']['global']}/best.pt "
+        f"--palm {result['runs']['palm']}/best.pt --out {o}/evaluation",
+    ])
