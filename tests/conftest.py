@@ -66,3 +66,72 @@ def tiny_dataset(tmp_path: Path, write_sample) -> Path:
     write_sample(root, "ID003/image300_R.png", split="test")
     (root / "meta_data.csv").write_text("ID,Age,Sex,Weight,Height\n1,30,M,70,175\n2,41,F,55,160\n3,8,F,25,120\n")
     return root
+
+
+# --- sr helper: tiny random-init Real-ESRGAN weights + manifest ------------------------------
+
+SR_TEST_ENTRIES = {
+    # Same architecture classes as the official entries, tiny sizes so CPU tests are fast.
+    "rrdb-x4": ("RRDBNet", 4, {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1,
+                                "num_grow_ch": 4, "scale": 4}),
+    "rrdb-x2": ("RRDBNet", 2, {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_block": 1,
+                                "num_grow_ch": 4, "scale": 2}),
+    "vgg-x4": ("SRVGGNetCompact", 4, {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 8, "num_conv": 2,
+                                      "upscale": 4, "act_type": "prelu"}),
+}
+
+
+@pytest.fixture
+def make_sr_weights() -> Callable[..., Path]:
+    """make_sr_weights(directory, url_base=...) saves random-init networks as the official files
+    are saved ({"params_ema": state_dict}) plus a manifest pinning their sha256; returns the manifest."""
+    import torch
+    import yaml
+
+    from twostage.compat import import_basicsr
+    from twostage.io import sha256_file
+
+    def _make(directory: Path, url_base: str = "https://example.invalid/") -> Path:
+        RRDBNet, SRVGGNetCompact = import_basicsr()
+        classes = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}
+        torch.manual_seed(0)
+        entries = {}
+        for name, (arch, scale, params) in SR_TEST_ENTRIES.items():
+            path = Path(directory) / f"{name}.pth"
+            torch.save({"params_ema": classes[arch](**params).state_dict()}, path)
+            entries[name] = {"file": path.name, "arch": arch, "scale": scale, "url": url_base + path.name,
+                             "sha256": sha256_file(path), "params": params}
+        manifest = Path(directory) / "manifest.yaml"
+        manifest.write_text(yaml.safe_dump({"weights": entries}))
+        return manifest
+
+    return _make
+
+
+# --- ensemble helper: tiny random-init checkpoints for visualize / calibrate -------------------
+
+@pytest.fixture(scope="session")
+def make_tiny_checkpoint() -> Callable[..., Path]:
+    """make_tiny_checkpoint(path, stage, classes=CLASSES, seed=0, input_size=64): a random-init
+    tiny smp network saved as a real twostage checkpoint (palm: bicubic x4 palm set, box rule)."""
+    import torch
+
+    from twostage.box import BoxRule
+    from twostage.checkpoint import save_checkpoint
+    from twostage.models import build_model, default_normalization
+    from twostage.sr import make_upscaler
+
+    model = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "in_channels": 3,
+             "kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}
+
+    def _make(path: Path, stage: str, classes=CLASSES, seed: int = 0, input_size: int = 64) -> Path:
+        torch.manual_seed(seed)
+        net = build_model(model["arch"], model["encoder"], len(classes), model["in_channels"], **model["kwargs"])
+        meta = {"stage": stage, "classes": list(classes), "model": model, "input_size": input_size,
+                "normalization": default_normalization(None)}
+        if stage == "palm":
+            meta.update(box_rule=BoxRule(margin=0.15).to_dict(), fallback_box=[0.5, 0.6, 0.3], side_range=[0.1, 0.6],
+                        palm_set={**make_upscaler("bicubic", 4).record(), "context": 1.5})
+        return save_checkpoint(path, net.state_dict(), meta)
+
+    return _make

@@ -1,0 +1,200 @@
+"""`twostage prepare-sr`: turn a training set into the palm training set.
+
+For every training image: the palm box from its carpal polygons (`twostage.box`), the
+CONTEXT box (box side × `context`, same centre, inside the image) so palm training can
+jitter the box inside the crop, the context crop upscaled (`twostage.sr`), every polygon
+mapped into crop coordinates × scale and clipped to the crop. Output, in the §1 layout so
+the same data layer reads it:
+
+    PALMDATA/palmset.json                         # palm-set record (see `palm_set_record`)
+    PALMDATA/train/DCM/<ID>/<stem>.png            # upscaled context crop, 8-bit grayscale
+    PALMDATA/train/outputs_json/<ID>/<stem>.json  # polygons in crop coordinates
+    PALMDATA/manifest/<ID>/<stem>.json            # source + hashes, boxes, upscaler record;
+                                                  # written LAST: its presence = item finished
+
+Resumable: an item whose manifest matches (source image hash, annotation hash, settings)
+and whose outputs exist is skipped; anything else is redone. Every file is written
+atomically. Images without carpal annotations are SKIPPED with a warning: their carpals are
+almost surely unannotated rather than absent, and training on them would teach the palm
+model to miss carpals. `shard=(i, n)` processes items i, i+n, i+2n, ... (0-based) of the
+sorted sample list; every shard writes the same palmset.json (computed from all boxes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import box as boxes
+from .data import Annotation, Sample, find_samples, load_annotations, write_annotations
+from .errors import TwostageError
+from .io import png_size, read_image, sha256_file, write_json_atomic, write_png_atomic
+
+log = logging.getLogger(__name__)
+
+PALMSET = "palmset.json"
+MANIFEST_DIR = "manifest"
+FORMAT = "twostage-palmset-1"
+SETTING_KEYS = ("upscaler", "scale", "weight_sha256", "margin", "context")
+"""Settings that define a palm set: a folder holds one palm set; changing any needs --overwrite."""
+
+
+def _annotations_digest(annotations: list[Annotation]) -> str:
+    """sha256 of the annotations after fixes: a changed JSON or fixes file redoes the item."""
+    canon = [[a.label, np.asarray(a.points).astype(int).tolist()] for a in annotations]
+    return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()
+
+
+def load_palm_set(root: str | os.PathLike) -> dict:
+    """The palm-set record of a prepare-sr output folder (TwostageError if it is not one)."""
+    p = Path(root) / PALMSET
+    if not p.is_file():
+        raise TwostageError(f"{root}: not a prepare-sr output (no {PALMSET}); run `twostage prepare-sr DATA --out {root}`")
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise TwostageError(f"{p}: unreadable palm-set record ({e})") from None
+    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
+        raise TwostageError(f"{p}: not a {FORMAT} record")
+    return rec
+
+
+def _item_paths(out: Path, sample: Sample) -> tuple[Path, Path, Path]:
+    rel = Path(sample.rel)
+    return (out / "train" / "DCM" / rel, out / "train" / "outputs_json" / rel.with_suffix(".json"),
+            out / MANIFEST_DIR / rel.with_suffix(".json"))
+
+
+def _finished(manifest: Path, png: Path, js: Path, expect: dict) -> bool:
+    if not (manifest.is_file() and png.is_file() and js.is_file()):
+        return False
+    try:
+        got = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return all(got.get(k) == v for k, v in expect.items())
+
+
+def map_annotations(annotations: list[Annotation], crop: boxes.Box, scale: int) -> list[Annotation]:
+    """Every polygon in crop coordinates × scale, clipped to the crop; fully-outside ones dropped."""
+    out = []
+    for a in annotations:
+        if len(a.points) < 3:
+            continue
+        pts = boxes.polygon_to_crop(a.points, crop, scale)
+        if pts is not None:
+            out.append(Annotation(a.label, pts, a.id))
+    return out
+
+
+def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = "bicubic", scale: int | None = None,
+               margin: float = 0.15, context: float = 1.5, tile: int = 0, device: str = "cpu",
+               shard: tuple[int, int] = (0, 1), overwrite: bool = False, fixes: str | os.PathLike | None = None,
+               weights_dir: str | os.PathLike | None = None, trust_unpinned: bool = False) -> dict:
+    """Write the palm training set of `data` into `out`; returns counts {done, skipped, no_carpals, dropped}.
+
+    Args:
+        data: dataset root (§1 layout; its train split is used).
+        out: PALMDATA folder (created).
+        upscaler, scale, tile, device, weights_dir, trust_unpinned: see `twostage.sr.make_upscaler`
+            (bicubic defaults to ×4; a network's scale is its own).
+        margin: box margin (fraction of the carpal extent per side), see `twostage.box.BoxRule`.
+        context: crop side / box side (>= 1); the crop lets training jitter the box.
+        shard: (i, n): process items i, i+n, ... (0-based).
+        overwrite: allow replacing a palm set made with other settings in `out`.
+        fixes: label-fixes YAML applied on read (dropped images are left out).
+    """
+    from tqdm import tqdm
+
+    from .data import Fixes
+    from .sr import make_upscaler
+
+    i, n = shard
+    if not (isinstance(n, int) and isinstance(i, int) and n >= 1 and 0 <= i < n):
+        raise TwostageError(f"shard {i}/{n}: need 0 <= i < n (i is 0-based)")
+    if not (isinstance(context, (int, float)) and context >= 1):
+        raise TwostageError(f"context {context!r}: must be a number >= 1 (crop side / box side)")
+    out = Path(out)
+    data = Path(data)
+    if out.resolve() == data.resolve():
+        raise TwostageError(f"{out}: the output folder must differ from the dataset")
+    rule = boxes.BoxRule(margin=margin)  # validates the margin
+    up = make_upscaler(upscaler, scale=scale, tile=tile, device=device, weights_dir=weights_dir,
+                       trust_unpinned=trust_unpinned)
+    fx = Fixes.load(fixes) if fixes is not None else None
+
+    # Pass 1 (cheap: JSON + PNG headers): every box, for the record's fallback and side range.
+    samples = find_samples(data, split="train") if (data / "train").is_dir() else find_samples(data)
+    items, shapes, found, counts = [], [], [], {"done": 0, "skipped": 0, "no_carpals": 0, "dropped": 0}
+    for s in samples:
+        if s.json_path is None:
+            log.warning("%s: no annotation JSON; skipped", s.rel)
+            continue
+        if fx is not None and fx.drops(s):
+            counts["dropped"] += 1
+            continue
+        anns = load_annotations(s, fx)
+        shape = png_size(s.image_path)
+        b = boxes.box_from_annotations(anns, shape, rule)
+        if b is None:
+            log.warning("%s: no carpal annotation; skipped (its palm crop would teach missing carpals)", s.rel)
+            counts["no_carpals"] += 1
+            continue
+        items.append((s, anns, shape, b))
+        found.append(b)
+        shapes.append(shape)
+    if not items:
+        raise TwostageError(f"{data}: no training image with carpal annotations")
+    side_min, side_max = boxes.side_range_from_boxes(found, shapes)
+    full_rule = boxes.BoxRule(margin=margin, side_min=side_min, side_max=side_max,
+                              fallback=boxes.fallback_from_boxes(found, shapes))
+    record = {"format": FORMAT, **up.record(), "margin": float(margin), "context": float(context),
+              "box_rule": full_rule.to_dict(), "source": str(data.resolve()), "count": len(items)}
+
+    settings = {k: record[k] for k in SETTING_KEYS}
+    old = out / PALMSET
+    if old.is_file() and not overwrite:
+        prev = load_palm_set(out)
+        diff = [f"{k}: {prev.get(k)!r} -> {settings[k]!r}" for k in SETTING_KEYS if prev.get(k) != settings[k]]
+        if diff:
+            raise TwostageError(f"{out}: holds a palm set made with other settings ({'; '.join(diff)}); "
+                                f"use another --out or pass --overwrite")
+    write_json_atomic(old, record)
+
+    todo = items[i::n]
+    for s, anns, shape, b in tqdm(todo, desc=f"prepare-sr {i}/{n}" if n > 1 else "prepare-sr", unit="img",
+                                  disable=None):
+        png, js, man = _item_paths(out, s)
+        expect = {"source_sha256": sha256_file(s.image_path), "annotations_sha256": _annotations_digest(anns),
+                  **settings}
+        if _finished(man, png, js, expect):
+            counts["skipped"] += 1
+            continue
+        crop_box = b.grown(context, shape)
+        image = read_image(s.image_path)
+        if image.shape != tuple(shape):
+            raise TwostageError(f"{s.image_path}: decoded size {image.shape} differs from its header {shape}")
+        crop = up(np.ascontiguousarray(boxes.crop_image(image, crop_box)))
+        mapped = map_annotations(anns, crop_box, up.scale)
+        write_png_atomic(png, crop)
+        write_annotations(js, mapped, png.name, crop.shape)
+        write_json_atomic(man, {**expect, "source": s.rel, "source_path": str(s.image_path.resolve()),
+                                "image_shape": list(shape), "box": b.to_dict(), "context_box": crop_box.to_dict(),
+                                "crop_shape": list(crop.shape)})
+        counts["done"] += 1
+    log.debug("prepare-sr: %d written, %d already done, %d without carpals, %d dropped by fixes -> %s",
+             counts["done"], counts["skipped"], counts["no_carpals"], counts["dropped"], out)
+    return counts
+
+
+def read_item_manifest(palm_root: str | os.PathLike, sample: Sample) -> dict:
+    """The per-item manifest of a palm-set sample (boxes in source px, hashes, upscaler record)."""
+    p = Path(palm_root) / MANIFEST_DIR / Path(sample.rel).with_suffix(".json")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise TwostageError(f"{p}: missing or unreadable palm-set item manifest ({e}); re-run prepare-sr") from None

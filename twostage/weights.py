@@ -1,0 +1,280 @@
+"""Super-resolution weight files: the manifest, hash checks, safe loading, explicit fetching.
+
+A weight is a file under the weights folder listed in a manifest (name -> file, arch and
+its parameters, scale, official URL, sha256). Nothing downloads implicitly: a missing or
+mismatched file is a TwostageError naming the file, the expected hash and the URL.
+
+The weights folder is `weights_dir` if given, else $TWOSTAGE_WEIGHTS, else `weights/` of the
+repository checkout. The manifest is `manifest` if given, else `<weights folder>/manifest.yaml`
+if it exists, else the repository's `weights/manifest.yaml`.
+
+A manifest entry with `sha256: null` is "not pinned yet" (we could not verify the official
+hash offline). Such a weight is refused unless the caller trusts it (`trust_unpinned`, the
+CLI's --trust-unpinned) or the user pins the present file with `twostage weights --pin NAME`,
+which records its sha256 in `<weights folder>/pins.yaml` (a local lock file).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import TwostageError
+from .io import atomic_path, sha256_file, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+ENV_WEIGHTS = "TWOSTAGE_WEIGHTS"
+MANIFEST_NAME = "manifest.yaml"
+PINS_NAME = "pins.yaml"
+ARCHS = ("RRDBNet", "SRVGGNetCompact")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One manifest entry."""
+
+    name: str
+    file: str
+    arch: str
+    scale: int
+    url: str
+    sha256: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def repo_weights_dir() -> Path:
+    """`weights/` of the repository checkout the package is imported from."""
+    import twostage
+
+    return Path(twostage.__file__).resolve().parents[1] / "weights"
+
+
+def weights_dir(path: str | os.PathLike | None = None) -> Path:
+    """The weights folder: `path`, else $TWOSTAGE_WEIGHTS, else the repository's weights/."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(ENV_WEIGHTS)
+    return Path(env) if env else repo_weights_dir()
+
+
+def manifest_path(directory: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> Path:
+    """The manifest file: `manifest`, else <weights folder>/manifest.yaml if present, else the repository's."""
+    if manifest is not None:
+        return Path(manifest)
+    local = weights_dir(directory) / MANIFEST_NAME
+    return local if local.is_file() else repo_weights_dir() / MANIFEST_NAME
+
+
+def load_manifest(path: str | os.PathLike) -> dict[str, WeightSpec]:
+    """Parse and validate a manifest YAML (`weights: {name: {file, arch, scale, url, sha256, params}}`)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TwostageError(f"{path}: cannot read weights manifest ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise TwostageError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("weights"), dict):
+        raise TwostageError(f"{path}: expected a top-level 'weights' mapping")
+    specs = {}
+    for name, e in obj["weights"].items():
+        if not isinstance(e, dict):
+            raise TwostageError(f"{path}: weights.{name}: expected a mapping")
+        missing = {"file", "arch", "scale", "url"} - set(e)
+        unknown = set(e) - {"file", "arch", "scale", "url", "sha256", "params"}
+        if missing or unknown:
+            raise TwostageError(f"{path}: weights.{name}: missing {sorted(missing)} / unknown {sorted(unknown)} keys")
+        if e["arch"] not in ARCHS:
+            raise TwostageError(f"{path}: weights.{name}: arch {e['arch']!r} not one of {', '.join(ARCHS)}")
+        sha = e.get("sha256")
+        if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+            raise TwostageError(f"{path}: weights.{name}: sha256 must be 64 hex digits or null")
+        specs[str(name)] = WeightSpec(str(name), str(e["file"]), e["arch"], int(e["scale"]), str(e["url"]),
+                                      sha.lower() if sha else None, dict(e.get("params") or {}))
+    return specs
+
+
+def _pins(directory: Path) -> dict[str, str]:
+    import yaml
+
+    p = directory / PINS_NAME
+    if not p.is_file():
+        return {}
+    obj = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not isinstance(obj, dict):
+        raise TwostageError(f"{p}: expected a mapping name -> sha256")
+    return {str(k): str(v).lower() for k, v in obj.items()}
+
+
+def _spec(name: str, specs: dict[str, WeightSpec], source: Path) -> WeightSpec:
+    if name not in specs:
+        raise TwostageError(f"{name}: not in the weights manifest {source}; known: {', '.join(specs) or 'none'}")
+    return specs[name]
+
+
+def expected_sha256(spec: WeightSpec, directory: Path) -> str | None:
+    """The manifest hash, else the local pin, else None (unpinned)."""
+    return spec.sha256 or _pins(directory).get(spec.name)
+
+
+def resolve(name: str, weights_dir_: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None,
+            trust_unpinned: bool = False) -> tuple[WeightSpec, Path, str]:
+    """Find and verify a weight file: (spec, path, sha256 of the file).
+
+    Missing file, hash mismatch, or an unpinned hash (unless `trust_unpinned`) is a
+    TwostageError naming the file, the expected hash and the URL.
+    """
+    directory = weights_dir(weights_dir_)
+    mpath = manifest_path(weights_dir_, manifest)
+    spec = _spec(name, load_manifest(mpath), mpath)
+    path = directory / spec.file
+    expected = expected_sha256(spec, directory)
+    where = f"download it with `twostage weights --fetch {name}` or from {spec.url}"
+    if not path.is_file():
+        raise TwostageError(f"{path}: weight file for {name} is missing (expected sha256 "
+                            f"{expected or 'not pinned'}); {where} into {directory}")
+    actual = sha256_file(path)
+    if expected is None:
+        if not trust_unpinned:
+            raise TwostageError(f"{path}: sha256 {actual} of {name} is not pinned in {mpath}; check it came "
+                                f"from {spec.url}, then run `twostage weights --pin {name}` (or pass --trust-unpinned)")
+        log.warning("%s: using unpinned weight file (sha256 %s)", path, actual)
+    elif actual != expected:
+        raise TwostageError(f"{path}: sha256 {actual} does not match the expected {expected} for {name} "
+                            f"(corrupt or wrong file); {where}")
+    return spec, path, actual
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """Tensors of a weight file via torch.load(weights_only=True): 'params_ema', else 'params', else the raw dict."""
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
+        raise TwostageError(f"{path}: not a loadable weights file ({str(e).splitlines()[0] if str(e) else e})") from None
+    if not isinstance(obj, dict):
+        raise TwostageError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    for key in ("params_ema", "params"):
+        if key in obj:
+            return obj[key]
+    return obj
+
+
+def build_model(spec: WeightSpec):
+    """The (untrained) basicsr network a manifest entry describes."""
+    from .compat import import_basicsr
+
+    RRDBNet, SRVGGNetCompact = import_basicsr()
+    cls = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}[spec.arch]
+    try:
+        return cls(**spec.params)
+    except TypeError as e:
+        raise TwostageError(f"weights {spec.name}: bad params for {spec.arch}: {e}") from None
+
+
+def load_model(name: str, weights_dir_: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None,
+               trust_unpinned: bool = False):
+    """(model in eval mode on CPU, spec, sha256): a verified weight file loaded into its architecture."""
+    spec, path, sha = resolve(name, weights_dir_, manifest, trust_unpinned)
+    model = build_model(spec)
+    try:
+        model.load_state_dict(load_state_dict(path), strict=True)
+    except RuntimeError as e:
+        raise TwostageError(f"{path}: weights do not fit {spec.arch}{spec.params}: {str(e).splitlines()[0]}") from None
+    return model.eval(), spec, sha
+
+
+def status(weights_dir_: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> list[dict]:
+    """One row per manifest entry: name, file, state (ok / missing / bad / unpinned), sha256, url."""
+    directory = weights_dir(weights_dir_)
+    specs = load_manifest(manifest_path(weights_dir_, manifest))
+    rows = []
+    for spec in specs.values():
+        path = directory / spec.file
+        expected = expected_sha256(spec, directory)
+        actual = sha256_file(path) if path.is_file() else None
+        if actual is None:
+            state = "missing"
+        elif expected is None:
+            state = "unpinned"
+        else:
+            state = "ok" if actual == expected else "bad"
+        rows.append({"name": spec.name, "file": str(path), "state": state, "sha256": actual,
+                     "expected": expected, "url": spec.url})
+    return rows
+
+
+def pin(name: str, weights_dir_: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> str:
+    """Record the sha256 of the present file of `name` in <weights folder>/pins.yaml; returns it."""
+    import yaml
+
+    directory = weights_dir(weights_dir_)
+    mpath = manifest_path(weights_dir_, manifest)
+    spec = _spec(name, load_manifest(mpath), mpath)
+    path = directory / spec.file
+    if not path.is_file():
+        raise TwostageError(f"{path}: weight file for {name} is missing; nothing to pin (get it from {spec.url})")
+    sha = sha256_file(path)
+    if spec.sha256 is not None and sha != spec.sha256:
+        raise TwostageError(f"{path}: sha256 {sha} differs from the manifest's {spec.sha256}; refusing to pin")
+    pins = _pins(directory)
+    pins[name] = sha
+    write_text_atomic(directory / PINS_NAME,
+                      "# Local sha256 pins for weights the manifest has not pinned (twostage weights --pin).\n"
+                      + yaml.safe_dump(pins, sort_keys=True))
+    return sha
+
+
+def fetch(name: str, weights_dir_: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None,
+          timeout: float = 60.0, overwrite: bool = False) -> tuple[Path, str]:
+    """Download a weight from its manifest URL (explicit user action only): temp file, hash check, atomic rename.
+
+    A pinned hash must match or nothing is written. An unpinned download is kept and its hash
+    returned so the user can check and `--pin` it. Returns (path, sha256).
+    """
+    import hashlib
+
+    from tqdm import tqdm
+
+    directory = weights_dir(weights_dir_)
+    mpath = manifest_path(weights_dir_, manifest)
+    spec = _spec(name, load_manifest(mpath), mpath)
+    path = directory / spec.file
+    expected = expected_sha256(spec, directory)
+    if path.is_file() and not overwrite:
+        sha = sha256_file(path)
+        if expected is None or sha == expected:
+            log.info("%s: already present (sha256 %s)", path, sha)
+            return path, sha
+        raise TwostageError(f"{path}: present but sha256 {sha} != expected {expected}; delete it or pass --overwrite")
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(spec.url, timeout=timeout) as resp, atomic_path(path) as tmp:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with open(tmp, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=spec.file, disable=None) as bar:
+                while block := resp.read(1 << 20):
+                    f.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+            sha = h.hexdigest()
+            if expected is not None and sha != expected:
+                raise TwostageError(f"{spec.url}: downloaded sha256 {sha} != expected {expected} for {name}; "
+                                    f"nothing written")
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TwostageError(f"{spec.url}: download of {name} failed ({reason}); are you offline? "
+                            f"Download it by hand into {path}") from None
+    if expected is None:
+        log.warning("%s: downloaded, sha256 %s is not pinned; check it and run `twostage weights --pin %s`",
+                    path, sha, name)
+    return path, sha
