@@ -214,3 +214,109 @@ def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
     report = summarize(per_image, classes)
     report.extra_images = extra
     return report
+
+
+# --------------------------------------------------------------------------- metadata breakdown
+
+UNKNOWN_GROUP = "unknown"
+"""Group of images whose person has no metadata row or no value in the column."""
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or v is None or v == "":
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) else None
+
+
+def _bin_label(x: float, edges: Sequence[float]) -> str:
+    if x < edges[0]:
+        return f"<{edges[0]:g}"
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if x < hi:
+            return f"{lo:g}-{hi:g}"
+    return f">={edges[-1]:g}"
+
+
+def breakdown_by(report: ScoreReport | dict[str, np.ndarray], metadata: dict[str, dict], key: str,
+                 ids: dict[str, str], bins: Sequence[float] | int | None = None,
+                 classes: Sequence[str] | None = None) -> dict[str, ScoreReport]:
+    """Per-image Dice grouped by a metadata column (sex, age bins, …): one ScoreReport per group.
+
+    Args:
+        report: a ScoreReport (its per-image Dice) or {image_name: (C,) Dice}.
+        metadata: `twostage.data.load_metadata` table {person ID: {column: value}}.
+        key: column name (lower-case, as load_metadata names it, e.g. "age", "sex").
+        ids: {image_name: person ID} (`Sample.id`), joining images to metadata rows.
+        bins: for a numeric column, ascending bin edges ([20, 40, 60] → "<20", "20-40",
+            "40-60", ">=60") or a number of quantile bins; default: the values themselves
+            when there are at most 6 distinct ones, else 4 quantile bins.
+    Returns:
+        {group label: ScoreReport}, groups sorted (numeric bins in order), "unknown" last.
+    """
+    per_image = report.per_image if isinstance(report, ScoreReport) else report
+    classes = tuple(report.classes if isinstance(report, ScoreReport) else (classes or CLASSES))
+    columns = sorted({c for row in metadata.values() for c in row})
+    if key not in columns:
+        import difflib
+
+        close = difflib.get_close_matches(key, columns, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise TwostageError(f"metadata has no column {key!r}{hint}; columns: {', '.join(columns) or 'none'}")
+    missing_ids = [n for n in per_image if n not in ids]
+    if missing_ids:
+        raise TwostageError(f"no person ID for image(s) {_some(missing_ids)}")
+    values = {n: metadata.get(ids[n], {}).get(key) for n in per_image}
+    numbers = {n: _number(v) for n, v in values.items()}
+    known = [x for x in numbers.values() if x is not None]
+    numeric = bool(known) and all(x is not None or values[n] in (None, "") for n, x in numbers.items())
+    if numeric and isinstance(bins, int) or (numeric and bins is None and len(set(known)) > 6):
+        q = np.quantile(known, np.linspace(0, 1, (bins if isinstance(bins, int) else 4) + 1))
+        bins = sorted(set(float(np.round(e, 6)) for e in q[1:-1])) or [float(q[0])]
+    if bins is not None and not numeric:
+        raise TwostageError(f"metadata column {key!r} is not numeric; --bins applies to numeric columns")
+    if bins is not None and list(bins) != sorted(bins):
+        raise TwostageError(f"--bins {list(bins)}: edges must be ascending")
+
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    order: dict[str, float] = {}
+    for name, dice in per_image.items():
+        v, x = values[name], numbers[name]
+        if v in (None, ""):
+            label, rank = UNKNOWN_GROUP, float("inf")
+        elif bins is not None:
+            label, rank = _bin_label(x, list(bins)), x
+        else:
+            label, rank = (f"{x:g}", x) if numeric else (str(v), 0.0)
+        groups.setdefault(label, {})[name] = dice
+        order[label] = min(order.get(label, float("inf")), rank)
+    labels = sorted(groups, key=lambda g: (order[g], g))
+    return {g: summarize(groups[g], classes) for g in labels}
+
+
+def breakdown_table(groups: dict[str, ScoreReport], key: str) -> str:
+    """Text table: one row per group with its image count, carpal mean and overall Dice."""
+    header = [key, "images", "carpal mean", "overall"]
+    rows = [[g, str(r.n_images), "-" if r.carpal_mean is None else f"{r.carpal_mean:.4f}", f"{r.overall:.4f}"]
+            for g, r in groups.items()]
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])])
+
+    return "\n".join([fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows])
+
+
+def metadata_breakdown(report: ScoreReport, gt_root: str | os.PathLike, key: str,
+                       bins: Sequence[float] | int | None = None) -> dict[str, ScoreReport]:
+    """`breakdown_by` for a report scored against `gt_root`: its metadata table and person IDs."""
+    from .data import find_samples, load_metadata
+
+    metadata = load_metadata(gt_root)
+    if not metadata:
+        raise TwostageError(f"{gt_root}: no meta_data.csv/.xlsx to group by {key!r}")
+    ids = {s.name: s.id for s in find_samples(gt_root)}
+    return breakdown_by(report, metadata, key, ids, bins)

@@ -238,8 +238,15 @@ class _Predictions:
         self.palm = None
         self.rule = BoxRule()
         if csv is not None:
+            if fuse or thresholds is not None or fuse_weights is not None or tta is not None:
+                raise TwostageError("--fuse, --thresholds, --fuse-weights and --tta apply to checkpoints, not --csv")
             self.index = CsvIndex(csv)
             self.classes = [c for c in CLASSES if c in self.index.classes]
+            if palm_ckpt is not None:  # draw the box by this palm model's rule
+                from .checkpoint import load_checkpoint
+                from .infer import palm_box_rule
+
+                self.rule = palm_box_rule(load_checkpoint(palm_ckpt, expect_stage="palm")["meta"])
             return
         from . import fusion
         from .infer import PalmStage
@@ -308,7 +315,7 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
     Args:
         data: dataset root or split folder with annotations.
         csv: a §2 prediction CSV (any subset of classes); its palm box is derived from its
-            carpal masks with the default box rule.
+            carpal masks by the box rule of `palm_ckpt` if given, else the default BoxRule.
         global_ckpt, palm_ckpt, fuse: or predict with checkpoints through infer's pipeline
             (`palm_ckpt` without `fuse` only draws the palm box the chain would use).
         images: image names (or stems) to draw; default all annotated images.

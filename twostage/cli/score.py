@@ -21,6 +21,16 @@ def _classes(text: str) -> tuple[str, ...]:
     return names
 
 
+def _bins(text: str) -> list[float] | int:
+    """'20,40,60' (bin edges) or '4' (number of quantile bins)."""
+    try:
+        if "," not in text:
+            return int(text)
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected bin edges like 20,40,60 or a bin count like 4") from None
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "score",
@@ -39,6 +49,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="classes to score: 'all' (default), 'palm' (the 8 carpals, e.g. for a palm-only "
                         "CSV) or a comma-separated list")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the report (with per-image Dice) as JSON")
+    p.add_argument("--by", metavar="COLUMN",
+                   help="also break the Dice down by a column of DATA's meta_data table (e.g. sex, age)")
+    p.add_argument("--bins", type=_bins, metavar="E1,E2,...|N",
+                   help="with --by on a numeric column: bin edges (e.g. 20,40,60) or a number of quantile bins")
     p.set_defaults(func=handler)
 
 
@@ -48,6 +62,15 @@ def handler(args: argparse.Namespace) -> int:
 
     report = score_csv(args.pred, args.gt, fixes=args.fixes, classes=args.classes)
     print(report.table())
+    result = report.to_dict()
+    if args.by:
+        from ..metrics import breakdown_table, metadata_breakdown
+
+        groups = metadata_breakdown(report, args.gt, args.by, args.bins)
+        print()
+        print(breakdown_table(groups, args.by))
+        result["by"] = {"column": args.by, "groups": {g: {"n_images": r.n_images, "carpal_mean": r.carpal_mean,
+                                                          "overall": r.overall} for g, r in groups.items()}}
     if args.json:
-        write_json_atomic(args.json, report.to_dict())
+        write_json_atomic(args.json, result)
     return 0

@@ -1,0 +1,280 @@
+"""Per-class fusion weights and thresholds chosen on validation data (DESIGN §4).
+
+For every class c the mean Dice of the fused chain depends only on its own weight a_c and
+threshold t_c (channels are independent; the palm box comes from the global probabilities
+at a fixed 0.5 and does not move with them), so each class picks its best (a_c, t_c) pair
+from the grid on its own, and the defaults (a = DEFAULT_PALM_WEIGHT, t = DEFAULT_THRESHOLD)
+are always in the grid: the result is never worse than the defaults on the calibration set.
+
+Per image the global and palm probabilities are computed once with infer's pipeline
+(`Predictor.probs`, `PalmStage.boxes/crop_upscaled/probs`); the blend for every grid weight
+is `twostage.fusion.fuse` itself (so the probabilities are bit-identical to what `infer`
+makes). For all thresholds at once, pixels are bucketed by threshold on the device and
+per-class intersection / prediction counts accumulated, then folded into per-image Dice
+sums: memory stays flat in the number of images.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .classes import CLASSES, PALM_CLASSES
+from .errors import TwostageError
+from .fusion import DEFAULT_FEATHER, DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
+from .metrics import DICE_EPS
+
+log = logging.getLogger(__name__)
+
+WEIGHT_GRID: tuple[float, ...] = tuple(round(0.1 * k, 2) for k in range(11))
+"""Default grid of fusion weights a_c: 0, 0.1, …, 1."""
+
+THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))
+"""Default grid of thresholds: 0.05, 0.1, …, 0.95."""
+
+_CHUNK = 1 << 24
+"""Elements bucketed at once (bounds the int64 temporaries at 128 MiB)."""
+
+
+def parse_grid(spec: str | Sequence[float], name: str) -> tuple[float, ...]:
+    """A grid from "0,0.1,0.2" or "0:1:0.1" (start:stop:step, stop included) or a sequence;
+    every value must lie in [0, 1]."""
+    values: list[float]
+    if isinstance(spec, str):
+        try:
+            if ":" in spec:
+                start, stop, step = (float(v) for v in spec.split(":"))
+                if step <= 0:
+                    raise ValueError
+                values = list(np.round(np.arange(start, stop + step / 2, step), 6))
+            else:
+                values = [float(v) for v in spec.split(",") if v.strip()]
+        except ValueError:
+            raise TwostageError(f"--{name} {spec!r}: expected comma-separated numbers or start:stop:step") from None
+    else:
+        values = [float(v) for v in spec]
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise TwostageError(f"--{name} {spec!r}: needs values in [0, 1]")
+    return tuple(values)
+
+
+def _grid_with(values: Sequence[float], default: float) -> tuple[float, ...]:
+    return tuple(sorted(set(float(v) for v in values) | {float(default)}))
+
+
+def threshold_counts(probs: torch.Tensor, gt: torch.Tensor, thresholds: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersection and prediction pixel counts of `probs > t` for every threshold t at once.
+
+    Args:
+        probs: (K, N) float probabilities; gt: (K, N) bool; thresholds: (T,) ascending, same
+            dtype and device as `probs` (the comparison is the one `fusion.binarize` makes).
+    Returns:
+        (inter, pred): (K, T) int64 counts of gt & (p > t) and of p > t.
+    """
+    k, n = probs.shape
+    t = thresholds.numel()
+    hist_all = torch.zeros(k * (t + 1), dtype=torch.int64, device=probs.device)
+    hist_gt = torch.zeros_like(hist_all)
+    rows = max(1, _CHUNK // max(n, 1))
+    for r0 in range(0, k, rows):
+        p, g = probs[r0:r0 + rows], gt[r0:r0 + rows]
+        # bucket i = number of thresholds strictly below p: p > t_j exactly for j < i
+        keys = torch.bucketize(p, thresholds) + (torch.arange(r0, r0 + p.shape[0], device=p.device) * (t + 1))[:, None]
+        hist_all += torch.bincount(keys.reshape(-1), minlength=k * (t + 1))
+        hist_gt += torch.bincount(keys[g], minlength=k * (t + 1))
+        del keys
+
+    def above(h: torch.Tensor) -> torch.Tensor:  # (K, T+1) bucket counts -> (K, T) counts of p > t_j
+        return h.view(k, t + 1).flip(1).cumsum(1).flip(1)[:, 1:]
+
+    return above(hist_gt), above(hist_all)
+
+
+def _dice(inter: torch.Tensor, pred: torch.Tensor, gt_sum: torch.Tensor) -> torch.Tensor:
+    """§2 Dice from counts; gt_sum broadcasts against the trailing threshold axis."""
+    return (2.0 * inter.double() + DICE_EPS) / (pred.double() + gt_sum.double() + DICE_EPS)
+
+
+@dataclass
+class Calibration:
+    """Chosen per-class weights and thresholds with mean Dice before/after on the calibration set."""
+
+    classes: list[str]
+    palm_classes: list[str]
+    fuse_weights: dict[str, float]
+    thresholds: dict[str, float]
+    default_dice: dict[str, float]
+    calibrated_dice: dict[str, float]
+    n_images: int
+    weight_grid: list[float]
+    threshold_grid: list[float]
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def means(self, which: dict[str, float]) -> tuple[float, float]:
+        """(carpal mean, overall mean) of a per-class Dice mapping."""
+        return (float(np.mean([which[c] for c in PALM_CLASSES])), float(np.mean(list(which.values()))))
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        (d["default_carpal_mean"], d["default_overall"]) = self.means(self.default_dice)
+        (d["calibrated_carpal_mean"], d["calibrated_overall"]) = self.means(self.calibrated_dice)
+        return d
+
+    def table(self) -> str:
+        """Per-class default vs calibrated Dice with the chosen a_c and t_c, then the means."""
+        lines = [f"{'class':<12} {'a_c':>5} {'t_c':>5} {'default':>8} {'calibrated':>10} {'gain':>8}"]
+        lines.append("-" * len(lines[0]))
+        for c in self.classes:
+            a = f"{self.fuse_weights[c]:.2f}" if c in self.fuse_weights else "-"
+            d0, d1 = self.default_dice[c], self.calibrated_dice[c]
+            lines.append(f"{c:<12} {a:>5} {self.thresholds[c]:>5.2f} {d0:>8.4f} {d1:>10.4f} {d1 - d0:>+8.4f}")
+        lines.append("-" * len(lines[0]))
+        for label, k in (("carpal mean", 0), ("overall", 1)):
+            d0, d1 = self.means(self.default_dice)[k], self.means(self.calibrated_dice)[k]
+            lines.append(f"{label:<24} {d0:>8.4f} {d1:>10.4f} {d1 - d0:>+8.4f}")
+        lines.append(f"images: {self.n_images}; defaults: a={DEFAULT_PALM_WEIGHT} (palm classes), "
+                     f"threshold {DEFAULT_THRESHOLD}")
+        return "\n".join(lines)
+
+
+def _pick(scores: torch.Tensor, default_index: int) -> int:
+    """Index of the best score of a flat grid; the default wins ties (no change without gain)."""
+    best = int(torch.argmax(scores))
+    return default_index if scores[default_index] >= scores[best] else best
+
+
+def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike,
+              out: str | os.PathLike, *, weight_grid: Sequence[float] = WEIGHT_GRID,
+              threshold_grid: Sequence[float] = THRESHOLD_GRID, split: str | None = None, fixes=None,
+              images: Sequence[str] | None = None, device: str = "cpu", tta: str | None = None,
+              feather: float = DEFAULT_FEATHER, palm_resize: str = "bilinear",
+              weights_dir: str | os.PathLike | None = None) -> Calibration:
+    """Choose per-class fusion weights a_c and thresholds t_c maximising mean Dice on DATA.
+
+    Writes OUT/fuse_weights.yaml and OUT/thresholds.yaml (read by `twostage infer
+    --fuse-weights / --thresholds`) and OUT/calibration.json (grids, per-class Dice before
+    and after). Use the same `tta`, `feather` and `palm_resize` as the `infer` run the files
+    are for.
+
+    Args:
+        data: annotated validation images (dataset root, split folder or image folder with
+            outputs_json beside it); `images` restricts to these names or stems.
+        global_ckpt, palm_ckpt: the two stages, as for `infer --fuse`.
+        weight_grid, threshold_grid: candidate values; the defaults are always added.
+        device: torch device for the networks and the statistics.
+    """
+    from tqdm import tqdm
+
+    from . import fusion
+    from .data import Fixes, find_samples, load_masks
+    from .ensemble import torch_device
+    from .infer import PalmStage
+    from .io import read_image, write_json_atomic, write_text_atomic
+    from .models import Predictor
+
+    t_start = time.perf_counter()
+    dev = torch_device(device)
+    if tta not in (None, "none", "hflip"):
+        raise TwostageError(f"--tta {tta!r}: use hflip or leave it out")
+    use_tta = tta == "hflip"
+    a_grid = _grid_with(weight_grid, DEFAULT_PALM_WEIGHT)
+    t_grid = _grid_with(threshold_grid, DEFAULT_THRESHOLD)
+    if fixes is not None and not isinstance(fixes, Fixes):
+        fixes = Fixes.load(fixes)
+    samples = find_samples(data, split)
+    if fixes is not None:
+        samples = fixes.keep(samples)
+    if images:
+        wanted = set(images)
+        unknown = sorted(wanted - {s.name for s in samples} - {s.image_path.stem for s in samples})
+        if unknown:
+            raise TwostageError(f"{data}: no image named {', '.join(unknown)}")
+        samples = [s for s in samples if s.name in wanted or s.image_path.stem in wanted]
+    unannotated = [s.rel for s in samples if s.json_path is None]
+    if unannotated:
+        raise TwostageError(f"{data}: {len(unannotated)} image(s) without annotation JSON "
+                            f"({', '.join(unannotated[:3])}); calibration needs ground truth")
+
+    glob = Predictor.from_checkpoint(global_ckpt, dev, expect_stage="global")
+    if list(glob.classes) != list(CLASSES):
+        raise TwostageError(f"{global_ckpt}: the global model predicts {len(glob.classes)} classes; "
+                            f"calibration needs all {len(CLASSES)}")
+    palm = PalmStage(palm_ckpt, dev, tta=use_tta, palm_resize=palm_resize, weights_dir=weights_dir)
+    channels = torch.as_tensor(palm.channels, device=dev)
+    thr = torch.tensor(t_grid, dtype=torch.float32, device=dev)
+    C, K, A, T = len(CLASSES), len(palm.channels), len(a_grid), len(t_grid)
+    dice_global = torch.zeros((C, T), dtype=torch.float64, device=dev)   # Σ over images
+    dice_fused = torch.zeros((K, A, T), dtype=torch.float64, device=dev)
+    weight_rows = torch.zeros((A, C), dtype=torch.float32)
+    weight_rows[:, palm.channels] = torch.tensor(a_grid, dtype=torch.float32)[:, None]
+
+    for sample in tqdm(samples, desc="calibrate", unit="img", disable=None):
+        image = read_image(sample.image_path)
+        gt = torch.from_numpy(load_masks(sample, CLASSES, fixes)).to(dev) != 0  # (C, H, W)
+        if tuple(gt.shape[1:]) != image.shape:
+            raise TwostageError(f"{sample.image_path}: image is {image.shape}, its masks {tuple(gt.shape[1:])}")
+        probs = glob.probs(torch.from_numpy(image)[None].to(dev), tta=use_tta)[0]  # (C, H, W)
+        box = palm.boxes(probs[None], [sample.name])[0]
+        palm_probs = palm.probs(palm.crop_upscaled(image, box), box, dev)  # (K, s, s)
+
+        inter, pred = threshold_counts(probs.reshape(C, -1), gt.reshape(C, -1), thr)
+        gt_sum = gt.reshape(C, -1).sum(1)
+        dice_global += _dice(inter, pred, gt_sum[:, None])
+
+        rows, cols = box.slices
+        g_region = probs[:, rows, cols][channels]                                 # (K, s, s) copy
+        gt_region = gt[:, rows, cols][channels].reshape(K, -1)
+        work = probs  # blended in place per weight, its box region restored from g_region
+        fused = []
+        for a in range(A):
+            work[channels, rows, cols] = g_region
+            fusion.fuse(work, palm_probs, box, weight_rows[a].to(dev), feather=feather, palm_channels=palm.channels)
+            fused.append(work[:, rows, cols][channels].reshape(K, -1))
+        inter_in, pred_in = threshold_counts(torch.cat(fused), gt_region.repeat(A, 1), thr)
+        inter_g, pred_g = threshold_counts(g_region.reshape(K, -1), gt_region, thr)
+        inter_out = (inter[channels] - inter_g)[:, None]                            # (K, 1, T)
+        pred_out = (pred[channels] - pred_g)[:, None]
+        dice_fused += _dice(inter_in.view(A, K, T).transpose(0, 1) + inter_out,
+                            pred_in.view(A, K, T).transpose(0, 1) + pred_out, gt_sum[channels][:, None, None])
+        del probs, work, fused, gt
+
+    n = len(samples)
+    dice_global, dice_fused = (dice_global / n).cpu(), (dice_fused / n).cpu()
+    a0, t0 = a_grid.index(DEFAULT_PALM_WEIGHT), t_grid.index(DEFAULT_THRESHOLD)
+    weights, thresholds, before, after = {}, {}, {}, {}
+    palm_row = {int(ch): k for k, ch in enumerate(palm.channels)}
+    for c_idx, c in enumerate(CLASSES):
+        if c_idx in palm_row:
+            scores = dice_fused[palm_row[c_idx]].reshape(-1)
+            best = _pick(scores, a0 * T + t0)
+            weights[c], thresholds[c] = a_grid[best // T], t_grid[best % T]
+            before[c], after[c] = float(scores[a0 * T + t0]), float(scores[best])
+        else:
+            scores = dice_global[c_idx]
+            best = _pick(scores, t0)
+            thresholds[c] = t_grid[best]
+            before[c], after[c] = float(scores[t0]), float(scores[best])
+
+    out = Path(out)
+    import yaml
+
+    head = (f"# written by `twostage calibrate` on {n} image(s) of {data}\n"
+            f"# global: {global_ckpt}\n# palm: {palm_ckpt}\n")
+    files = [out / "fuse_weights.yaml", out / "thresholds.yaml", out / "calibration.json"]
+    write_text_atomic(files[0], head + yaml.safe_dump({"fuse_weights": weights}, sort_keys=False))
+    write_text_atomic(files[1], head + yaml.safe_dump({"thresholds": thresholds}, sort_keys=False))
+    result = Calibration(classes=list(CLASSES), palm_classes=list(palm.classes), fuse_weights=weights,
+                         thresholds=thresholds, default_dice=before, calibrated_dice=after, n_images=n,
+                         weight_grid=list(a_grid), threshold_grid=list(t_grid), files=[str(f) for f in files])
+    result.seconds = time.perf_counter() - t_start
+    write_json_atomic(files[2], {**result.to_dict(), "data": str(data), "global": str(global_ckpt),
+                                 "palm": str(palm_ckpt), "tta": tta, "feather": feather, "palm_resize": palm_resize})
+    return result
