@@ -222,7 +222,7 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
         if tuple(gt.shape[1:]) != image.shape:
             raise TwostageError(f"{sample.image_path}: image is {image.shape}, its masks {tuple(gt.shape[1:])}")
         probs = glob.probs(torch.from_numpy(image)[None].to(dev), tta=use_tta)[0]  # (C, H, W)
-        box = palm.boxes(probs[None], [sample.name])[0]
+        box = palm.boxes(probs[None], [sample.name], native_size=glob.input_size)[0]
         palm_probs = palm.probs(palm.crop_upscaled(image, box), box, dev)  # (K, s, s)
 
         inter, pred = threshold_counts(probs.reshape(C, -1), gt.reshape(C, -1), thr)

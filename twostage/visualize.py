@@ -293,9 +293,10 @@ class _Predictions:
         box = None
         if self.palm is not None:
             if self.fuse:
-                box = self.palm.fuse_into(probs, [image], [name], self.weights)[0]
+                box = self.palm.fuse_into(probs, [image], [name], self.weights,
+                                          native_size=self.glob.input_size)[0]
             else:
-                box = self.palm.boxes(probs, [name])[0]
+                box = self.palm.boxes(probs, [name], native_size=self.glob.input_size)[0]
         masks = fusion.binarize(probs[0], self.thr).cpu().numpy()
         return masks, box
 
