@@ -6,7 +6,11 @@ Writes a synthetic dataset (`twostage.synth`) to a temporary folder, fills the m
 once (timed separately), then times, over the same samples in the same process:
   cached   read PNG + load_masks(cache=MaskCache)          (the training path)
   uncached read PNG + read JSON + rasterize                 (re-rasterising every epoch)
-and the mask part alone (without the PNG read), since PNG decoding is the same in both.
+and the mask part alone (without the PNG read), since PNG decoding is the same in both; then
+the training dataset itself (`twostage.train.GlobalDataset`, without augmentation, which
+costs the same on both paths) with
+`data.preload` (images and masks decoded and resized to the input size once) against
+decoding and rasterising every sample at every step.
 `--densify K` puts K interpolated points on every polygon edge, to mimic hand-drawn
 annotation files with many more points than the phantom's polygons.
 Reports samples/s (best of `--repeats` passes) and the ratios.
@@ -50,6 +54,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=6, help="training images")
     ap.add_argument("--size", type=int, default=2048, help="image side in pixels")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
+    ap.add_argument("--input-size", type=int, default=512, help="network input size of the dataset path")
     ap.add_argument("--densify", type=int, default=1, help="points per polygon edge (1: as synthesised)")
     args = ap.parse_args()
 
@@ -82,6 +87,15 @@ def main() -> None:
             return read_image(s.image_path), load_masks(s, cache=cache)
 
         shape = read_image(samples[0].image_path).shape
+        from twostage.config import load_config
+        from twostage.train import GlobalDataset
+
+        cfg = load_config("global", data=str(root), input_size=args.input_size)
+        cfg.data.preload = True
+        preloaded = GlobalDataset(cfg, samples, None, cache, augment=False)
+        cfg.data.preload = False
+        rasterising = GlobalDataset(cfg, samples, None, None, augment=False)
+        items = list(range(len(samples)))
         rates = {
             "cached (PNG + cached masks)": best_rate(cached, samples, args.repeats),
             "uncached (PNG + JSON + rasterize)": best_rate(uncached, samples, args.repeats),
@@ -89,6 +103,8 @@ def main() -> None:
             "masks only, JSON + rasterize": best_rate(lambda s: rasterize(read_annotations(s.json_path), shape),
                                                       samples, args.repeats),
             "PNG read only": best_rate(lambda s: read_image(s.image_path), samples, args.repeats),
+            f"dataset item, preloaded ({args.input_size}px)": best_rate(preloaded.__getitem__, items, args.repeats),
+            f"dataset item, rasterise every step": best_rate(rasterising.__getitem__, items, args.repeats),
         }
 
     print(f"{len(samples)} images {args.size}x{args.size}, 29 classes, {points:.0f} polygon points/image "
@@ -101,6 +117,7 @@ def main() -> None:
     names = list(rates)
     print(f"speed-up full sample (PNG + masks): {rates[names[0]] / rates[names[1]]:.2f}x")
     print(f"speed-up mask part alone:           {rates[names[2]] / rates[names[3]]:.2f}x")
+    print(f"speed-up training dataset item:     {rates[names[5]] / rates[names[6]]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""`twostage demo --quick` end to end: synth → prepare-sr → train ×2 → infer ×2 → score → pictures."""
+import json
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+from twostage.classes import CLASSES
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "twostage", "demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bicubic" in proc.stdout + proc.stderr  # no weights here: said plainly
+    assert "carpal mean" in proc.stdout and "overall" in proc.stdout
+    report = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    for run in ("global", "fused"):
+        assert set(report[run]["per_class"]) == set(CLASSES)
+        assert 0.0 <= report[run]["overall"] <= 1.0
+    assert report["carpal_gain"] == pytest.approx(report["fused"]["carpal_mean"] - report["global"]["carpal_mean"])
+    assert len(report["boxes"]) == report["fused"]["n_images"]
+    for csv in ("global.csv", "fused.csv"):
+        lines = (out / "evaluation" / csv).read_text().splitlines()
+        assert lines[0] == "image_name,class,rle" and len(lines) == 1 + 29 * report["fused"]["n_images"]
+    pictures = sorted((out / "evaluation" / "pictures").glob("*.png"))
+    assert pictures and cv2.imread(str(pictures[0])) is not None
+    assert cv2.imread(str(out / "evaluation" / "dice_per_class.png")) is not None
+    assert (out / "runs" / "global" / "best.pt").is_file() and (out / "runs" / "palm" / "best.pt").is_file()
+    assert "twostage train --stage demo-palm" in proc.stdout  # the by-hand commands are printed
