@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,9 @@ from pathlib import Path
 from .errors import TwostageError
 
 log = logging.getLogger(__name__)
+
+DEMO_PARTS = ("data", "heldout", "palm-data", "runs", "evaluation")
+"""The sub-folders a demo run writes (and `--overwrite` replaces)."""
 
 REAL_ESRGAN = "RealESRGAN_x4plus"
 """The upscaler the demo uses when its weights are present under weights/."""
@@ -30,7 +34,7 @@ class DemoPlan:
 
     @classmethod
     def for_mode(cls, quick: bool) -> "DemoPlan":
-        return cls(n_train=12, n_test=6, global_epochs=6, palm_epochs=6) if quick else \
+        return cls(n_train=16, n_test=6, global_epochs=30, palm_epochs=25) if quick else \
             cls(n_train=32, n_test=16, global_epochs=0, palm_epochs=0)  # 0: the demo config's own
 
 
@@ -47,14 +51,27 @@ def choose_upscaler(weights_dir: str | os.PathLike | None = None) -> tuple[str, 
 
 def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: bool = False,
              seed: int = 0, device: str = "cpu", weights_dir: str | os.PathLike | None = None,
-             overwrite: bool = True) -> dict:
-    """Run every step of the product on phantoms and return what was written and measured."""
+             overwrite: bool = False) -> dict:
+    """Run every step of the product on phantoms and return what was written and measured.
+
+    An OUT folder that already holds files is an error unless `overwrite`, which replaces the
+    demo's own sub-folders (data, heldout, palm-data, runs, evaluation) and nothing else.
+    """
     from .evaluate import evaluate
     from .prepare import prepare_sr
     from .synth import synthesize
     from .train import train_stage
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TwostageError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise TwostageError(f"{out}: already holds files (an earlier demo?); pass --overwrite to replace "
+                                "the demo's outputs there, or choose another --out")
+        for name in DEMO_PARTS:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
     plan = DemoPlan.for_mode(quick)
     times: dict[str, float] = {}
 
@@ -67,16 +84,15 @@ def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: b
         log.info("   %s: %.0f s", name, times[name])
 
     step("synth")
-    data = synthesize(out / "data", n=plan.n_train, size=size, seed=seed, overwrite=overwrite)
-    heldout = synthesize(out / "heldout", n=plan.n_test, size=size, seed=seed + 1000, overwrite=overwrite)
+    data = synthesize(out / "data", n=plan.n_train, size=size, seed=seed)
+    heldout = synthesize(out / "heldout", n=plan.n_test, size=size, seed=seed + 1000)
     done("synth")
 
     step("prepare-sr")
     upscaler, reason = choose_upscaler(weights_dir)
     log.info("   %s", reason)
     palm_data = out / "palm-data"
-    prepare_sr(data, palm_data, upscaler=upscaler, device=device, overwrite=overwrite,
-               weights_dir=weights_dir)
+    prepare_sr(data, palm_data, upscaler=upscaler, device=device, weights_dir=weights_dir)
     done("prepare-sr")
 
     runs = {}
@@ -93,20 +109,28 @@ def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: b
     ev = evaluate(heldout, runs["global"] / "best.pt", runs["palm"] / "best.pt", out / "evaluation",
                   device=device)
     done("evaluate")
-    return {"evaluation": ev, "times": times, "upscaler": upscaler, "runs": runs,
-            "data": data, "heldout": heldout, "palm_data": palm_data, "out": out}
+    return {"evaluation": ev, "times": times, "upscaler": upscaler, "runs": runs, "plan": plan,
+            "size": size, "seed": seed, "data": data, "heldout": heldout, "palm_data": palm_data,
+            "out": out}
 
 
 def hand_commands(result: dict) -> str:
     """The commands that redo each demo step by hand."""
-    o = result["out"]
+    o, plan, size, seed = result["out"], result["plan"], result["size"], result["seed"]
+
+    def epochs(n: int) -> str:
+        return f" --epochs {n}" if n else ""
+
     return "\n".join([
-        f"twostage synth --out {result['data']} --n 32 --size 512 --seed 0",
+        f"twostage synth --out {result['data']} --n {plan.n_train} --size {size} --seed {seed}",
+        f"twostage synth --out {result['heldout']} --n {plan.n_test} --size {size} --seed {seed + 1000}",
         f"twostage prepare-sr {result['data']} --out {result['palm_data']} --upscaler {result['upscaler']}",
-        f"twostage train --stage demo-global --data {result['data']} --out {result['runs']['global']}",
-        f"twostage train --stage demo-palm --data {result['palm_data']} --out {result['runs']['palm']}",
+        f"twostage train --stage demo-global --data {result['data']} --out {result['runs']['global']}"
+        f"{epochs(plan.global_epochs)}",
+        f"twostage train --stage demo-palm --data {result['palm_data']} --out {result['runs']['palm']}"
+        f"{epochs(plan.palm_epochs)}",
         f"twostage infer {result['heldout']} --global {result['runs']['global']}/best.pt "
-        f"--palm {result['runs']['palm']}/best.pt --fuse --out {o}/fused.csv",
+        f"--palm {result['runs']['palm']}/best.pt --fuse --out {o}/fused.csv --split train",
         f"twostage score {o}/fused.csv --gt {result['heldout']}",
         f"twostage evaluate {result['heldout']} --global {result['runs']['global']}/best.pt "
         f"--palm {result['runs']['palm']}/best.pt --out {o}/evaluation",

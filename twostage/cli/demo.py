@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny data and few epochs: checks the chain in minutes")
     p.add_argument("--seed", type=int, default=0, help="seed of data and training (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier demo in --out (otherwise a non-empty --out is an error)")
     p.add_argument("--weights-dir", type=Path, help="folder with Real-ESRGAN weights (default: weights/)")
     p.set_defaults(func=handler)
 
@@ -29,7 +31,7 @@ def handler(args: argparse.Namespace) -> int:
     from ..demo import hand_commands, run_demo
 
     result = run_demo(args.out, size=args.size, quick=args.quick, seed=args.seed, device=args.device,
-                      weights_dir=args.weights_dir)
+                      weights_dir=args.weights_dir, overwrite=args.overwrite)
     ev, times = result["evaluation"], result["times"]
     print()
     print(f"held-out set: {result['heldout']}  (upscaler: {result['upscaler']})")
