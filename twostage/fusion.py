@@ -181,6 +181,8 @@ def _per_class(spec: PerClassSpec, section: str, default: float, allowed: Sequen
     overridden by `spec`. A class outside `allowed`, an unknown name or a value outside [0, 1]
     is an error naming it."""
     values = _load_mapping(spec, section)
+    if isinstance(spec, (str, os.PathLike)) and not isinstance(values, float):
+        section = f"{spec}: {section}"  # values came from a YAML file: errors name it
     if values is None:
         values = {}
     elif not isinstance(values, dict):

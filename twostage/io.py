@@ -64,6 +64,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def read_image_raw(path: str | os.PathLike) -> np.ndarray:
     """Decode a PNG exactly as stored ((H, W) or (H, W, C), uint8 or uint16), for checks
     that need the channel count and bit depth; TwostageError for empty/corrupt files."""
@@ -76,6 +79,8 @@ def read_image_raw(path: str | os.PathLike) -> np.ndarray:
         raise TwostageError(f"{path}: cannot read image ({e.strerror or e})") from None
     if data.size == 0:
         raise TwostageError(f"{path}: empty file, not a PNG")
+    if data[:8].tobytes() != PNG_SIGNATURE:  # also keeps OpenCV's own decoder errors off stderr
+        raise TwostageError(f"{path}: not a PNG file (bad signature)")
     img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
     if img is None:
         raise TwostageError(f"{path}: not a readable image (corrupt or truncated PNG?)")
@@ -100,9 +105,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     8 bits from their dtype (never guessed from pixel values, so a dark 16-bit image stays dark).
     """
     return to_gray8(read_image_raw(path), path)
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def png_size(path: str | os.PathLike) -> tuple[int, int]:

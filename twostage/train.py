@@ -370,12 +370,16 @@ def _samples_with_masks(root: Path, fixes) -> list:
 def _palm_setup(cfg: StageConfig, root: Path, samples: list) -> tuple[list[PalmItem], dict]:
     """Palm items and the palm meta (palm_set record, box rule, fallback box, side range)."""
     try:
-        from .prepare import load_palm_set
+        from .prepare import MANIFEST_DIR, load_palm_set
     except ImportError:
         raise TwostageError("palm training needs twostage.prepare (prepare-sr), which is not installed") from None
     from .box import fallback_from_boxes, side_range_from_boxes
 
     record = load_palm_set(root)
+    done = sum(1 for _ in (root / MANIFEST_DIR).rglob("*.json"))  # an item's manifest is written last
+    if done < int(record.get("count", 0)):
+        raise TwostageError(f"{root}: palm set incomplete ({done} of {record['count']} crops; prepare-sr was "
+                            "interrupted or a shard is missing); re-run prepare-sr to finish it")
     items = load_palm_items(root, samples)
     boxes, shapes = [it.source_box for it in items], [it.source_shape for it in items]
     meta = {"palm_set": record, "box_rule": record["box_rule"],

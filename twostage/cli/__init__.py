@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     except TwostageError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # One line even when the message quotes a multi-line parser error (YAML, unpickler).
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
