@@ -26,11 +26,12 @@ from twostage.sr import make_upscaler
 from twostage.synth import synthesize
 
 SCALE = 4
+SIZE = 512  # carpals of a few hundred source pixels: one pixel moves Dice < 0.5 %
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("synth") / "DATA", n=6, size=256, seed=0)
+    return synthesize(tmp_path_factory.mktemp("synth") / "DATA", n=6, size=SIZE, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,10 @@ def test_polygons_match_source_masks(data, palm):
     for s in find_samples(data):
         man = json.loads((palm / "manifest" / Path(s.rel).with_suffix(".json")).read_text())
         ctx, box = B.Box.from_dict(man["context_box"]), B.Box.from_dict(man["box"])
-        assert ctx.side == round(box.side * 1.5) or ctx.side == 256
+        assert ctx.side == round(box.side * 1.5) or ctx.side == SIZE
         assert box.x0 >= ctx.x0 and box.x1 <= ctx.x1 and box.y0 >= ctx.y0 and box.y1 <= ctx.y1
         src_anns = read_annotations(s.json_path)
-        src = rasterize(src_anns, (256, 256))
+        src = rasterize(src_anns, (SIZE, SIZE))
         p = palm_samples[s.rel]
         crop_img = read_image(p.image_path)
         np.testing.assert_array_equal(crop_img, up(np.ascontiguousarray(B.crop_image(read_image(s.image_path), ctx))))
@@ -65,11 +66,11 @@ def test_polygons_match_source_masks(data, palm):
         # crop space: against the source masks cropped and upscaled (bilinear, threshold 0.5)
         ref = (B.source_to_crop(src.astype(np.float32), ctx, SCALE) >= 0.5).astype(np.uint8)
         d = dice_per_class(got, ref)[list(PALM_INDICES)]
-        assert d.min() >= 0.97 and d.mean() >= 0.98, d
+        assert d.min() >= 0.98, d
         # mapped back to source pixels (what scoring sees): the source masks
         back = (B.crop_to_source(got.astype(np.float32), ctx, SCALE) >= 0.5).astype(np.uint8)
         d = dice_per_class(back, B.crop_image(src, ctx))[list(PALM_INDICES)]
-        assert d.min() >= 0.97 and d.mean() >= 0.985, d
+        assert d.min() >= 0.98, d
         # every class that reaches into the crop is there, others are dropped
         labels = {a.label for a in read_annotations(p.json_path)}
         for c, i in CLASS_TO_INDEX.items():
@@ -85,7 +86,7 @@ def test_palm_set_record(data, palm):
     rule = B.BoxRule.from_dict(rec["box_rule"])
     assert rule.margin == 0.15 and rule.fallback is not None and 0 < rule.side_min <= rule.side_max
     boxes = [B.Box.from_dict(json.loads(p.read_text())["box"]) for p in sorted((palm / "manifest").rglob("*.json"))]
-    assert rule.side_min == pytest.approx(min(b.side for b in boxes) / 256)
+    assert rule.side_min == pytest.approx(min(b.side for b in boxes) / SIZE)
     with pytest.raises(TwostageError, match="not a prepare-sr output"):
         load_palm_set(data)
 
@@ -165,7 +166,7 @@ def test_image_without_carpals_is_skipped_with_warning(data, tmp_path, caplog):
     shutil.copytree(data, root)
     s = find_samples(root)[0]
     anns = [a for a in read_annotations(s.json_path) if a.label not in PALM_CLASSES]
-    write_annotations(s.json_path, anns, s.name, (256, 256))
+    write_annotations(s.json_path, anns, s.name, (SIZE, SIZE))
     with caplog.at_level(logging.WARNING):
         counts = prepare_sr(root, tmp_path / "PALM", scale=2)
     assert counts["no_carpals"] == 1 and counts["done"] == 5
