@@ -174,7 +174,7 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     from tqdm import tqdm
 
     from . import fusion
-    from .data import Fixes, find_samples, load_masks
+    from .data import load_masks, select_samples
     from .ensemble import torch_device
     from .infer import PalmStage
     from .io import read_image, write_json_atomic, write_text_atomic
@@ -187,17 +187,7 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     use_tta = tta == "hflip"
     a_grid = _grid_with(weight_grid, DEFAULT_PALM_WEIGHT)
     t_grid = _grid_with(threshold_grid, DEFAULT_THRESHOLD)
-    if fixes is not None and not isinstance(fixes, Fixes):
-        fixes = Fixes.load(fixes)
-    samples = find_samples(data, split)
-    if fixes is not None:
-        samples = fixes.keep(samples)
-    if images:
-        wanted = set(images)
-        unknown = sorted(wanted - {s.name for s in samples} - {s.image_path.stem for s in samples})
-        if unknown:
-            raise TwostageError(f"{data}: no image named {', '.join(unknown)}")
-        samples = [s for s in samples if s.name in wanted or s.image_path.stem in wanted]
+    samples, fixes = select_samples(data, split, fixes, images)
     unannotated = [s.rel for s in samples if s.json_path is None]
     if unannotated:
         raise TwostageError(f"{data}: {len(unannotated)} image(s) without annotation JSON "

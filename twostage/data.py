@@ -367,6 +367,24 @@ class Fixes:
         return out
 
 
+def select_samples(root: str | os.PathLike, split: str | None = None, fixes: "Fixes | str | os.PathLike | None" = None,
+                   images: Iterable[str] | None = None) -> tuple[list[Sample], "Fixes | None"]:
+    """The samples a command works on: `find_samples`, less the images the fixes drop, restricted
+    to `images` (basenames or stems; an unknown one is an error). Returns them with the loaded fixes."""
+    if fixes is not None and not isinstance(fixes, Fixes):
+        fixes = Fixes.load(fixes)
+    samples = find_samples(root, split)
+    if fixes is not None:
+        samples = fixes.keep(samples)
+    if images:
+        wanted = set(images)
+        unknown = sorted(wanted - {s.name for s in samples} - {s.image_path.stem for s in samples})
+        if unknown:
+            raise TwostageError(f"{root}: no image named {', '.join(unknown)}")
+        samples = [s for s in samples if s.name in wanted or s.image_path.stem in wanted]
+    return samples, fixes
+
+
 def load_annotations(sample: Sample, fixes: Fixes | None = None) -> list[Annotation]:
     """The annotations of a training sample with the label fixes applied.
 

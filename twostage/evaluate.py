@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import CLASSES
-from .data import Fixes, find_samples, load_masks
+from .data import Fixes, load_masks, select_samples
 from .io import read_image, write_json_atomic, write_text_atomic
 from .metrics import ScoreReport, score_csv
 from .rle import decode, read_csv
@@ -52,9 +52,7 @@ def write_pictures(data: str | os.PathLike, global_csv: Path, fused_csv: Path, b
     from .visualize import write_comparison
 
     g_rows, f_rows = read_csv(global_csv), read_csv(fused_csv)
-    samples = [s for s in find_samples(data, split) if s.json_path is not None]
-    if fixes is not None:
-        samples = fixes.keep(samples)
+    samples = [s for s in select_samples(data, split, fixes)[0] if s.json_path is not None]
     written = []
     for sample in samples[:n]:
         image = read_image(sample.image_path)
@@ -83,7 +81,7 @@ def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fixes is not None and not isinstance(fixes, Fixes):
-        fixes = Fixes.load(fixes)
+        fixes = Fixes.load(fixes)  # once, for scoring both runs and the pictures
     g_csv, f_csv = out / "global.csv", out / "fused.csv"
     log.info("infer: global model alone")
     infer(data, global_ckpt, g_csv, device=device, split=split, **infer_options)

@@ -325,7 +325,7 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
     """
     from tqdm import tqdm
 
-    from .data import Fixes, find_samples, load_masks
+    from .data import load_masks, select_samples
     from .io import read_image
     from .metrics import dice_per_class
 
@@ -333,17 +333,7 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
         raise TwostageError("give either a prediction CSV (--csv) or a global checkpoint (--global)")
     if max_side < 64:
         raise TwostageError(f"--max-side {max_side}: must be at least 64 px")
-    if fixes is not None and not isinstance(fixes, Fixes):
-        fixes = Fixes.load(fixes)
-    samples = find_samples(data, split)
-    if fixes is not None:
-        samples = fixes.keep(samples)
-    if images:
-        wanted = set(images)
-        unknown = sorted(wanted - {s.name for s in samples} - {s.image_path.stem for s in samples})
-        if unknown:
-            raise TwostageError(f"{data}: no image named {', '.join(unknown)}")
-        samples = [s for s in samples if s.name in wanted or s.image_path.stem in wanted]
+    samples, fixes = select_samples(data, split, fixes, images)
     summary = VisualizeSummary(out=str(out), images=0)
     summary.skipped = [s.rel for s in samples if s.json_path is None]
     samples = [s for s in samples if s.json_path is not None]
