@@ -104,7 +104,7 @@ def main() -> None:
                                                       samples, args.repeats),
             "PNG read only": best_rate(lambda s: read_image(s.image_path), samples, args.repeats),
             f"dataset item, preloaded ({args.input_size}px)": best_rate(preloaded.__getitem__, items, args.repeats),
-            f"dataset item, rasterise every step": best_rate(rasterising.__getitem__, items, args.repeats),
+            "dataset item, rasterise every step": best_rate(rasterising.__getitem__, items, args.repeats),
         }
 
     print(f"{len(samples)} images {args.size}x{args.size}, 29 classes, {points:.0f} polygon points/image "

@@ -6,7 +6,7 @@ import yaml
 
 from twostage.cli import main
 from twostage.config import (StageConfig, all_keys, config_from_dict, describe, load_config,
-                             parse_override, read_yaml)
+                             parse_override, read_config_yaml)
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.errors import TwostageError
 
@@ -66,7 +66,7 @@ def test_bad_key_in_a_config_file_names_the_file(tmp_path):
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config("palm", overrides=["model.input_size=[96, 128]", "box.jitter_shift=0.2"])
     cfg.save(tmp_path / "config.yaml")
-    back = config_from_dict(read_yaml(tmp_path / "config.yaml"))
+    back = config_from_dict(read_config_yaml(tmp_path / "config.yaml"))
     assert back == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["box"]["jitter_shift"] == 0.2
 

@@ -22,7 +22,7 @@ import yaml
 
 from .classes import CLASSES, PALM_CLASSES, class_indices
 from .errors import TwostageError
-from .io import write_text_atomic
+from .io import read_yaml, write_text_atomic
 
 STAGES = ("global", "palm")
 """Stage kinds: `global` segments all 29 classes on the whole image; `palm` the carpals on SR crops."""
@@ -294,15 +294,9 @@ def stage_file(stage: str) -> Path:
     raise TwostageError(f"stage {stage!r}: no stages/{stage}.yaml; available: {', '.join(names) or 'none'}")
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    try:
-        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TwostageError(f"{path}: cannot read ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise TwostageError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    return obj or {}
+def read_config_yaml(path: str | os.PathLike) -> dict:
+    """A config file's mapping (an empty file is an empty mapping)."""
+    return read_yaml(path, "config") or {}
 
 
 FLAG_KEYS = {
@@ -325,10 +319,10 @@ def load_config(stage: str | None = None, config_file: str | os.PathLike | None 
     """
     cfg = StageConfig()
     if config_file is not None:
-        merge(cfg, read_yaml(config_file), str(config_file))
+        merge(cfg, read_config_yaml(config_file), str(config_file))
     elif stage is not None:
         path = stage_file(stage)
-        merge(cfg, read_yaml(path), str(path))
+        merge(cfg, read_config_yaml(path), str(path))
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, key, value, "--set")

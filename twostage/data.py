@@ -20,7 +20,7 @@ import numpy as np
 
 from .classes import CLASSES
 from .errors import TwostageError
-from .io import png_size, sha256_file, write_bytes_atomic, write_json_atomic
+from .io import png_size, read_yaml, sha256_file, write_bytes_atomic, write_json_atomic
 
 IMAGE_DIR = "DCM"
 JSON_DIR = "outputs_json"
@@ -241,15 +241,8 @@ class Fixes:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Fixes":
         """Read and validate a fixes YAML file (TwostageError naming the file and the key)."""
-        import yaml
-
         path = Path(path)
-        try:
-            obj = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise TwostageError(f"{path}: cannot read fixes file ({e.strerror or e})") from None
-        except yaml.YAMLError as e:
-            raise TwostageError(f"{path}: invalid YAML ({e})") from None
+        obj = read_yaml(path, "fixes file")
         if obj is None:
             obj = {}
         if not isinstance(obj, dict):

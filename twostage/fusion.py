@@ -25,6 +25,7 @@ import torch
 
 from .classes import CLASSES, PALM_CLASSES, class_indices
 from .errors import TwostageError
+from .io import read_yaml
 
 DEFAULT_PALM_WEIGHT = 0.7
 """a_c for every class the palm model predicts, unless overridden (`--fuse-weights`)."""
@@ -156,15 +157,10 @@ def _load_mapping(spec: PerClassSpec, section: str) -> float | dict:
                 return float(spec)  # "0.4" from the command line
             except ValueError:
                 pass
-        import yaml
-
         path = Path(spec)
         if not path.is_file():
             raise TwostageError(f"{path}: no such {section} file (give a number or a YAML file)")
-        try:
-            obj = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise TwostageError(f"{path}: cannot read {section} YAML ({e})") from None
+        obj = read_yaml(path, f"{section} file")
         if isinstance(obj, dict) and isinstance(obj.get(section), (dict, int, float)):
             obj = obj[section]
         if isinstance(obj, (int, float)) and not isinstance(obj, bool):

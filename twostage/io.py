@@ -56,6 +56,19 @@ def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
     write_bytes_atomic(path, buf.tobytes())
 
 
+def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
+    """Parse a YAML file with `yaml.safe_load`; unreadable or invalid files are one-line errors naming it."""
+    import yaml
+
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise TwostageError(f"{path}: cannot read {what} ({getattr(e, 'strerror', None) or e})") from None
+    except yaml.YAMLError as e:
+        raise TwostageError(f"{path}: invalid YAML in {what} ({str(e).splitlines()[0]})") from None
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import StageConfig, config_from_dict, read_yaml
+from .config import StageConfig, config_from_dict, read_config_yaml
 from .errors import TwostageError
 from .io import read_image, write_json_atomic, write_text_atomic
 from .models import Predictor, SegmentationNet, build_model, default_normalization, input_hw, normalize, resize_images
@@ -324,7 +324,7 @@ def _check_resume_config(cfg: StageConfig, run: Path) -> None:
     saved_path = run / "config.yaml"
     if not saved_path.is_file():
         raise TwostageError(f"{saved_path}: missing; cannot check that the resumed run uses the same config")
-    saved = _flat(config_from_dict(read_yaml(saved_path), str(saved_path)).to_dict())
+    saved = _flat(config_from_dict(read_config_yaml(saved_path), str(saved_path)).to_dict())
     now = _flat(cfg.to_dict())
     diff = sorted(k for k in now if k not in RUNTIME_KEYS and now[k] != saved.get(k))
     if diff:

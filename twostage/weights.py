@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import TwostageError
-from .io import atomic_path, sha256_file, write_text_atomic
+from .io import atomic_path, read_yaml, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,8 @@ def manifest_path(directory: str | os.PathLike | None = None, manifest: str | os
 
 def load_manifest(path: str | os.PathLike) -> dict[str, WeightSpec]:
     """Parse and validate a manifest YAML (`weights: {name: {file, arch, scale, url, sha256, params}}`)."""
-    import yaml
-
     path = Path(path)
-    try:
-        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TwostageError(f"{path}: cannot read weights manifest ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise TwostageError(f"{path}: invalid YAML ({e})") from None
+    obj = read_yaml(path, "weights manifest")
     if not isinstance(obj, dict) or not isinstance(obj.get("weights"), dict):
         raise TwostageError(f"{path}: expected a top-level 'weights' mapping")
     specs = {}
@@ -102,12 +95,10 @@ def load_manifest(path: str | os.PathLike) -> dict[str, WeightSpec]:
 
 
 def _pins(directory: Path) -> dict[str, str]:
-    import yaml
-
     p = directory / PINS_NAME
     if not p.is_file():
         return {}
-    obj = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    obj = read_yaml(p, "weight pins") or {}
     if not isinstance(obj, dict):
         raise TwostageError(f"{p}: expected a mapping name -> sha256")
     return {str(k): str(v).lower() for k, v in obj.items()}
