@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from twostage.box import BoxRule, source_to_crop
 from twostage.checkpoint import save_checkpoint
@@ -20,8 +21,8 @@ from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main
 from twostage.data import find_samples, rasterize, read_annotations
 from twostage.errors import TwostageError
-from twostage.fusion import fuse_weights
-from twostage.infer import PalmStage, infer, read_probs
+from twostage.fusion import fuse_weights, thresholds
+from twostage.infer import PalmStage, infer, read_probs, segment
 from twostage.io import read_image
 from twostage.metrics import dice_per_class, score_csv
 from twostage.models import build_model, default_normalization
@@ -155,16 +156,17 @@ def test_perfect_palm_model_gives_carpal_dice_one(setup, tmp_path, palm_resize):
     ys, xs = np.nonzero(gt[carpals].any(0))
     assert box.x0 <= xs.min() and xs.max() < box.x0 + box.side  # the box holds every carpal
     assert box.y0 <= ys.min() and ys.max() < box.y0 + box.side
-    # sampling the probabilities at the global model's resolution gives (almost) the same box
-    coarse = stage.boxes(probs[None], [sample.name], native_size=(64, 64))[0]
+    # the same probabilities at a global model's resolution give (almost) the same box
+    coarse = F.interpolate(probs[None], size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    coarse = stage.boxes(coarse, [sample.name], image.shape)[0]
     assert abs(coarse.x0 - box.x0) <= 4 and abs(coarse.y0 - box.y0) <= 4 and abs(coarse.side - box.side) <= 8
     src_crop = image[box.y0:box.y0 + box.side, box.x0:box.x0 + box.side]
     expected = cv2.resize(src_crop, (box.side * 4, box.side * 4), interpolation=cv2.INTER_CUBIC)
     stage.predictor = OraclePalm(expected, source_to_crop(gt[carpals], box, 4))
 
-    stage.fuse_into(probs[None], [image], [sample.name], fuse_weights(1.0), feather=0.0)
-    after = dice_per_class((probs > 0.5).numpy(), gt)
-    assert stage.predictor.calls == 1
+    masks, region = segment(probs, image, thresholds(), stage, box, fuse_weights(1.0), feather=0.0)
+    after = dice_per_class(masks.numpy(), gt)
+    assert stage.predictor.calls == 1 and region.shape == (len(carpals), box.side, box.side)
     np.testing.assert_array_equal(after, np.ones(len(CLASSES)))
 
 

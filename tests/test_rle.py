@@ -96,6 +96,9 @@ def test_encode_masks_dtypes_match_reference(convert):
 def test_encode_masks_cuda_matches_reference():
     masks = polygon_masks(np.random.default_rng(2), 29, 256, 256)
     assert encode_masks(torch.from_numpy(masks).cuda()) == [reference_rle(m) for m in masks]
+    probs = torch.from_numpy(soft_probs(np.random.default_rng(5), 29, 256, 256))
+    thr = torch.linspace(0.05, 0.95, 29)
+    assert encode_masks(probs.cuda(), thr.cuda()) == encode_masks(probs, thr)
 
 
 def test_round_trip_realistic_odd_size():
@@ -211,3 +214,47 @@ def test_read_csv_unreadable(tmp_path):
     (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(TwostageError, match="UTF-8"):
         read_csv(tmp_path / "bin.csv")
+
+
+def soft_probs(rng: np.random.Generator, c: int, h: int, w: int) -> np.ndarray:
+    """Blurred polygon masks: probabilities with empty stretches, ramps and exact threshold ties."""
+    masks = polygon_masks(rng, c, h, w).astype(np.float32)
+    probs = np.stack([cv2.GaussianBlur(m, (7, 7), 0) for m in masks])
+    probs[0, ::3] = 0.5  # ties at the 0.5 threshold: not foreground (strict >)
+    probs[1, 0, 0] = probs[1, -1, -1] = 0.9  # first and last pixel foreground
+    return probs
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 17])
+@pytest.mark.parametrize("convert", [
+    lambda a: a, lambda a: torch.from_numpy(a), lambda a: a.astype(np.float16),
+    lambda a: torch.from_numpy(a).to(torch.bfloat16), lambda a: torch.from_numpy(a).to(torch.float64),
+], ids=["numpy", "torch", "numpy_fp16", "torch_bf16", "torch_fp64"])
+def test_encode_masks_with_thresholds_equals_binarize_then_encode(convert, block, monkeypatch):
+    """Thresholding inside the RLE pass (blocks skipped when below threshold) gives the strings
+    of binarize + encode, whatever the block size, dtype and per-class thresholds."""
+    from twostage import rle
+    from twostage.fusion import binarize
+
+    monkeypatch.setattr(rle, "_CPU_BLOCK", block)
+    probs = convert(soft_probs(np.random.default_rng(4), 29, 40, 33))
+    thr = torch.linspace(0.05, 0.95, 29)
+    thr[0] = 0.5
+    as_torch = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(probs)
+    expected = encode_masks(binarize(as_torch, thr))
+    assert encode_masks(probs, thr) == expected
+    assert encode_masks(probs, thr.numpy()) == expected
+    assert expected[0] != "" and any(s == "" for s in expected)  # the cases above were exercised
+
+
+def test_encode_masks_thresholds_nan_and_count(monkeypatch):
+    from twostage import rle
+
+    monkeypatch.setattr(rle, "_CPU_BLOCK", 8)
+    probs = np.zeros((2, 4, 8), np.float32)
+    probs[0, 1, 2:5] = 0.9
+    probs[0, 1, 3] = np.nan  # NaN is never foreground, and must not hide the block's foreground
+    probs[1, 2, :] = np.nan
+    assert encode_masks(probs, [0.5, 0.5]) == ["11 1 13 1", ""]
+    with pytest.raises(ValueError, match="3 thresholds for 2 channels"):
+        encode_masks(probs, [0.5, 0.5, 0.5])

@@ -7,9 +7,9 @@ from the grid on its own, and the defaults (a = DEFAULT_PALM_WEIGHT, t = DEFAULT
 are always in the grid: the result is never worse than the defaults on the calibration set.
 
 Per image the global and palm probabilities are computed once with infer's pipeline
-(`Predictor.probs`, `PalmStage.boxes/crop_upscaled/probs`); the blend for every grid weight
-is `twostage.fusion.fuse` itself (so the probabilities are bit-identical to what `infer`
-makes). For all thresholds at once, pixels are bucketed by threshold on the device and
+(`Predictor.native_probs`, `PalmStage.boxes/crop_upscaled/probs`); the blend for every grid
+weight is `twostage.fusion.fuse` itself. `infer` upsamples only the tiles that can cross a
+threshold, which equals this dense upsample except at float-rounding ties. For all thresholds at once, pixels are bucketed by threshold on the device and
 per-class intersection / prediction counts accumulated, then folded into per-image Dice
 sums: memory stays flat in the number of images.
 """
@@ -178,7 +178,7 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     from .ensemble import torch_device
     from .infer import PalmStage
     from .io import read_image, write_json_atomic, write_text_atomic
-    from .models import Predictor
+    from .models import Predictor, resize_images
 
     t_start = time.perf_counter()
     dev = torch_device(device)
@@ -211,8 +211,9 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
         gt = torch.from_numpy(load_masks(sample, CLASSES, fixes)).to(dev) != 0  # (C, H, W)
         if tuple(gt.shape[1:]) != image.shape:
             raise TwostageError(f"{sample.image_path}: image is {image.shape}, its masks {tuple(gt.shape[1:])}")
-        probs = glob.probs(torch.from_numpy(image)[None].to(dev), tta=use_tta)[0]  # (C, H, W)
-        box = palm.boxes(probs[None], [sample.name], native_size=glob.input_size)[0]
+        native = glob.native_probs(torch.from_numpy(image)[None].to(dev), tta=use_tta)
+        probs = resize_images(native, image.shape)[0]  # (C, H, W)
+        box = palm.boxes(native, [sample.name], image.shape)[0]
         palm_probs = palm.probs(palm.crop_upscaled(image, box), box, dev)  # (K, s, s)
 
         inter, pred = threshold_counts(probs.reshape(C, -1), gt.reshape(C, -1), thr)

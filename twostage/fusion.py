@@ -77,33 +77,42 @@ def feather_window(crop_shape: tuple[int, int], box, image_shape: tuple[int, int
     return torch.from_numpy(np.minimum.outer(wy, wx))
 
 
-def _fuse_one(global_probs: torch.Tensor, palm_probs: torch.Tensor, box, weights: torch.Tensor,
-              feather: float, palm_channels: torch.Tensor) -> None:
-    """In-place blend for one image: (C, H, W) global, (K, s, s) palm at box size."""
+def blend_box(region: torch.Tensor, palm_probs: torch.Tensor, box, image_shape: tuple[int, int],
+              weights: torch.Tensor, feather: float = DEFAULT_FEATHER) -> torch.Tensor:
+    """The DESIGN §3 blend on the palm box alone, IN PLACE: `region` holds the (K, s, s) float32
+    global probabilities of the palm channels inside `box` (a view of the full-size stack, or
+    the box computed on its own as `infer` does); `weights` are the K a_c. Returns `region`."""
     side = int(box.side)
     if palm_probs.shape[-2:] != (side, side):
         raise TwostageError(f"palm probabilities are {tuple(palm_probs.shape[-2:])}, "
                             f"expected the box size ({side}, {side}); resize them back first")
-    if palm_probs.shape[0] != palm_channels.numel():
-        raise TwostageError(f"palm probabilities have {palm_probs.shape[0]} channels, "
-                            f"the channel mapping {palm_channels.numel()}")
+    if palm_probs.shape[0] != region.shape[0] or weights.shape != (region.shape[0],):
+        raise TwostageError(f"palm probabilities have {palm_probs.shape[0]} channels, the box "
+                            f"region {region.shape[0]} and the weights {tuple(weights.shape)}")
+    if not 0.0 <= feather <= 0.5:
+        raise TwostageError(f"feather {feather}: must be a fraction of the box side in [0, 0.5]")
+    dev = region.device
+    window = feather_window((side, side), box, image_shape, int(round(feather * side))).to(dev)
+    aw = weights.to(dev, torch.float32)[:, None, None] * window[None]   # (K, s, s)
+    # lerp is exact at aw = 0 (global) and aw = 1 (palm)
+    return region.lerp_(palm_probs.to(dev, torch.float32), aw)
+
+
+def _fuse_one(global_probs: torch.Tensor, palm_probs: torch.Tensor, box, weights: torch.Tensor,
+              feather: float, palm_channels: torch.Tensor) -> None:
+    """In-place blend for one image: (C, H, W) global, (K, s, s) palm at box size."""
+    side = int(box.side)
     H, W = global_probs.shape[-2:]
-    ramp = int(round(feather * side))
-    dev, dt = global_probs.device, global_probs.dtype
-    window = feather_window((side, side), box, (H, W), ramp).to(dev)
-    a = weights.to(dev, torch.float32)[palm_channels]                  # (K,)
     region = global_probs[:, box.y0:box.y0 + side, box.x0:box.x0 + side]  # view, no copy
-    palm_probs = palm_probs.to(dev, torch.float32)
+    a = weights.to(global_probs.device, torch.float32)[palm_channels]    # (K,)
     lo, n = int(palm_channels[0]), palm_channels.numel()
-    contiguous = torch.equal(palm_channels, torch.arange(lo, lo + n, device=dev))
-    aw = a[:, None, None] * window[None]                               # (K, s, s)
-    if dt == torch.float32 and contiguous:
-        # the palm channels are contiguous (PALM_CLASSES): blend the view in one in-place pass;
-        # lerp is exact at aw = 0 (global) and aw = 1 (palm)
-        region[lo:lo + n].lerp_(palm_probs, aw)
+    contiguous = torch.equal(palm_channels, torch.arange(lo, lo + n, device=palm_channels.device))
+    if global_probs.dtype == torch.float32 and contiguous:
+        # the palm channels are contiguous (PALM_CLASSES): blend the view in one in-place pass
+        blend_box(region[lo:lo + n], palm_probs, box, (H, W), a, feather)
         return
     g = region.index_select(0, palm_channels).float()                  # (K, s, s) crop-size copy
-    region.index_copy_(0, palm_channels, g.lerp_(palm_probs, aw).to(dt))
+    region.index_copy_(0, palm_channels, blend_box(g, palm_probs, box, (H, W), a, feather).to(global_probs.dtype))
 
 
 def fuse(global_probs: torch.Tensor, palm_probs: torch.Tensor | Sequence[torch.Tensor], box,
@@ -130,8 +139,6 @@ def fuse(global_probs: torch.Tensor, palm_probs: torch.Tensor | Sequence[torch.T
     if weights.shape != (global_probs.shape[-3],):
         raise TwostageError(f"fusion weights have shape {tuple(weights.shape)}, "
                             f"expected ({global_probs.shape[-3]},)")
-    if not 0.0 <= feather <= 0.5:
-        raise TwostageError(f"feather {feather}: must be a fraction of the box side in [0, 0.5]")
     if global_probs.dim() == 3:
         _fuse_one(global_probs, palm_probs, box, weights, feather, idx)
     elif global_probs.dim() == 4:

@@ -2,12 +2,14 @@
 probabilities → fusion) → per-class thresholds → RLE CSV (DESIGN §2, §3).
 
 Everything from the image tensor to the RLE boundaries runs on the model's device, batched
-over the classes: probabilities are upsampled once to the source size, the palm blend
-touches only the box region of the palm channels (`twostage.fusion.fuse`), thresholds make
-one bool stack, and `twostage.rle.encode_masks` finds the runs on the device (only the
-crop-size uint8 palm crop goes through the CPU, because upscalers take and return numpy
-images). The CSV is
-streamed through `twostage.rle.CsvWriter`, so it appears only when every image succeeded.
+over the classes. The global probabilities stay at the network's size: the palm box is
+found there, `upsample.threshold_upsample` upsamples only the source-size tiles that can
+cross a threshold (a bone covers a few per cent of a radiograph), and the palm box region of
+the palm channels is upsampled on its own, blended (`fusion.blend_box`) and thresholded
+(`segment`). No 29-class source-size float stack exists unless `--save-probs` asks for one.
+Only the crop-size uint8 palm crop goes through the CPU, because upscalers take and return
+numpy images. The CSV is streamed through `twostage.rle.CsvWriter`, so it appears only
+when every image succeeded.
 
 The palm checkpoint carries how its training crops were made (box rule with fallback and
 side range, upscaler name, scale and weight sha256); inference rebuilds exactly that and
@@ -34,14 +36,15 @@ from .data import Sample, find_samples
 from .errors import TwostageError
 from .fusion import DEFAULT_FEATHER, PerClassSpec
 from .io import atomic_path, read_image
-from .models import Predictor
+from .models import Predictor, resize_images
+from .upsample import threshold_upsample, upsample_region
 
 log = logging.getLogger(__name__)
 
 PALM_RESIZE_MODES = ("bilinear", "area")
 """How palm probabilities at the palm model's input size are resized to the box size."""
 
-STAGES = ("read", "global", "box_crop", "upscale", "palm", "fusion", "save_probs", "rle_write")
+STAGES = ("read", "global", "box_crop", "masks", "upscale", "palm", "fusion", "save_probs", "rle_write")
 """Timed steps of the pipeline, reported in `InferSummary.timings` (seconds, summed)."""
 
 PROBS_SCALE = 255
@@ -178,53 +181,38 @@ class PalmStage:
                     f"`twostage weights`); a different upscaler is never substituted")
         self.fp16, self.tta, self.palm_resize = fp16, tta, palm_resize
 
-    def fuse_into(self, global_probs: torch.Tensor, images: Sequence[np.ndarray], names: Sequence[str],
-                  weights: torch.Tensor, feather: float = DEFAULT_FEATHER,
-                  native_size: tuple[int, int] | None = None, clock: "_Clock | None" = None) -> list:
-        """Blend this palm model into (B, C, H, W) global probabilities in place (DESIGN §3).
-
-        Per image: palm box from the global carpal prediction → crop of the SOURCE image →
-        recorded upscaler → palm probabilities at the box size → `fusion.fuse`.
-
-        Args:
-            global_probs: (B, C, H, W) global probabilities at the source size, on the device.
-            images: the B source images, (H, W) uint8 numpy (the upscaler works on the CPU copy).
-            names: image names (fallback-box warnings name them).
-            weights: (C,) fusion weights a_c on the device.
-            native_size: (h, w) the global probabilities were predicted at (see `boxes`).
-        Returns:
-            the B palm boxes used.
-        """
-        tick = clock.lap if clock is not None else (lambda stage: None)
-        boxes = self.boxes(global_probs, names, native_size)
-        tick("box_crop")
-        for b, (image, box) in enumerate(zip(images, boxes)):
-            crop = self.crop_upscaled(image, box)
-            tick("upscale")
-            p_palm = self.probs(crop, box, global_probs.device)
-            tick("palm")
-            fusion.fuse(global_probs[b], p_palm, box, weights, feather=feather, palm_channels=self.channels)
-            tick("fusion")
-        return boxes
-
-    def boxes(self, global_probs: torch.Tensor, names: Sequence[str],
-              native_size: tuple[int, int] | None = None) -> list:
+    def boxes(self, probs: torch.Tensor, names: Sequence[str],
+              image_shape: tuple[int, int] | None = None) -> list:
         """One palm box per image from the global model's predicted carpal pixels: all 8
         PALM_CLASSES (the training box covers them all, whatever subset the palm model predicts).
 
-        `native_size` is the (h, w) the probabilities were predicted at (the global model's
-        input size) before upsampling to the source size."""
+        `probs` are (B, C, h, w) global probabilities at any resolution (infer passes the
+        network's own: nothing is lost and it is far cheaper than the source size);
+        `image_shape` is the (H, W) of the source images the boxes are for."""
         from .box import boxes_from_probs
 
         lo, hi = min(PALM_INDICES), max(PALM_INDICES) + 1  # contiguous in CLASSES: a view, no copy
-        H, W = global_probs.shape[-2:]
-        # The probabilities were upsampled from the network's input size: sampling them at that
-        # resolution (a strided view at the cell centres) loses nothing and is ~50x cheaper.
-        step = 1 if native_size is None else max(1, min(H // native_size[0], W // native_size[1]))
-        if H % step or W % step:
-            step = 1
-        view = global_probs[:, lo:hi, step // 2::step, step // 2::step]
-        return boxes_from_probs(view, self.rule, names=list(names), image_shape=(H, W))
+        return boxes_from_probs(probs[:, lo:hi], self.rule, names=list(names), image_shape=image_shape)
+
+    def fused_box(self, native: torch.Tensor, image: np.ndarray, box, weights: torch.Tensor,
+                  feather: float = DEFAULT_FEATHER, tick=lambda stage: None) -> torch.Tensor:
+        """(K, s, s) fused probabilities of the palm channels inside `box` for one image
+        (DESIGN §3): the box cut from the SOURCE image → recorded upscaler → palm probabilities
+        at the box size, blended into the global probabilities of the box, which are upsampled
+        from the network-size `native` (C, h, w) for the box alone.
+
+        Args:
+            weights: (C,) fusion weights a_c per global channel.
+            tick: called with "upscale" and "palm" after those steps (timings).
+        """
+        crop = self.crop_upscaled(image, box)
+        tick("upscale")
+        p_palm = self.probs(crop, box, native.device)
+        tick("palm")
+        side = int(box.side)
+        channels = torch.as_tensor(self.channels, device=native.device)
+        region = upsample_region(native.index_select(0, channels), image.shape, box.y0, box.x0, side, side)
+        return fusion.blend_box(region, p_palm, box, image.shape, weights.to(native.device)[channels], feather)
 
     def crop_upscaled(self, image: np.ndarray, box) -> np.ndarray:
         """The box cut from the SOURCE image, upscaled by the recorded upscaler: (s·k, s·k) uint8."""
@@ -245,6 +233,47 @@ class PalmStage:
         if self.palm_resize == "area":
             return F.interpolate(p, size=(side, side), mode="area")[0]
         return F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[0]
+
+
+def segment(native: torch.Tensor, image: np.ndarray, thr: torch.Tensor, palm: PalmStage | None = None,
+            box=None, weights: torch.Tensor | None = None, feather: float = DEFAULT_FEATHER,
+            tick=lambda stage: None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(C, H, W) bool masks of one source image from its network-size probabilities, and the
+    fused (K, s, s) palm-box probabilities (None without a palm stage).
+
+    The global masks come from `upsample.threshold_upsample` (only tiles that can cross a
+    threshold are upsampled); with `palm`, the box region of the palm channels is replaced by
+    the thresholded `PalmStage.fused_box`. Equal to thresholding the fully upsampled and fused
+    probabilities, except for pixels whose value ties with the threshold in float rounding.
+
+    Args:
+        native: (C, h, w) global probabilities at the network's size, on the device.
+        image: (H, W) uint8 source image.
+        thr: (C,) thresholds on the device.
+        palm, box, weights, feather: the palm stage, this image's palm box, (C,) a_c.
+        tick: called with a step name after each step (timings).
+    """
+    masks = threshold_upsample(native, image.shape, thr)
+    tick("masks")
+    if palm is None:
+        return masks, None
+    region = palm.fused_box(native, image, box, weights, feather, tick)
+    channels = torch.as_tensor(palm.channels, device=masks.device)
+    rows, cols = box.slices
+    masks[:, rows, cols].index_copy_(0, channels, region > thr.index_select(0, channels)[:, None, None])
+    tick("fusion")
+    return masks, region
+
+
+def full_probs(native: torch.Tensor, size: tuple[int, int], palm: PalmStage | None = None, box=None,
+               region: torch.Tensor | None = None) -> torch.Tensor:
+    """(C, H, W) float32 source-size probabilities (for `--save-probs`): the dense upsample of
+    `native`, with the fused palm-box `region` from `segment` written into the palm channels."""
+    probs = resize_images(native[None], size)[0]
+    if region is not None:
+        rows, cols = box.slices
+        probs[:, rows, cols].index_copy_(0, torch.as_tensor(palm.channels, device=probs.device), region)
+    return probs
 
 
 def _read_batches(samples: list[Sample], batch_size: int, skip_bad: bool
@@ -364,8 +393,10 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
                          upscaler_tile=upscaler_tile, upscaler_tile_pad=upscaler_tile_pad,
                          upscaler_pre_pad=upscaler_pre_pad, weights_dir=weights_dir)
         weights = fusion.fuse_weights(fuse_weights, palm.classes).to(dev)
-    elif palm_ckpt is not None:
-        log.info("--palm given without --fuse: running the global model alone")
+    else:
+        weights = None
+        if palm_ckpt is not None:
+            log.info("--palm given without --fuse: running the global model alone")
     thr = fusion.thresholds(thresholds).to(dev)
     probs_dir = Path(save_probs) if save_probs is not None else None
 
@@ -383,24 +414,26 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
                 bar.update(1)
                 continue
             batch_names = [s.name for s, _ in batch]
+            size = batch[0][1].shape
             x = torch.from_numpy(np.stack([img for _, img in batch])).to(dev)
-            probs = glob.probs(x, tta=use_tta, fp16=fp16)  # (B, C, H, W) at source size
+            native = glob.native_probs(x, tta=use_tta, fp16=fp16)  # (B, C, h, w) at the network's size
             del x
             clock.lap("global")
+            boxes = [None] * len(batch)
             if palm is not None:
-                boxes = palm.fuse_into(probs, [img for _, img in batch], batch_names, weights, feather,
-                                       native_size=glob.input_size, clock=clock)
+                boxes = palm.boxes(native, batch_names, size)
                 summary.boxes.update({n: [int(b.x0), int(b.y0), int(b.side)] for n, b in zip(batch_names, boxes)})
-            if probs_dir is not None:
-                for b, name in enumerate(batch_names):
-                    write_probs(probs_dir / (Path(name).stem + ".npz"), probs[b])
-                clock.lap("save_probs")
-            masks = fusion.binarize(probs, thr)
-            del probs
-            for b, name in enumerate(batch_names):
-                writer.add(name, encode_masks(masks[b]))
-            del masks
-            clock.lap("rle_write")
+                clock.lap("box_crop")
+            for b, ((sample, image), box) in enumerate(zip(batch, boxes)):
+                masks, region = segment(native[b], image, thr, palm, box, weights, feather, clock.lap)
+                if probs_dir is not None:
+                    write_probs(probs_dir / (Path(sample.name).stem + ".npz"),
+                                full_probs(native[b], size, palm, box, region))
+                    clock.lap("save_probs")
+                writer.add(sample.name, encode_masks(masks))
+                del masks, region
+                clock.lap("rle_write")
+            del native
             bar.update(len(batch))
     bar.close()
     summary.timings = clock.totals

@@ -251,9 +251,12 @@ class Predictor:
         return out
 
     @torch.no_grad()
+    def native_probs(self, images: torch.Tensor, tta: bool = False, fp16: bool = False) -> torch.Tensor:
+        """(B, H, W) uint8 -> (B, C, h, w) float32 sigmoid probabilities at the model's input size."""
+        return torch.sigmoid(self.logits_at(images, tta=tta, fp16=fp16))
+
+    @torch.no_grad()
     def probs(self, images: torch.Tensor, tta: bool = False, fp16: bool = False) -> torch.Tensor:
         """(B, H, W) uint8 on any device -> (B, C, H, W) float32 sigmoid probabilities at the
         input's own H, W (bilinear upsampling of the probabilities), on `self.device`."""
-        h, w = images.shape[-2:]
-        p = torch.sigmoid(self.logits_at(images, tta=tta, fp16=fp16))
-        return resize_images(p, (h, w))
+        return resize_images(self.native_probs(images, tta=tta, fp16=fp16), tuple(images.shape[-2:]))

@@ -236,6 +236,7 @@ class _Predictions:
         self.device = torch_device(device)
         self.tta = tta == "hflip"
         self.palm = None
+        self.weights = None
         self.rule = BoxRule()
         if csv is not None:
             if fuse or thresholds is not None or fuse_weights is not None or tta is not None:
@@ -267,7 +268,6 @@ class _Predictions:
         """(29, H, W) bool masks (classes the source lacks stay empty) and the palm box or None."""
         import torch
 
-        from . import fusion
         from .box import boxes_from_probs
 
         h, w = image.shape
@@ -288,17 +288,15 @@ class _Predictions:
             if carpals.any():  # the box the palm stage would take from these carpals
                 box = boxes_from_probs(torch.from_numpy(carpals[None]).float(), self.rule, names=[name])[0]
             return masks, box
-        x = torch.from_numpy(image)[None].to(self.device)
-        probs = self.glob.probs(x, tta=self.tta)
+        from .infer import segment
+
+        native = self.glob.native_probs(torch.from_numpy(image)[None].to(self.device), tta=self.tta)
         box = None
         if self.palm is not None:
-            if self.fuse:
-                box = self.palm.fuse_into(probs, [image], [name], self.weights,
-                                          native_size=self.glob.input_size)[0]
-            else:
-                box = self.palm.boxes(probs, [name], native_size=self.glob.input_size)[0]
-        masks = fusion.binarize(probs[0], self.thr).cpu().numpy()
-        return masks, box
+            box = self.palm.boxes(native, [name], image.shape)[0]
+        palm = self.palm if self.fuse else None
+        masks, _ = segment(native[0], image, self.thr, palm, box, self.weights)
+        return masks.cpu().numpy(), box
 
 
 def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.PathLike | None = None,
