@@ -35,10 +35,8 @@ def assert_equal_but_ties(masks: torch.Tensor, dense: torch.Tensor, thr: torch.T
     assert not (differ & ~tie).any(), f"{int((differ & ~tie).sum())} pixels differ away from a tie"
 
 
-@pytest.mark.parametrize("n, size, tile", [(48, 200, 16), (37, 256, 64), (64, 131, 32), (64, 64, 16)])
-@pytest.mark.parametrize("dense_fraction", [2.0, -1.0], ids=["sparse", "dense"])
-def test_threshold_upsample_equals_dense(n, size, tile, dense_fraction, monkeypatch):
-    monkeypatch.setattr(upsample, "DENSE_FRACTION", dense_fraction)
+@pytest.mark.parametrize("n, size, tile", [(48, 200, 16), (37, 256, 64), (64, 131, 32), (64, 64, 16), (8, 40, 64)])
+def test_threshold_upsample_equals_dense(n, size, tile, monkeypatch):
     monkeypatch.setattr(upsample, "CHUNK", 5)  # several batched steps
     probs = structured_probs(n, 2 * size)
     thr = torch.linspace(0.1, 0.9, len(CLASSES))
@@ -81,11 +79,9 @@ def chain(tmp_path_factory):
             "palm": tiny_checkpoint(base / "p.pt", "palm", classes=[CLASSES[i] for i in PALM_INDICES], seed=2)}
 
 
-@pytest.mark.parametrize("dense_fraction", [2.0, -1.0], ids=["sparse", "dense"])
-def test_infer_csv_equals_the_dense_chain(chain, tmp_path, dense_fraction, monkeypatch):
+def test_infer_csv_equals_the_dense_chain(chain, tmp_path):
     """infer (network-size probabilities, tile-sparse upsample, box-only fusion) gives the masks
     of the dense chain: full-size probabilities, `fuse`, `binarize`."""
-    monkeypatch.setattr(upsample, "DENSE_FRACTION", dense_fraction)
     out = tmp_path / "f.csv"
     infer(chain["root"], chain["global"], out, palm_ckpt=chain["palm"], fuse=True, split="train",
           thresholds=0.45)

@@ -8,9 +8,11 @@ convex combination of (at most) four source pixels, so an output tile whose sour
 never exceeds the threshold is background without computing it. `threshold_upsample`
 computes only the other tiles, with the formula of `models.resize_images` (F.interpolate,
 bilinear, align_corners=False: source coordinate (i + 0.5)·in/out − 0.5, clamped at 0),
-batched over all active (channel, tile) pairs as two small matrix products per tile; when
-most tiles are active (noisy predictions) it upsamples densely instead. The two agree up to
-float rounding, i.e. except for pixels whose value ties with the threshold.
+batched over all active (channel, tile) pairs as two small matrix products per tile. The
+result equals the dense upsample's up to float rounding, i.e. except for pixels whose value
+ties with the threshold. Measured at 2048² from 512² on 2 CPU cores: 16 ms instead of 300 ms
+for a hand (~1.3 % of tiles active), and no slower than the dense upsample even when every
+tile is active (noise), in chunks of CHUNK tiles instead of one 486 MB float stack.
 """
 from __future__ import annotations
 
@@ -23,9 +25,6 @@ from .models import resize_images
 
 TILE = 64
 """Output tile side in pixels (2048 = 32 tiles)."""
-
-DENSE_FRACTION = 0.25
-"""Above this share of active tiles the dense upsample is cheaper."""
 
 CHUNK = 2048
 """Active tiles computed per batched step (bounds the temporaries to ~2048·TILE² floats)."""
@@ -92,26 +91,42 @@ def threshold_upsample(probs: torch.Tensor, size: tuple[int, int], thresholds: t
     bound = _window_max(_window_max(probs, ys, ys + ly - 1, -2), xs, xs + lx - 1, -1)  # (C, Jy, Jx)
     active = bound > thr[:, None, None]
     c, jy, jx = active.nonzero(as_tuple=True)
-    if c.numel() > DENSE_FRACTION * active.numel():
-        return resize_images(probs[None], (H, W))[0] > thr[:, None, None]
     masks = _zeros((C, H, W), dev)
-    flat = masks.view(-1)
-    ty = torch.arange(tile, device=dev)
     ry = torch.arange(ly, device=dev)
     rx = torch.arange(lx, device=dev)
     for k in range(0, c.numel(), CHUNK):
         cc, yy, xx = c[k:k + CHUNK], jy[k:k + CHUNK], jx[k:k + CHUNK]
         patch = probs[cc[:, None, None], (ys[yy][:, None] + ry)[:, :, None], (xs[xx][:, None] + rx)[:, None, :]]
         values = torch.bmm(torch.bmm(wy[yy], patch), wx[xx].transpose(1, 2))  # (n, tile, tile)
-        rows, cols = yy[:, None] * tile + ty, xx[:, None] * tile + ty           # (n, tile) each
-        fg = (values > thr[cc][:, None, None]) & (rows < H)[:, :, None] & (cols < W)[:, None, :]
-        n, i, j = fg.nonzero(as_tuple=True)
-        on = cc[n] * (H * W) + rows[n, i] * W + cols[n, j]
-        if dev.type == "cpu":
-            flat.numpy()[on.numpy()] = True  # numpy's scatter: torch's CPU index_put is ~20x slower here
-        else:
-            flat[on] = True
+        _write_tiles(masks, values > thr[cc][:, None, None], cc, yy, xx)
     return masks
+
+
+def _write_tiles(masks: torch.Tensor, fg: torch.Tensor, c: torch.Tensor, jy: torch.Tensor,
+                 jx: torch.Tensor) -> None:
+    """Write (n, t, t) tile masks into the zero (C, H, W) `masks` at tile (jy, jx) of channel c;
+    tiles may overhang the bottom and right edges."""
+    C, H, W = masks.shape
+    tile = fg.shape[-1]
+    if masks.device.type == "cpu":
+        # whole tiles through a strided tile view of the numpy array (torch's CPU index_put
+        # is ~20x slower here); overhanging tiles go pixel by pixel below
+        inside = ((jy + 1) * tile <= H) & ((jx + 1) * tile <= W)
+        m = masks.numpy()
+        st = m.strides
+        grid = np.lib.stride_tricks.as_strided(m, (C, H // tile, tile, W // tile, tile),
+                                               (st[0], tile * st[1], st[1], tile * st[2], st[2]))
+        k = inside.numpy()
+        grid[c.numpy()[k], jy.numpy()[k], :, jx.numpy()[k], :] = fg.numpy()[k]
+        fg, c, jy, jx = fg[~inside], c[~inside], jy[~inside], jx[~inside]
+    n, i, j = fg.nonzero(as_tuple=True)
+    rows, cols = jy[n] * tile + i, jx[n] * tile + j
+    keep = (rows < H) & (cols < W)
+    on = (c[n][keep] * H + rows[keep]) * W + cols[keep]
+    if masks.device.type == "cpu":
+        masks.view(-1).numpy()[on.numpy()] = True
+    else:
+        masks.view(-1)[on] = True
 
 
 def _zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -132,5 +147,7 @@ def upsample_region(probs: torch.Tensor, size: tuple[int, int], y0: int, x0: int
     probs = probs.float()
     iy0, iy1, lamy = (t[y0:y0 + h] for t in _axis(probs.shape[-2], H, probs.device))
     ix0, ix1, lamx = (t[x0:x0 + w] for t in _axis(probs.shape[-1], W, probs.device))
-    rows = torch.lerp(probs[:, iy0], probs[:, iy1], lamy[:, None])      # (C, h, w_in)
-    return torch.lerp(rows[:, :, ix0], rows[:, :, ix1], lamx)           # (C, h, w)
+    lo = int(iy0[0])
+    src = probs[:, lo:int(iy1[-1]) + 1]  # the source rows the region needs
+    cols = torch.lerp(src.index_select(2, ix0), src.index_select(2, ix1), lamx)   # (C, rows, w)
+    return torch.lerp(cols.index_select(1, iy0 - lo), cols.index_select(1, iy1 - lo), lamy[:, None])
