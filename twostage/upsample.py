@@ -70,6 +70,16 @@ def _window_max(values: torch.Tensor, first: torch.Tensor, last: torch.Tensor, d
     return m
 
 
+def _block_max(x: torch.Tensor, q: int, dim: int) -> torch.Tensor:
+    """Max over consecutive blocks of q along `dim` (-2 or -1); a last partial block included."""
+    n = x.shape[dim]
+    full = n // q * q
+    parts = [x.narrow(dim, 0, full).unflatten(dim, (n // q, q)).amax(dim)] if full else []
+    if full < n:
+        parts.append(x.narrow(dim, full, n - full).amax(dim, keepdim=True))
+    return torch.cat(parts, dim)
+
+
 def threshold_upsample(probs: torch.Tensor, size: tuple[int, int], thresholds: torch.Tensor,
                        tile: int = TILE) -> torch.Tensor:
     """(C, H, W) bool: bilinear upsample of (C, h, w) `probs` to `size`, > thresholds[c].
@@ -88,7 +98,11 @@ def threshold_upsample(probs: torch.Tensor, size: tuple[int, int], thresholds: t
     dev = probs.device
     ys, ly, wy = _tiles(h, H, tile, dev)
     xs, lx, wx = _tiles(w, W, tile, dev)
-    bound = _window_max(_window_max(probs, ys, ys + ly - 1, -2), xs, xs + lx - 1, -1)  # (C, Jy, Jx)
+    # (C, Jy, Jx) upper bound per tile: block maxima (blocks about a tile's source span), then
+    # the max over the blocks each tile's source window touches (a superset is fine)
+    qy, qx = max(1, tile * h // H), max(1, tile * w // W)
+    blocks = _block_max(_block_max(probs, qy, -2), qx, -1)
+    bound = _window_max(_window_max(blocks, ys // qy, (ys + ly - 1) // qy, -2), xs // qx, (xs + lx - 1) // qx, -1)
     active = bound > thr[:, None, None]
     c, jy, jx = active.nonzero(as_tuple=True)
     masks = _zeros((C, H, W), dev)
