@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from twostage import upsample
+from twostage import infer as infer_module, upsample
 from twostage.classes import CLASSES, PALM_INDICES
 from twostage.data import find_samples, rasterize
 from twostage.fusion import fuse, fuse_weights, thresholds
@@ -79,9 +79,11 @@ def chain(tmp_path_factory):
             "palm": tiny_checkpoint(base / "p.pt", "palm", classes=[CLASSES[i] for i in PALM_INDICES], seed=2)}
 
 
-def test_infer_csv_equals_the_dense_chain(chain, tmp_path):
-    """infer (network-size probabilities, tile-sparse upsample, box-only fusion) gives the masks
-    of the dense chain: full-size probabilities, `fuse`, `binarize`."""
+@pytest.mark.parametrize("box_rows", [64, 7])
+def test_infer_csv_equals_the_dense_chain(chain, tmp_path, box_rows, monkeypatch):
+    """infer (network-size probabilities, tile-sparse upsample, box-only fusion in row chunks)
+    gives the masks of the dense chain: full-size probabilities, `fuse`, `binarize`."""
+    monkeypatch.setattr(infer_module, "BOX_ROWS", box_rows)
     out = tmp_path / "f.csv"
     infer(chain["root"], chain["global"], out, palm_ckpt=chain["palm"], fuse=True, split="train",
           thresholds=0.45)
@@ -95,6 +97,7 @@ def test_infer_csv_equals_the_dense_chain(chain, tmp_path):
         x = torch.from_numpy(image)[None]
         probs = glob.probs(x)[0]
         box = palm.boxes(glob.native_probs(x), [sample.name], image.shape)[0]
+        assert box.side > 7  # several row chunks when box_rows is 7
         fuse(probs, palm.probs(palm.crop_upscaled(image, box), box, dev), box, w,
              palm_channels=palm.channels)
         got = torch.from_numpy(np.stack([decode(rows[sample.name][c], image.shape) for c in CLASSES]) != 0)

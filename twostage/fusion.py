@@ -52,7 +52,7 @@ def _ramp(n: int, ramp: int, start_is_edge: bool, end_is_edge: bool) -> np.ndarr
 
 
 def feather_window(crop_shape: tuple[int, int], box, image_shape: tuple[int, int],
-                   ramp: int) -> torch.Tensor:
+                   ramp: int, rows: slice = slice(None)) -> torch.Tensor:
     """The (h, w) float32 feather window of a crop placed at `box` in an image of `image_shape`.
 
     1 in the interior; within `ramp` pixels of a crop border it falls linearly towards 0
@@ -64,6 +64,7 @@ def feather_window(crop_shape: tuple[int, int], box, image_shape: tuple[int, int
         box: object with `x0`, `y0` (the crop's top-left corner in the image).
         image_shape: (H, W) of the source image.
         ramp: ramp width in pixels (0: no feathering, the window is all ones).
+        rows: only these rows of the window (for blending a box in row chunks).
     """
     h, w = int(crop_shape[0]), int(crop_shape[1])
     H, W = int(image_shape[0]), int(image_shape[1])
@@ -74,26 +75,29 @@ def feather_window(crop_shape: tuple[int, int], box, image_shape: tuple[int, int
         raise TwostageError(f"crop {w}x{h} at ({x0}, {y0}) lies outside the {W}x{H} image")
     wy = _ramp(h, ramp, y0 == 0, y0 + h == H)
     wx = _ramp(w, ramp, x0 == 0, x0 + w == W)
-    return torch.from_numpy(np.minimum.outer(wy, wx))
+    return torch.from_numpy(np.minimum.outer(wy[rows], wx))
 
 
 def blend_box(region: torch.Tensor, palm_probs: torch.Tensor, box, image_shape: tuple[int, int],
-              weights: torch.Tensor, feather: float = DEFAULT_FEATHER) -> torch.Tensor:
-    """The DESIGN §3 blend on the palm box alone, IN PLACE: `region` holds the (K, s, s) float32
-    global probabilities of the palm channels inside `box` (a view of the full-size stack, or
-    the box computed on its own as `infer` does); `weights` are the K a_c. Returns `region`."""
+              weights: torch.Tensor, feather: float = DEFAULT_FEATHER, rows: slice = slice(None)) -> torch.Tensor:
+    """The DESIGN §3 blend on the palm box alone, IN PLACE: `region` holds the float32 global
+    probabilities of the K palm channels inside `box` (a view of the full-size stack, or the
+    box computed on its own as `infer` does), `palm_probs` the palm ones; both (K, s, s), or
+    (K, r, s) for the box rows `rows` (so a large box can be blended in chunks). `weights`
+    are the K a_c. Returns `region`."""
     side = int(box.side)
-    if palm_probs.shape[-2:] != (side, side):
+    expect = (len(range(side)[rows]), side)
+    if tuple(palm_probs.shape[-2:]) != expect:
         raise TwostageError(f"palm probabilities are {tuple(palm_probs.shape[-2:])}, "
-                            f"expected the box size ({side}, {side}); resize them back first")
-    if palm_probs.shape[0] != region.shape[0] or weights.shape != (region.shape[0],):
+                            f"expected the box size {expect}; resize them back first")
+    if tuple(region.shape) != tuple(palm_probs.shape) or weights.shape != (region.shape[0],):
         raise TwostageError(f"palm probabilities have {palm_probs.shape[0]} channels, the box "
                             f"region {region.shape[0]} and the weights {tuple(weights.shape)}")
     if not 0.0 <= feather <= 0.5:
         raise TwostageError(f"feather {feather}: must be a fraction of the box side in [0, 0.5]")
     dev = region.device
-    window = feather_window((side, side), box, image_shape, int(round(feather * side))).to(dev)
-    aw = weights.to(dev, torch.float32)[:, None, None] * window[None]   # (K, s, s)
+    window = feather_window((side, side), box, image_shape, int(round(feather * side)), rows).to(dev)
+    aw = weights.to(dev, torch.float32)[:, None, None] * window[None]   # (K, r, s)
     # lerp is exact at aw = 0 (global) and aw = 1 (palm)
     return region.lerp_(palm_probs.to(dev, torch.float32), aw)
 

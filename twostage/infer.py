@@ -41,6 +41,9 @@ from .upsample import threshold_upsample, upsample_region
 
 log = logging.getLogger(__name__)
 
+BOX_ROWS = 64
+"""Rows of the palm box upsampled and blended per step."""
+
 PALM_RESIZE_MODES = ("bilinear", "area")
 """How palm probabilities at the palm model's input size are resized to the box size."""
 
@@ -207,12 +210,19 @@ class PalmStage:
         """
         crop = self.crop_upscaled(image, box)
         tick("upscale")
-        p_palm = self.probs(crop, box, native.device)
+        fused = self.probs(crop, box, native.device)  # (K, s, s) palm, blended in place below
         tick("palm")
         side = int(box.side)
         channels = torch.as_tensor(self.channels, device=native.device)
-        region = upsample_region(native.index_select(0, channels), image.shape, box.y0, box.x0, side, side)
-        return fusion.blend_box(region, p_palm, box, image.shape, weights.to(native.device)[channels], feather)
+        source = native.index_select(0, channels)
+        a = weights.to(native.device)[channels]
+        # row chunks: the temporaries stay small (a 0.6·2048 box in one piece would allocate
+        # 48 MB tensors, whose page faults cost more than the arithmetic)
+        for r0 in range(0, side, BOX_ROWS):
+            rows = slice(r0, min(side, r0 + BOX_ROWS))
+            part = upsample_region(source, image.shape, box.y0 + r0, box.x0, rows.stop - r0, side)
+            fused[:, rows] = fusion.blend_box(part, fused[:, rows], box, image.shape, a, feather, rows)
+        return fused
 
     def crop_upscaled(self, image: np.ndarray, box) -> np.ndarray:
         """The box cut from the SOURCE image, upscaled by the recorded upscaler: (s·k, s·k) uint8."""
