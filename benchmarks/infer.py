@@ -163,17 +163,17 @@ def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict
         """What `infer --fuse` does after the two networks: sparse upsample + thresholds, box
         upsample + blend + thresholds, RLE, CSV."""
         t0 = time.perf_counter()
-        masks, _ = segment(native, image, thr, palm, box, w, 0.1)
+        seg = segment(native, image, thr, palm, box, w, 0.1)
         with CsvWriter(out) as wr:
-            wr.add(sample.name, encode_masks(masks))
+            wr.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
         return time.perf_counter() - t0
 
     def write_inputs() -> tuple[Path, Path]:
         """The two CSVs CSV-level ensembling starts from, made the fastest way twostage knows:
         global (29 classes, as `infer` without --fuse writes it) and palm (8 classes, full size)."""
         g_csv, p_csv = tmp / "pp_global.csv", tmp / "pp_palm.csv"
-        masks, _ = segment(native, image, thr)
-        write_csv(g_csv, [(sample.name, encode_masks(masks))])
+        seg = segment(native, image, thr)
+        write_csv(g_csv, [(sample.name, encode_masks(seg.masks, rows=seg.rows))])
         palm_full = torch.zeros(len(PALM_CLASSES), *image.shape)
         rs, cs = box.slices
         palm_full[:, rs, cs] = p_probs
@@ -185,7 +185,8 @@ def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict
         """The same for `infer` without --fuse: sparse upsample + thresholds, RLE, CSV."""
         t0 = time.perf_counter()
         with CsvWriter(out) as wr:
-            wr.add(sample.name, encode_masks(segment(native, image, thr)[0]))
+            seg = segment(native, image, thr)
+            wr.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
         return time.perf_counter() - t0
 
     def masks_only() -> float:

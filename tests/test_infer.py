@@ -164,7 +164,7 @@ def test_perfect_palm_model_gives_carpal_dice_one(setup, tmp_path, palm_resize):
     expected = cv2.resize(src_crop, (box.side * 4, box.side * 4), interpolation=cv2.INTER_CUBIC)
     stage.predictor = OraclePalm(expected, source_to_crop(gt[carpals], box, 4))
 
-    masks, region = segment(probs, image, thresholds(), stage, box, fuse_weights(1.0), feather=0.0)
+    masks, region, _ = segment(probs, image, thresholds(), stage, box, fuse_weights(1.0), feather=0.0)
     after = dice_per_class(masks.numpy(), gt)
     assert stage.predictor.calls == 1 and region.shape == (len(carpals), box.side, box.side)
     np.testing.assert_array_equal(after, np.ones(len(CLASSES)))

@@ -258,3 +258,20 @@ def test_encode_masks_thresholds_nan_and_count(monkeypatch):
     assert encode_masks(probs, [0.5, 0.5]) == ["11 1 13 1", ""]
     with pytest.raises(ValueError, match="3 thresholds for 2 channels"):
         encode_masks(probs, [0.5, 0.5, 0.5])
+
+
+def test_encode_masks_row_hint_skips_rows_and_checks_shape(monkeypatch):
+    """With a row hint (rows that hold no foreground), runs next to skipped rows, at channel
+    starts and ends, and across row ends are still exact."""
+    from twostage import rle
+
+    monkeypatch.setattr(rle, "_CPU_BLOCK", 5)
+    masks = polygon_masks(np.random.default_rng(6), 4, 12, 9).astype(bool)
+    masks[0, 0, 0] = masks[0, -1, -1] = True
+    masks[1, 3, -1] = masks[1, 4, 0] = True  # a run across a row end
+    rows = masks.any(2)
+    assert encode_masks(masks, rows=rows) == [reference_rle(m) for m in masks]
+    assert (~rows).any() and rows.any()
+    assert encode_masks(torch.from_numpy(masks), rows=torch.from_numpy(rows)) == encode_masks(masks)
+    with pytest.raises(ValueError, match="row hint"):
+        encode_masks(masks, rows=rows[:, :-1])

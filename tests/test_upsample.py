@@ -14,7 +14,7 @@ from twostage.fusion import fuse, fuse_weights, thresholds
 from twostage.infer import PalmStage, infer, segment
 from twostage.io import read_image
 from twostage.models import Predictor, resize_images
-from twostage.rle import decode, read_csv
+from twostage.rle import decode, encode_masks, read_csv
 from twostage.synth import render_hand, synthesize
 from test_infer import tiny_checkpoint
 
@@ -40,12 +40,15 @@ def test_threshold_upsample_equals_dense(n, size, tile, monkeypatch):
     monkeypatch.setattr(upsample, "CHUNK", 5)  # several batched steps
     probs = structured_probs(n, 2 * size)
     thr = torch.linspace(0.1, 0.9, len(CLASSES))
-    masks = upsample.threshold_upsample(probs, (size, size + 7), thr, tile=tile)
+    masks, rows = upsample.threshold_upsample(probs, (size, size + 7), thr, tile=tile)
     dense = resize_images(probs[None], (size, size + 7))[0]
     assert masks.dtype == torch.bool and masks.shape == (len(CLASSES), size, size + 7)
     assert masks.is_contiguous()
     assert_equal_but_ties(masks, dense, thr)
     assert masks.any() and not masks.all()
+    # the row hint covers every foreground row, and the RLE that skips the others is the same
+    assert rows.shape == (len(CLASSES), size) and (masks.any(2) <= rows).all() and not rows.all()
+    assert encode_masks(masks, rows=rows) == encode_masks(masks)
 
 
 def test_sparse_path_computes_few_tiles_and_downsampling_is_dense(monkeypatch):
@@ -54,12 +57,12 @@ def test_sparse_path_computes_few_tiles_and_downsampling_is_dense(monkeypatch):
     real_bmm = torch.bmm
     monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append(a.shape[0]) or real_bmm(a, b))
     thr = thresholds()
-    masks = upsample.threshold_upsample(probs, (512, 512), thr, tile=32)
+    masks, _ = upsample.threshold_upsample(probs, (512, 512), thr, tile=32)
     assert_equal_but_ties(masks, resize_images(probs[None], (512, 512))[0], thr)
     tiles = len(CLASSES) * (512 // 32) ** 2
     assert 0 < sum(calls) / 2 < 0.25 * tiles  # bones cover a small part of the image
-    small = upsample.threshold_upsample(probs, (100, 90), thr)  # a downsample: the dense rule
-    assert torch.equal(small, resize_images(probs[None], (100, 90))[0] > thr[:, None, None])
+    small, rows = upsample.threshold_upsample(probs, (100, 90), thr)  # a downsample: the dense rule
+    assert torch.equal(small, resize_images(probs[None], (100, 90))[0] > thr[:, None, None]) and rows is None
 
 
 def test_upsample_region_equals_the_dense_crop():
@@ -102,7 +105,7 @@ def test_infer_csv_equals_the_dense_chain(chain, tmp_path, box_rows, monkeypatch
              palm_channels=palm.channels)
         got = torch.from_numpy(np.stack([decode(rows[sample.name][c], image.shape) for c in CLASSES]) != 0)
         assert_equal_but_ties(got, probs, thr)
-        masks, region = segment(glob.native_probs(x)[0], image, thr, palm, box, w)
-        assert torch.equal(masks, got)
+        masks, region, hint = segment(glob.native_probs(x)[0], image, thr, palm, box, w)
+        assert torch.equal(masks, got) and (masks.any(2) <= hint).all()
         rs, cs = box.slices
         torch.testing.assert_close(region, probs[list(palm.channels), rs, cs], atol=TIE, rtol=0)

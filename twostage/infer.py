@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -245,16 +245,24 @@ class PalmStage:
         return F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[0]
 
 
+class Segmentation(NamedTuple):
+    """One image's result from `segment`."""
+
+    masks: torch.Tensor                 # (C, H, W) bool
+    region: torch.Tensor | None         # (K, s, s) fused palm-box probabilities, or None
+    rows: torch.Tensor | None           # (C, H) bool, False: row holds no foreground (or None)
+
+
 def segment(native: torch.Tensor, image: np.ndarray, thr: torch.Tensor, palm: PalmStage | None = None,
             box=None, weights: torch.Tensor | None = None, feather: float = DEFAULT_FEATHER,
-            tick=lambda stage: None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(C, H, W) bool masks of one source image from its network-size probabilities, and the
-    fused (K, s, s) palm-box probabilities (None without a palm stage).
+            tick=lambda stage: None) -> Segmentation:
+    """The masks of one source image from its network-size probabilities.
 
     The global masks come from `upsample.threshold_upsample` (only tiles that can cross a
     threshold are upsampled); with `palm`, the box region of the palm channels is replaced by
     the thresholded `PalmStage.fused_box`. Equal to thresholding the fully upsampled and fused
     probabilities, except for pixels whose value ties with the threshold in float rounding.
+    `rows` is the hint for `rle.encode_masks(masks, rows=rows)`.
 
     Args:
         native: (C, h, w) global probabilities at the network's size, on the device.
@@ -263,16 +271,18 @@ def segment(native: torch.Tensor, image: np.ndarray, thr: torch.Tensor, palm: Pa
         palm, box, weights, feather: the palm stage, this image's palm box, (C,) a_c.
         tick: called with a step name after each step (timings).
     """
-    masks = threshold_upsample(native, image.shape, thr)
+    masks, rows = threshold_upsample(native, image.shape, thr)
     tick("masks")
     if palm is None:
-        return masks, None
+        return Segmentation(masks, None, rows)
     region = palm.fused_box(native, image, box, weights, feather, tick)
     channels = torch.as_tensor(palm.channels, device=masks.device)
-    rows, cols = box.slices
-    masks[:, rows, cols].index_copy_(0, channels, region > thr.index_select(0, channels)[:, None, None])
+    ys, xs = box.slices
+    masks[:, ys, xs].index_copy_(0, channels, region > thr.index_select(0, channels)[:, None, None])
+    if rows is not None:
+        rows[:, ys].index_fill_(0, channels, True)
     tick("fusion")
-    return masks, region
+    return Segmentation(masks, region, rows)
 
 
 def full_probs(native: torch.Tensor, size: tuple[int, int], palm: PalmStage | None = None, box=None,
@@ -435,13 +445,13 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
                 summary.boxes.update({n: [int(b.x0), int(b.y0), int(b.side)] for n, b in zip(batch_names, boxes)})
                 clock.lap("box_crop")
             for b, ((sample, image), box) in enumerate(zip(batch, boxes)):
-                masks, region = segment(native[b], image, thr, palm, box, weights, feather, clock.lap)
+                seg = segment(native[b], image, thr, palm, box, weights, feather, clock.lap)
                 if probs_dir is not None:
                     write_probs(probs_dir / (Path(sample.name).stem + ".npz"),
-                                full_probs(native[b], size, palm, box, region))
+                                full_probs(native[b], size, palm, box, seg.region))
                     clock.lap("save_probs")
-                writer.add(sample.name, encode_masks(masks))
-                del masks, region
+                writer.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
+                del seg
                 clock.lap("rle_write")
             del native
             bar.update(len(batch))

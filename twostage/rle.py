@@ -43,7 +43,15 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
-def _boundaries(masks: Any, thresholds: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+def _spans(rows: np.ndarray, width: int, n: int) -> list[tuple[int, int]]:
+    """Flat [a, b) ranges covering the runs of True `rows` of one channel, one known-background
+    pixel beyond each end included so boundaries at the edges are found."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], rows, [False]]).astype(np.int8)))
+    return [(max(0, int(r0) * width - 1), min(n, int(r1) * width + 1)) for r0, r1 in edges.reshape(-1, 2)]
+
+
+def _boundaries(masks: Any, thresholds: Any = None,
+                rows: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     """Find where the foreground changes, on the masks' device, in one pass over all channels.
 
     Args:
@@ -51,6 +59,8 @@ def _boundaries(masks: Any, thresholds: Any = None) -> tuple[np.ndarray, np.ndar
         thresholds: None (nonzero is foreground) or (C,) values: foreground is
             masks[c] > thresholds[c], compared in the masks' dtype (the rule of
             `twostage.fusion.binarize`), so probabilities are encoded without a bool copy.
+        rows: None or (C, H) bool, False for rows known to hold no foreground: on the CPU
+            those rows are not read (the hint `upsample.threshold_upsample` gives).
     Returns:
         (inner, first, last, C, N) on the CPU: `inner` are indices k into the flattened
         (C·N) stack where pixel k+1 differs from pixel k (channel junctions may be included,
@@ -91,20 +101,26 @@ def _boundaries(masks: Any, thresholds: Any = None) -> tuple[np.ndarray, np.ndar
     fg = np.empty(min(n, _CPU_BLOCK + 1), np.bool_)
     change = np.empty(fg.size, np.bool_)
     inner = []
+    if rows is not None:
+        rows = rows.detach().cpu().numpy() if _is_torch(rows) else np.asarray(rows)
+        if rows.shape != tuple(masks.shape[:2]):
+            raise ValueError(f"row hint of shape {rows.shape} for masks of shape {tuple(masks.shape)}")
+    width = int(masks.shape[2])
     for ch in range(c):
         row = flat[ch]
-        for start in range(0, n - 1, _CPU_BLOCK):
-            block = row[start:min(start + _CPU_BLOCK, n - 1) + 1]
-            if thr is None:
-                if not block.any():
-                    continue
-                f = block if block.dtype == np.bool_ else np.not_equal(block, 0, out=fg[:block.size])
-            else:
-                if block.max() <= thr[ch]:  # a NaN maximum is not <=: such a block is compared
-                    continue
-                f = np.greater(block, thr[ch], out=fg[:block.size])
-            d = np.not_equal(f[1:], f[:-1], out=change[:block.size - 1])
-            inner.append(np.flatnonzero(d) + (ch * n + start))
+        for lo, hi in [(0, n)] if rows is None else _spans(rows[ch], width, n):
+            for start in range(lo, hi - 1, _CPU_BLOCK):
+                block = row[start:min(start + _CPU_BLOCK, hi - 1) + 1]
+                if thr is None:
+                    if not block.any():
+                        continue
+                    f = block if block.dtype == np.bool_ else np.not_equal(block, 0, out=fg[:block.size])
+                else:
+                    if block.max() <= thr[ch]:  # a NaN maximum is not <=: such a block is compared
+                        continue
+                    f = np.greater(block, thr[ch], out=fg[:block.size])
+                d = np.not_equal(f[1:], f[:-1], out=change[:block.size - 1])
+                inner.append(np.flatnonzero(d) + (ch * n + start))
     return np.concatenate(inner) if inner else np.zeros(0, np.int64), ends[:, 0], ends[:, 1], c, n
 
 
@@ -133,14 +149,15 @@ def _format_runs(values: np.ndarray, channel: np.ndarray, num_channels: int) -> 
     return out
 
 
-def encode_masks(masks: Any, thresholds: Any = None) -> list[str]:
+def encode_masks(masks: Any, thresholds: Any = None, rows: Any = None) -> list[str]:
     """RLE strings of every channel of a (C, H, W) mask stack (bool/uint8/int/float, nonzero =
     foreground), numpy or torch on any device; byte-identical to the §2 reference formula.
 
     With (C,) `thresholds`, `masks` are probabilities and foreground is masks[c] > thresholds[c]:
     the same strings as `encode_masks(fusion.binarize(masks, thresholds))` without the
-    full-size bool stack, and blocks below threshold are skipped after one read."""
-    inner, first, last, c, n = _boundaries(masks, thresholds)
+    full-size bool stack, and blocks below threshold are skipped after one read. `rows`, a
+    (C, H) bool hint (False: the row holds no foreground), lets the CPU skip those rows unread."""
+    inner, first, last, c, n = _boundaries(masks, thresholds, rows)
     inner = inner[inner % n != n - 1]  # a change between two channels is no boundary
     # boundary position i ∈ [0, N] of channel ch, as one sortable key ch·(N+1) + i
     keys = np.concatenate([

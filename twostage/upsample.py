@@ -81,10 +81,12 @@ def _block_max(x: torch.Tensor, q: int, dim: int) -> torch.Tensor:
 
 
 def threshold_upsample(probs: torch.Tensor, size: tuple[int, int], thresholds: torch.Tensor,
-                       tile: int = TILE) -> torch.Tensor:
-    """(C, H, W) bool: bilinear upsample of (C, h, w) `probs` to `size`, > thresholds[c].
+                       tile: int = TILE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Bilinear upsample of (C, h, w) `probs` to `size`, > thresholds[c]: (C, H, W) bool masks
+    and a (C, H) bool row hint, False for rows that hold no foreground (`rle.encode_masks`
+    skips them), or None when every row was computed.
 
-    Equal (up to float rounding at exact ties) to
+    The masks equal (up to float rounding at exact ties)
     `resize_images(probs[None], size)[0] > thresholds[:, None, None]`, without the full-size
     float tensor: only tiles whose source window exceeds the channel's threshold are computed.
     Works on the probabilities' device.
@@ -94,7 +96,7 @@ def threshold_upsample(probs: torch.Tensor, size: tuple[int, int], thresholds: t
     thr = thresholds.to(probs.device, torch.float32)
     probs = probs.float()
     if (H, W) == (h, w) or H < h or W < w:  # not an upsample: nothing to skip
-        return resize_images(probs[None], (H, W))[0] > thr[:, None, None]
+        return resize_images(probs[None], (H, W))[0] > thr[:, None, None], None
     dev = probs.device
     ys, ly, wy = _tiles(h, H, tile, dev)
     xs, lx, wx = _tiles(w, W, tile, dev)
@@ -113,7 +115,8 @@ def threshold_upsample(probs: torch.Tensor, size: tuple[int, int], thresholds: t
         patch = probs[cc[:, None, None], (ys[yy][:, None] + ry)[:, :, None], (xs[xx][:, None] + rx)[:, None, :]]
         values = torch.bmm(torch.bmm(wy[yy], patch), wx[xx].transpose(1, 2))  # (n, tile, tile)
         _write_tiles(masks, values > thr[cc][:, None, None], cc, yy, xx)
-    return masks
+    rows = active.any(2).repeat_interleave(tile, dim=1)[:, :H]
+    return masks, rows
 
 
 def _write_tiles(masks: torch.Tensor, fg: torch.Tensor, c: torch.Tensor, jy: torch.Tensor,

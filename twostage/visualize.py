@@ -295,7 +295,7 @@ class _Predictions:
         if self.palm is not None:
             box = self.palm.boxes(native, [name], image.shape)[0]
         palm = self.palm if self.fuse else None
-        masks, _ = segment(native[0], image, self.thr, palm, box, self.weights)
+        masks = segment(native[0], image, self.thr, palm, box, self.weights).masks
         return masks.cpu().numpy(), box
 
 
