@@ -147,7 +147,7 @@ def test_check_unusable(world, tmp_path, kind):
     res = twostage("check", data)
     assert "Traceback" not in res.stderr + res.stdout
     assert res.returncode == 1, res.stdout + res.stderr
-    assert bad.stem in res.stdout + res.stderr  # check names items by their image path
+    assert bad.stem in res.stdout + res.stderr  # check names the broken file (image or JSON)
 
 
 def test_check_accepts_with_warnings(world, tmp_path):

@@ -116,6 +116,7 @@ def test_counts_and_examples_are_grouped(tiny_dataset, write_sample):
     outside = report.warnings["points_outside"]
     assert outside.count > 5 and len(outside.examples) == 5
     assert "points outside 128x128" in outside.examples[0]
+    assert outside.examples[0].startswith("train/outputs_json/ID001/image100_L.json: ")  # the file to edit
     assert "more" in report.text()
 
 

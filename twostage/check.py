@@ -142,7 +142,9 @@ def _check_image(report: CheckReport, sample: Sample, where: str) -> tuple[int, 
 
 
 def _check_annotations(report: CheckReport, sample: Sample, where: str, shape: tuple[int, int] | None,
-                       fixes: Fixes | None) -> None:
+                       fixes: Fixes | None, image_where: str) -> None:
+    """Problems of the JSON are named by `where`, the JSON file (what the user edits); unused
+    fixes rules by `image_where`, the image (fixes files are keyed by image)."""
     try:
         annotations = read_annotations(sample.json_path)
     except TwostageError as e:
@@ -151,7 +153,7 @@ def _check_annotations(report: CheckReport, sample: Sample, where: str, shape: t
     if fixes is not None:
         annotations, unused = fixes.resolve(sample, annotations)
         for rule in unused:
-            report.add("fixes_unused_rule", f"{where}: {rule}")
+            report.add("fixes_unused_rule", f"{image_where}: {rule}")
     labels = Counter()
     for k, a in enumerate(annotations):
         name = f"{where}: annotation {k} ({a.label})"
@@ -238,7 +240,8 @@ def check_dataset(root: str | os.PathLike, fixes: Fixes | str | os.PathLike | No
             if fixes is not None and fixes.drops(sample):
                 counts["dropped by fixes"] += 1
                 continue
-            _check_annotations(report, sample, where, shape, fixes)
+            json_where = f"{split}/{sample.json_path.relative_to(base).as_posix()}"
+            _check_annotations(report, sample, json_where, shape, fixes, where)
         for rel in _orphan_jsons(base, samples):
             report.add("json_without_image", f"{split}/{JSON_DIR}/{rel}")
         report.splits[split] = dict(counts)
