@@ -281,7 +281,7 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
     from tqdm import tqdm
 
     from . import fusion
-    from .infer import read_probs
+    from .infer import probs_classes, read_probs
     from .rle import CsvWriter, encode_masks
 
     t0 = time.perf_counter()
@@ -306,7 +306,7 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
     else:
         order = sorted(files[0])
 
-    first = [read_probs(fs[order[0]])[0] for fs in files]
+    first = [probs_classes(fs[order[0]]) for fs in files]
     classes = _output_classes(inputs, first)
     wsum = np.zeros(len(classes))
     for w, cl in zip(weights, first):
@@ -318,20 +318,25 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
     norm = torch.as_tensor(1.0 / wsum, dtype=torch.float32, device=dev)[:, None, None]
     rows_of = [_rows_of(classes, cl) for cl in first]
 
+    acc = None  # acc and the read buffers are reused while the image size stays
+    buffers: list[np.ndarray | None] = [None] * len(files)
     with CsvWriter(out, classes) as writer:
         for name in tqdm(order, desc="ensemble", unit="img", disable=None):
-            acc = None
             for k, fs in enumerate(files):
-                cl, p = read_probs(fs[name])
+                cl, p = read_probs(fs[name], out=buffers[k])
+                buffers[k] = p
                 if cl != first[k]:
                     raise TwostageError(f"{fs[name]}: classes differ from the other files of {folders[k]}")
-                if acc is None:
-                    acc = torch.zeros((len(classes), *p.shape[1:]), dtype=torch.float32, device=dev)
+                if k == 0:
+                    if acc is None or tuple(acc.shape[1:]) != tuple(p.shape[1:]):
+                        acc = torch.zeros((len(classes), *p.shape[1:]), dtype=torch.float32, device=dev)
+                    else:
+                        acc.zero_()
                 elif tuple(p.shape[1:]) != tuple(acc.shape[1:]):
                     raise TwostageError(f"{fs[name]}: probabilities are {p.shape[1]}x{p.shape[2]}, "
                                         f"{files[0][name]} has {acc.shape[1]}x{acc.shape[2]}")
                 acc[rows_of[k]] += torch.from_numpy(p).to(dev).mul_(float(weights[k]))
-            writer.add(name, encode_masks(fusion.binarize(acc.mul_(norm), thr)))
+            writer.add(name, encode_masks(acc.mul_(norm), thr))  # thresholds inside the RLE pass
     return EnsembleSummary(out=str(out), mode="soft", images=len(order), inputs=inputs, classes=classes,
                            rule={c: float(t) for c, t in zip(classes, thr.cpu().tolist())},
                            seconds=time.perf_counter() - t0)
