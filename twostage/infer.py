@@ -294,7 +294,7 @@ def segment(native: torch.Tensor, image: np.ndarray, thr: torch.Tensor, palm: Pa
     region = palm.fused_box(native, image, box, weights, feather, tick)
     channels = torch.as_tensor(palm.channels, device=masks.device)
     ys, xs = box.slices
-    masks[:, ys, xs].index_copy_(0, channels, region > thr.index_select(0, channels)[:, None, None])
+    masks[:, ys, xs].index_copy_(0, channels, fusion.binarize(region, thr.index_select(0, channels)))
     if rows is not None:
         rows[:, ys].index_fill_(0, channels, True)
     tick("fusion")

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from .fusion import binarize
 from .models import resize_images
 
 TILE = 64
@@ -96,7 +97,7 @@ def threshold_upsample(probs: torch.Tensor, size: tuple[int, int], thresholds: t
     thr = thresholds.to(probs.device, torch.float32)
     probs = probs.float()
     if (H, W) == (h, w) or H < h or W < w:  # not an upsample: nothing to skip
-        return resize_images(probs[None], (H, W))[0] > thr[:, None, None], None
+        return binarize(resize_images(probs[None], (H, W))[0], thr), None
     dev = probs.device
     ys, ly, wy = _tiles(h, H, tile, dev)
     xs, lx, wx = _tiles(w, W, tile, dev)
@@ -114,7 +115,7 @@ def threshold_upsample(probs: torch.Tensor, size: tuple[int, int], thresholds: t
         cc, yy, xx = c[k:k + CHUNK], jy[k:k + CHUNK], jx[k:k + CHUNK]
         patch = probs[cc[:, None, None], (ys[yy][:, None] + ry)[:, :, None], (xs[xx][:, None] + rx)[:, None, :]]
         values = torch.bmm(torch.bmm(wy[yy], patch), wx[xx].transpose(1, 2))  # (n, tile, tile)
-        _write_tiles(masks, values > thr[cc][:, None, None], cc, yy, xx)
+        _write_tiles(masks, binarize(values, thr[cc]), cc, yy, xx)  # tile k against its class's threshold
     rows = active.any(2).repeat_interleave(tile, dim=1)[:, :H]
     return masks, rows
 
