@@ -105,29 +105,32 @@ def write_probs(path: str | os.PathLike, probs: torch.Tensor, classes: Sequence[
             np.savez_compressed(f, probs=q, classes=np.array(list(classes)))
 
 
+def _from_probs_file(path: str | os.PathLike, read):
+    """`read(npz)` on an opened `write_probs` file; anything unreadable is one TwostageError."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return read(z)
+    except (OSError, KeyError, ValueError) as e:
+        raise TwostageError(f"{path}: not a saved-probabilities file ({e})") from None
+
+
 def read_probs(path: str | os.PathLike, out: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
     """(classes, (C, H, W) float32 probabilities) from a `write_probs` file.
 
     `out`: a float32 array to fill when it has the file's shape (a reader of many files
     reuses one buffer instead of faulting in a fresh 0.5 GB array per 2048² file)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            q = z["probs"]
-            if out is None or out.shape != q.shape or out.dtype != np.float32:
-                out = None
-            # one pass from uint8 to float32 (astype then divide would be two full-size passes)
-            return [str(c) for c in z["classes"]], np.divide(q, np.float32(PROBS_SCALE), out=out, dtype=np.float32)
-    except (OSError, KeyError, ValueError) as e:
-        raise TwostageError(f"{path}: not a saved-probabilities file ({e})") from None
+    def read(z) -> tuple[list[str], np.ndarray]:
+        q = z["probs"]
+        buf = out if out is not None and out.shape == q.shape and out.dtype == np.float32 else None
+        # one pass from uint8 to float32 (astype then divide would be two full-size passes)
+        return [str(c) for c in z["classes"]], np.divide(q, np.float32(PROBS_SCALE), out=buf, dtype=np.float32)
+
+    return _from_probs_file(path, read)
 
 
 def probs_classes(path: str | os.PathLike) -> list[str]:
     """The classes of a `write_probs` file, without decompressing its probabilities."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return [str(c) for c in z["classes"]]
-    except (OSError, KeyError, ValueError) as e:
-        raise TwostageError(f"{path}: not a saved-probabilities file ({e})") from None
+    return _from_probs_file(path, lambda z: [str(c) for c in z["classes"]])
 
 
 class _Clock:
