@@ -12,7 +12,7 @@ Models: random-initialised stage-default networks (Unet + efficientnet-lite0, gl
 512, palm input 384) whose output bias is set so that ~10 % of pixels are foreground per
 class (a random network's ~0.5 outputs would make noise masks with unrealistically many RLE
 runs), or trained ones via --global/--palm. Their masks are noise over the whole image, the
-worst case for infer's tile-sparse upsample (it falls back to the dense one); the
+worst case for infer's tile-sparse upsample (every tile is computed) and for the RLE; the
 post-processing comparison uses blurred ground truth at the network's size instead.
 
     .venv/bin/python benchmarks/infer.py --size 2048 --images 3
@@ -35,14 +35,14 @@ from twostage.box import BoxRule, box_from_annotations, crop_image
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.data import find_samples, rasterize, read_annotations
-from twostage.fusion import blend_box, fuse, fuse_weights, thresholds
-from twostage.infer import STAGES, infer, segment
+from twostage.fusion import fuse, fuse_weights, thresholds
+from twostage.infer import STAGES, fuse_box, infer, segment
 from twostage.io import read_image
 from twostage.models import build_model, default_normalization, resize_images
 from twostage.rle import CsvWriter, decode, encode_masks, read_csv, write_csv
 from twostage.sr import make_upscaler
 from twostage.synth import synthesize
-from twostage.upsample import threshold_upsample, upsample_region
+from twostage.upsample import threshold_upsample
 
 MODEL = {"arch": "Unet", "encoder": "tu-efficientnet_lite0", "in_channels": 3, "kwargs": {}}
 
@@ -137,8 +137,8 @@ class _BoxOnly:
         self.palm_probs = palm_probs
 
     def fused_box(self, native, image, box, weights, feather, tick):
-        region = upsample_region(native[self.channels], image.shape, box.y0, box.x0, box.side, box.side)
-        return blend_box(region, self.palm_probs, box, image.shape, weights[self.channels], feather)
+        # a copy: fuse_box writes into it, as into the fresh palm probabilities in infer
+        return fuse_box(native, self.palm_probs.clone(), self.channels, box, image.shape, weights, feather)
 
 
 def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict:

@@ -166,6 +166,31 @@ def palm_box_rule(meta: dict):
     return rule
 
 
+def fuse_box(native: torch.Tensor, palm_probs: torch.Tensor, channels: Sequence[int], box,
+             image_shape: tuple[int, int], weights: torch.Tensor, feather: float = DEFAULT_FEATHER
+             ) -> torch.Tensor:
+    """The fused (K, s, s) probabilities of the palm box, written into `palm_probs` IN PLACE:
+    the global probabilities of the box, upsampled from the network-size `native` (C, h, w)
+    for the box alone, blended with the palm ones by `fusion.blend_box`.
+
+    Args:
+        palm_probs: (K, s, s) palm probabilities at the box size (overwritten).
+        channels: global channel of each palm channel.
+        weights: (C,) fusion weights a_c per global channel.
+    """
+    side = int(box.side)
+    idx = torch.as_tensor(channels, device=native.device)
+    source = native.index_select(0, idx)
+    a = weights.to(native.device)[idx]
+    # row chunks: the temporaries stay small (a 0.6·2048 box in one piece would allocate
+    # 48 MB tensors, whose page faults cost more than the arithmetic)
+    for r0 in range(0, side, BOX_ROWS):
+        rows = slice(r0, min(side, r0 + BOX_ROWS))
+        part = upsample_region(source, image_shape, box.y0 + r0, box.x0, rows.stop - r0, side)
+        palm_probs[:, rows] = fusion.blend_box(part, palm_probs[:, rows], box, image_shape, a, feather, rows)
+    return palm_probs
+
+
 class PalmStage:
     """The palm half of the chain, rebuilt from a palm checkpoint: box rule, recorded upscaler
     and palm model. Pure per call (no per-image state)."""
@@ -229,19 +254,9 @@ class PalmStage:
         """
         crop = self.crop_upscaled(image, box)
         tick("upscale")
-        fused = self.probs(crop, box, native.device)  # (K, s, s) palm, blended in place below
+        p_palm = self.probs(crop, box, native.device)
         tick("palm")
-        side = int(box.side)
-        channels = torch.as_tensor(self.channels, device=native.device)
-        source = native.index_select(0, channels)
-        a = weights.to(native.device)[channels]
-        # row chunks: the temporaries stay small (a 0.6·2048 box in one piece would allocate
-        # 48 MB tensors, whose page faults cost more than the arithmetic)
-        for r0 in range(0, side, BOX_ROWS):
-            rows = slice(r0, min(side, r0 + BOX_ROWS))
-            part = upsample_region(source, image.shape, box.y0 + r0, box.x0, rows.stop - r0, side)
-            fused[:, rows] = fusion.blend_box(part, fused[:, rows], box, image.shape, a, feather, rows)
-        return fused
+        return fuse_box(native, p_palm, self.channels, box, image.shape, weights, feather)
 
     def crop_upscaled(self, image: np.ndarray, box) -> np.ndarray:
         """The box cut from the SOURCE image, upscaled by the recorded upscaler: (s·k, s·k) uint8."""
