@@ -9,9 +9,10 @@ are always in the grid: the result is never worse than the defaults on the calib
 Per image the global and palm probabilities are computed once with infer's pipeline
 (`Predictor.native_probs`, `PalmStage.boxes/crop_upscaled/probs`); the blend for every grid
 weight is `twostage.fusion.fuse` itself. `infer` upsamples only the tiles that can cross a
-threshold, which equals this dense upsample except at float-rounding ties. For all thresholds at once, pixels are bucketed by threshold on the device and
-per-class intersection / prediction counts accumulated, then folded into per-image Dice
-sums: memory stays flat in the number of images.
+threshold, which equals this dense upsample except at float-rounding ties. For all
+thresholds at once, pixels are bucketed by threshold on the device and per-class
+intersection / prediction counts accumulated, then folded into per-image Dice sums: memory
+stays flat in the number of images.
 """
 from __future__ import annotations
 
