@@ -203,7 +203,7 @@ def test_train_bad_data(world, tmp_path, kind):
     out = tmp_path / "run"
     res = twostage("train", "--stage", "global", "--data", data, "--out", out, "--epochs", "1",
                    "--input-size", "64", "--workers", "0", "--set", "model.encoder_weights=none",
-                   "--set", "data.preload=true", "--set", "model.encoder=resnet18")
+                   "--set", "data.preload=true", "--set", "model.arch=Unet", "--set", "model.encoder=resnet18")
     assert_one_line_error(res, bad.name)
     assert not (out / "last.pt").exists()
 

@@ -177,3 +177,13 @@ def test_context_box_and_relative():
     assert ctx.side == 60 and ctx.x1 == 128  # shifted inside, still holds the box
     rel = b.relative_to(ctx)
     assert rel.x0 >= 0 and rel.x1 <= ctx.side
+
+
+def test_palm_input_warning_below_native_box_side():
+    sides = [450, 520, 560, 650]  # palm boxes of 2048² radiographs
+    msg = B.palm_input_warning(sides, 384)
+    assert msg is not None and "384" in msg and "median 540" in msg and "100% of 4" in msg
+    assert "at least 1088" in msg  # 2x the median, to the encoder stride
+    assert B.palm_input_warning(sides, 1024) is None
+    assert B.palm_input_warning(sides, [1024, 512]) is not None  # the smaller side counts
+    assert B.palm_input_warning([], 16) is None

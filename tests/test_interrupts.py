@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
 TEMP = re.compile(r"^\..+\.tmp.*$")
-TINY = ["--set", "model.encoder=resnet18", "--set", "model.encoder_weights=none",
+TINY = ["--set", "model.arch=Unet", "--set", "model.encoder=resnet18", "--set", "model.encoder_weights=none",
         "--set", "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}",
         "--set", "data.folds=4", "--set", "data.preload=true",
         "--batch-size", "2", "--input-size", "64", "--workers", "0", "--device", "cpu", "--seed", "3"]

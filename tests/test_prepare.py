@@ -189,3 +189,32 @@ def test_fixes_drop_image_and_relabel(data, tmp_path):
     # without the fixes the annotations differ: the item is redone, not skipped
     again = prepare_sr(data, out, scale=2)
     assert again["done"] == 2 and again["skipped"] == 4
+
+
+def test_small_palm_input_is_warned_by_prepare_sr_and_palm_training(data, palm, tmp_path, caplog):
+    """Boxes of ~130 source px here: a 64 px palm input would shrink the x4 crops below native."""
+    with caplog.at_level(logging.WARNING):
+        prepare_sr(data, tmp_path / "P", upscaler="bicubic", scale=SCALE, palm_input=64)
+    assert "palm input 64 px is smaller than the native palm box side" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        prepare_sr(data, tmp_path / "P", upscaler="bicubic", scale=SCALE, palm_input=512)
+    assert "palm input" not in caplog.text
+
+    from twostage.config import load_config
+    from twostage.train import _palm_setup, _samples_with_masks
+
+    cfg = load_config("palm", data=str(palm), input_size=64)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _palm_setup(cfg, palm, _samples_with_masks(palm, None))
+    assert "palm training: palm input 64 px" in caplog.text
+
+
+def test_prepare_sr_cli_checks_the_palm_stage_input_size(data, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(["prepare-sr", str(data), "--out", str(tmp_path / "P")]) == 0  # palm.yaml: 1024
+    assert "palm input" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert cli_main(["prepare-sr", str(data), "--out", str(tmp_path / "P"), "--input-size", "64"]) == 0
+    assert "palm input 64 px" in caplog.text

@@ -18,7 +18,7 @@ from twostage.models import Predictor, build_model, normalize
 from twostage.train import (GlobalDataset, bce_dice_loss, load_or_create_split, make_split, set_head_prior,
                             train)
 
-TINY = ["model.encoder=resnet18", "model.encoder_weights=none",
+TINY = ["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=none",
         "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}",
         "data.folds=4", "data.preload=true"]
 

@@ -173,7 +173,7 @@ def test_json_paths_are_never_opened_or_written(world, hostile_data, tmp_path):
     assert res.returncode == 0, res.stderr
     res = twostage("train", "--stage", "global", "--data", hostile_data, "--out", run, "--epochs", "1",
                    "--batch-size", "2", "--input-size", "64", "--workers", "0", "--device", "cpu",
-                   "--set", "model.encoder=resnet18", "--set", "model.encoder_weights=none",
+                   "--set", "model.arch=Unet", "--set", "model.encoder=resnet18", "--set", "model.encoder_weights=none",
                    "--set", "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}",
                    "--set", "data.folds=2", "--set", "data.preload=true")
     assert res.returncode == 0, res.stderr

@@ -208,6 +208,27 @@ def side_range_from_boxes(boxes: Sequence[Box], shapes: Sequence[Sequence[int]])
     return float(min(sides)), float(max(sides))
 
 
+def palm_input_warning(native_sides: Sequence[float], input_size: int | Sequence[int]) -> str | None:
+    """A warning when the palm network's input is smaller than the typical native box side.
+
+    The palm crop is resized from (box side × SR scale) to the input size: below the native
+    side the super-resolution, and even native detail, is thrown away. Returns None when the
+    input is at least the median native side.
+    """
+    sides = np.asarray([float(s) for s in native_sides], dtype=np.float64)
+    if sides.size == 0:
+        return None
+    side_in = min(int(v) for v in ([input_size] * 2 if isinstance(input_size, int) else input_size))
+    median = float(np.median(sides))
+    if side_in >= median:
+        return None
+    share = float((sides > side_in).mean())
+    return (f"palm input {side_in} px is smaller than the native palm box side (median {median:.0f} px, "
+            f"range {sides.min():.0f}-{sides.max():.0f} px; {share:.0%} of {sides.size} boxes larger): the "
+            f"upscaled crop is downsampled below native resolution and the super-resolution is lost; "
+            f"set the palm stage's model.input_size to at least {2 * math.ceil(median / 32) * 32} (2x the box)")
+
+
 def jitter_box(box: Box, rng: np.random.Generator, shift: float = 0.1, scale: float = 0.15,
                image_shape: Sequence[int] | None = None) -> Box:
     """A randomly shifted (± shift·side per axis) and resized (side × [1-scale, 1+scale]) box.

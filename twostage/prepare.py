@@ -94,7 +94,8 @@ def map_annotations(annotations: list[Annotation], crop: boxes.Box, scale: int) 
 def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = "bicubic", scale: int | None = None,
                margin: float = 0.15, context: float = 1.5, tile: int = 0, device: str = "cpu",
                shard: tuple[int, int] = (0, 1), overwrite: bool = False, fixes: str | os.PathLike | None = None,
-               weights_dir: str | os.PathLike | None = None, trust_unpinned: bool = False) -> dict:
+               weights_dir: str | os.PathLike | None = None, trust_unpinned: bool = False,
+               palm_input: int | list[int] | None = None) -> dict:
     """Write the palm training set of `data` into `out`; returns counts {done, skipped, no_carpals, dropped}.
 
     Args:
@@ -107,6 +108,8 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
         shard: (i, n): process items i, i+n, ... (0-based).
         overwrite: allow replacing a palm set made with other settings in `out`.
         fixes: label-fixes YAML applied on read (dropped images are left out).
+        palm_input: the palm network's input side these crops are for: a warning when it is
+            below the native box side (`twostage.box.palm_input_warning`); None: no check.
     """
     from tqdm import tqdm
 
@@ -149,6 +152,10 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
         shapes.append(shape)
     if not items:
         raise TwostageError(f"{data}: no training image with carpal annotations")
+    if palm_input is not None:
+        warning = boxes.palm_input_warning([b.side for b in found], palm_input)
+        if warning:
+            log.warning("prepare-sr: %s", warning)
     side_min, side_max = boxes.side_range_from_boxes(found, shapes)
     full_rule = boxes.BoxRule(margin=margin, side_min=side_min, side_max=side_max,
                               fallback=boxes.fallback_from_boxes(found, shapes))

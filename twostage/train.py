@@ -373,7 +373,7 @@ def _palm_setup(cfg: StageConfig, root: Path, samples: list) -> tuple[list[PalmI
         from .prepare import MANIFEST_DIR, load_palm_set
     except ImportError:
         raise TwostageError("palm training needs twostage.prepare (prepare-sr), which is not installed") from None
-    from .box import fallback_from_boxes, side_range_from_boxes
+    from .box import fallback_from_boxes, palm_input_warning, side_range_from_boxes
 
     record = load_palm_set(root)
     done = sum(1 for _ in (root / MANIFEST_DIR).rglob("*.json"))  # an item's manifest is written last
@@ -382,6 +382,9 @@ def _palm_setup(cfg: StageConfig, root: Path, samples: list) -> tuple[list[PalmI
                             "interrupted or a shard is missing); re-run prepare-sr to finish it")
     items = load_palm_items(root, samples)
     boxes, shapes = [it.source_box for it in items], [it.source_shape for it in items]
+    warning = palm_input_warning([b.side for b in boxes], cfg.model.input_size)
+    if warning:
+        log.warning("palm training: %s", warning)
     meta = {"palm_set": record, "box_rule": record["box_rule"],
             "fallback_box": list(fallback_from_boxes(boxes, shapes)),
             "side_range": list(side_range_from_boxes(boxes, shapes))}

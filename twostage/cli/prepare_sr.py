@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for the network, e.g. cuda (default cpu)")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
                    help="process items i, i+n, ... only (i is 0-based); run n of these in parallel")
+    p.add_argument("--input-size", type=int, metavar="N",
+                   help="the palm network's input side these crops are for, only to warn when it is "
+                        "below the native palm box side (default: model.input_size of --stage)")
+    p.add_argument("--stage", default="palm",
+                   help="palm stage config whose model.input_size is checked (default: palm)")
     p.add_argument("--overwrite", action="store_true",
                    help="allow replacing a palm set made with other settings in PALMDATA")
     p.add_argument("--fixes", type=Path, help="label fixes YAML applied on read")
@@ -52,12 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
+    from ..config import load_config
     from ..prepare import prepare_sr
 
+    palm_input = args.input_size if args.input_size is not None else load_config(stage=args.stage).model.input_size
     counts = prepare_sr(args.data, args.out, upscaler=args.upscaler, scale=args.scale, margin=args.margin,
                         context=args.context, tile=args.tile, device=args.device, shard=args.shard,
                         overwrite=args.overwrite, fixes=args.fixes, weights_dir=args.weights_dir,
-                        trust_unpinned=args.trust_unpinned)
+                        trust_unpinned=args.trust_unpinned, palm_input=palm_input)
     print(f"prepare-sr: {counts['done']} written, {counts['skipped']} already done, "
           f"{counts['no_carpals']} skipped (no carpals), {counts['dropped']} dropped by fixes -> {args.out}")
     return 0
