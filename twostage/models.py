@@ -3,13 +3,19 @@
 validation and in inference alike (one preprocessing path).
 
 Networks are segmentation-models-pytorch models (any architecture `smp.create_model`
-knows, any smp or `tu-` timm encoder). `SegmentationNet` pads inputs to the encoder's
-stride and crops the logits back, so any input size works (smp raises otherwise).
+knows, any smp or `tu-` timm encoder; pretrained encoder weights are fetched by smp/timm
+themselves into the Hugging Face or torch.hub cache, see `build_model`). `SegmentationNet`
+pads inputs to the encoder's stride and crops the logits back, so any input size works (smp
+raises otherwise).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import urllib.error
+import urllib.parse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,11 +40,155 @@ LITE0_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 """torchvision/timm ImageNet statistics: the default for every other encoder."""
 
+TIMM_DEFAULT_WEIGHTS = "imagenet"
+"""For `tu-` encoders, `encoder_weights: imagenet` means timm's default pretrained tag (or the
+tag in the encoder name, `tu-resnet18.tv_in1k`); any other timm tag of the model also works."""
 
-def default_normalization(encoder_weights: str | None) -> dict[str, list[float]]:
-    """The input normalisation that matches how the encoder weights were trained."""
-    if encoder_weights == LITE0_WEIGHTS:
+_INCEPTION = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_DPN = ((124 / 255, 117 / 255, 104 / 255), (1 / (0.0167 * 255),) * 3)
+
+
+def _smp_known_stats(encoder: str, weights: str) -> tuple[Sequence[float], Sequence[float]]:
+    """Mean/std of smp's pretrained settings (smp <= 0.5 listed them in its settings dicts;
+    smp 0.6 moved them into each hub repo's config.json, which is read instead when cached)."""
+    if encoder.startswith("dpn"):
+        return _DPN
+    if encoder in ("inceptionresnetv2", "inceptionv4", "xception") or weights == "advprop" \
+            or encoder.startswith("timm-tf_efficientnet_lite"):
+        return _INCEPTION
+    return IMAGENET_NORMALIZATION["mean"], IMAGENET_NORMALIZATION["std"]
+
+
+@dataclass(frozen=True)
+class _Pretrained:
+    """Where smp/timm fetch an encoder's named pretrained weights from (resolved locally).
+
+    `smp_encoder`/`smp_weights` are what `smp.create_model` gets; `repo`/`revision` name the
+    Hugging Face repo (smp-hub for smp encoders, timm's hf_hub_id), `url` the torch.hub file
+    for timm weights without a hub repo; `mean`/`std` the statistics they were trained with."""
+
+    smp_encoder: str
+    smp_weights: str | bool
+    repo: str | None
+    revision: str | None
+    url: str | None
+    mean: Sequence[float] | None = None
+    std: Sequence[float] | None = None
+
+    @property
+    def source(self) -> str:
+        if self.repo:
+            return self.repo
+        return Path(urllib.parse.urlparse(self.url or "").path).name or str(self.url)
+
+    def cache_dir(self) -> str:
+        """The cache folder smp/timm use for these weights now: huggingface_hub's HF_HUB_CACHE
+        (HF_HUB_CACHE / HF_HOME) or torch.hub.get_dir()/checkpoints (TORCH_HOME)."""
+        if self.repo:
+            from huggingface_hub import constants
+
+            return str(Path(constants.HF_HUB_CACHE).expanduser().resolve())
+        return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def _timm_model_name(encoder: str) -> str | None:
+    """The timm model smp builds for `encoder` (`tu-X`, or a `timm-` name smp 0.6 maps to `tu-`)."""
+    if encoder.startswith("tu-"):
+        return encoder[3:]
+    from segmentation_models_pytorch.encoders import is_equivalent_to_timm_universal
+
+    if is_equivalent_to_timm_universal(encoder):  # the same renaming as smp's get_encoder
+        name = encoder.replace("timm-", "tu-")
+        return (name.replace("tu-", "tu-tf_") if "mobilenetv3" in name else name)[3:]
+    return None
+
+
+def _timm_tags(model: str) -> list[str]:
+    import timm
+
+    return [n.split(".", 1)[1] for n in timm.list_pretrained(f"{model}.*") if "." in n]
+
+
+def encoder_weights_names(encoder: str) -> list[str] | None:
+    """The pretrained `encoder_weights` names smp/timm offer for `encoder` (None: unknown encoder)."""
+    timm_name = _timm_model_name(encoder)
+    if timm_name is not None:
+        import timm
+
+        base, _, tag = timm_name.partition(".")
+        if not timm.is_model(base):
+            return None
+        tags = _timm_tags(base)
+        if tag:
+            return [TIMM_DEFAULT_WEIGHTS, tag] if tag in tags else []
+        return [TIMM_DEFAULT_WEIGHTS, *tags] if tags else []
+    from segmentation_models_pytorch.encoders import encoders
+
+    if encoder not in encoders:
+        return None
+    return list(encoders[encoder]["pretrained_settings"])
+
+
+def _pretrained(encoder: str, weights: str) -> _Pretrained | None:
+    """Resolve `weights` as a pretrained weights name of `encoder` without any download
+    (smp's settings dicts, timm's pretrained cfgs, the hub cache); None if it is not one."""
+    names = encoder_weights_names(encoder)
+    if not names or weights not in names:
+        return None
+    timm_name = _timm_model_name(encoder)
+    if timm_name is not None:
+        import timm
+
+        base, _, tag = timm_name.partition(".")
+        tag = tag or ("" if weights == TIMM_DEFAULT_WEIGHTS else weights)
+        full = f"{base}.{tag}" if tag else base
+        cfg = timm.models.get_pretrained_cfg(full)
+        if cfg is None:
+            return None
+        # smp hands timm pretrained=True; the tag, if any, travels in the model name.
+        smp_encoder = encoder if weights == TIMM_DEFAULT_WEIGHTS or "." in timm_name else f"{encoder}.{weights}"
+        return _Pretrained(smp_encoder, True, cfg.hf_hub_id or None, None, cfg.url or None,
+                           cfg.mean, cfg.std)
+    from segmentation_models_pytorch.encoders import encoders
+
+    settings = encoders[encoder]["pretrained_settings"][weights]
+    mean, std = _smp_known_stats(encoder, weights)
+    config = _cached_hub_file(settings["repo_id"], "config.json", settings.get("revision"))
+    if config is not None:  # what smp's get_preprocessing_params reads (after a download)
+        try:
+            cfg = json.loads(Path(config).read_text())
+            scale = float(cfg.get("input_range", [0, 1])[1]) or 1.0
+            mean = [float(v) / scale for v in cfg["mean"]]
+            std = [float(v) / scale for v in cfg["std"]]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            pass
+    return _Pretrained(encoder, weights, settings["repo_id"], settings.get("revision"), None, mean, std)
+
+
+def _cached_hub_file(repo: str, filename: str, revision: str | None) -> str | None:
+    """A file's path in the Hugging Face cache, or None; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo, filename, revision=revision)
+    return path if isinstance(path, str) else None
+
+
+def default_normalization(encoder_weights: str | os.PathLike | None,
+                          encoder: str | None = None) -> dict[str, list[float]]:
+    """The input normalisation that matches how the encoder weights were trained.
+
+    A pure look-up (nothing is downloaded): a pretrained name (`imagenet`, `advprop`, a timm
+    tag, ...) gets the mean/std smp (its hub config.json when cached, else the statistics its
+    settings have always used) or timm (`pretrained_cfg`) give for that encoder; Lite0 gets
+    [0.5]*3; none, a file path or an unknown encoder get the ImageNet statistics.
+    """
+    weights = None if encoder_weights in (None, "none", "") else str(encoder_weights)
+    if weights == LITE0_WEIGHTS:
         return {k: list(v) for k, v in LITE0_NORMALIZATION.items()}
+    if weights is not None and encoder:
+        spec = _pretrained(encoder, weights)
+        if spec is not None and spec.mean is not None and spec.std is not None:
+            return {"mean": [float(v) for v in spec.mean], "std": [float(v) for v in spec.std]}
     return {k: list(v) for k, v in IMAGENET_NORMALIZATION.items()}
 
 
@@ -121,6 +271,38 @@ def _load_encoder_file(encoder: nn.Module, path: Path) -> int:
     return len(state) - len(result.unexpected_keys)
 
 
+_ALTERNATIVES = (f"or use model.encoder_weights={LITE0_WEIGHTS} (encoder {LITE0_ENCODERS[0]}) or a local "
+                 "weights file path, or model.encoder_weights=none")
+
+
+def _fetch_error(e: BaseException, encoder: str, weights: str, spec: _Pretrained) -> TwostageError | None:
+    """One-line TwostageError for a failed fetch of pretrained weights (None: not a fetch error)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    head = f"model.encoder_weights={weights} for encoder {encoder}"
+    cache = spec.cache_dir()
+    if spec.repo:
+        where = f"{spec.repo} is not in the Hugging Face cache {cache}"
+        prefill = ("pre-fill that cache (run once online with the same HF_HOME/HF_HUB_CACHE, or copy it "
+                   "from an online machine)")
+    else:
+        where = f"{spec.source} is not in the torch.hub cache {cache}"
+        prefill = f"pre-fill that cache (run once online with the same TORCH_HOME, or put {spec.url} there)"
+    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face hub is unreachable"
+    elif isinstance(e, (urllib.error.HTTPError, HfHubHTTPError)):
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return TwostageError(f"{head}: downloading {spec.source} failed ({detail}); weights are looked up in "
+                             f"{cache}; {prefill}, {_ALTERNATIVES}")
+    elif isinstance(e, (urllib.error.URLError, ConnectionError, TimeoutError)):
+        reason = getattr(e, "reason", None) or e
+        why = f"no connection: {str(reason).strip().splitlines()[0] if str(reason).strip() else type(e).__name__}"
+    else:
+        return None
+    return TwostageError(f"{head}: {where} and cannot be downloaded ({why}); {prefill}, {_ALTERNATIVES}")
+
+
 def build_model(arch: str, encoder: str, classes: int, in_channels: int = 3,
                 encoder_weights: str | os.PathLike | None = None, **kwargs: Any) -> SegmentationNet:
     """Build any smp architecture with any smp/timm encoder, wrapped to accept any input size.
@@ -130,8 +312,11 @@ def build_model(arch: str, encoder: str, classes: int, in_channels: int = 3,
         encoder: smp encoder name, or `tu-<timm name>`.
         classes: number of output channels (independent sigmoid channels).
         in_channels: input channels (the grey X-ray is replicated to this many).
-        encoder_weights: None/"none" (random), "imagenet-lite0" (the local Lite0 file), or a
-            path to an encoder state dict. Nothing is downloaded.
+        encoder_weights: None/"none" (random); a pretrained name the encoder offers
+            (`encoder_weights_names`: `imagenet`, `ssl`, `advprop`, ... for smp encoders;
+            `imagenet` = timm's default tag, or a timm tag, for `tu-` encoders), fetched by
+            smp/timm through huggingface_hub (or torch.hub) into their usual caches;
+            "imagenet-lite0" (the local Lite0 file); or a path to an encoder state dict.
         **kwargs: passed to the smp model (encoder_depth, decoder_channels, ...).
     Returns:
         SegmentationNet mapping (N, in_channels, H, W) to (N, classes, H, W) logits.
@@ -145,19 +330,41 @@ def build_model(arch: str, encoder: str, classes: int, in_channels: int = 3,
     if weights == LITE0_WEIGHTS and encoder not in LITE0_ENCODERS:
         raise TwostageError(f"model.encoder_weights={LITE0_WEIGHTS} needs encoder {LITE0_ENCODERS[0]}, "
                             f"not {encoder!r}")
-    if weights not in (None, LITE0_WEIGHTS) and not Path(weights).is_file():
-        raise TwostageError(f"model.encoder_weights={weights!r}: not a file (use none, {LITE0_WEIGHTS} "
-                            "or a path to encoder weights; nothing is downloaded)")
+    spec = _pretrained(encoder, weights) if weights not in (None, LITE0_WEIGHTS) else None
+    if weights not in (None, LITE0_WEIGHTS) and spec is None and not Path(weights).is_file():
+        names = encoder_weights_names(encoder)
+        if names is not None:  # an unknown encoder is reported by smp below
+            offers = f"it offers {', '.join(names)}" if names else "it has no pretrained weights"
+            raise TwostageError(f"model.encoder_weights={weights!r}: not a pretrained weights name of encoder "
+                                f"{encoder} ({offers}) and not a file; or use none, {LITE0_WEIGHTS} "
+                                f"(encoder {LITE0_ENCODERS[0]}) or a path to encoder weights")
+    create = dict(encoder_name=encoder, encoder_weights=None)
+    if spec is not None:
+        create = dict(encoder_name=spec.smp_encoder, encoder_weights=spec.smp_weights)
     try:
-        net = smp.create_model(archs[arch.lower()], encoder_name=encoder, encoder_weights=None,
-                               in_channels=in_channels, classes=int(classes), **kwargs)
-    except (KeyError, ValueError, TypeError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        net = smp.create_model(archs[arch.lower()], in_channels=in_channels, classes=int(classes),
+                               **create, **kwargs)
+    except Exception as e:  # noqa: BLE001 - sorted below; anything else propagates
+        fetch = _fetch_error(e, encoder, weights, spec) if spec is not None else None
+        if fetch is not None:
+            raise fetch from e
+        known = isinstance(e, (KeyError, ValueError, TypeError, RuntimeError))
+        if not known and spec is None:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if spec is not None:  # e.g. a damaged file in the cache
+            msg = (f"{msg if known else f'{type(e).__name__}: {msg}'} (encoder_weights={weights} "
+                   f"from {spec.source}, cache {spec.cache_dir()})")
         raise TwostageError(f"model {arch}/{encoder}: {msg}") from None
+    if weights is not None and spec is None and weights != LITE0_WEIGHTS and not Path(weights).is_file():
+        raise TwostageError(f"model.encoder_weights={weights!r}: not a file (use none, {LITE0_WEIGHTS} "
+                            "or a path to encoder weights)")
     if weights == LITE0_WEIGHTS:
         if in_channels != 3:
             raise TwostageError(f"model.encoder_weights={LITE0_WEIGHTS} needs in_channels=3")
         load_lite0_weights(net.encoder.model)
+    elif spec is not None:
+        log.info("encoder %s: %s weights from %s (cache %s)", encoder, weights, spec.source, spec.cache_dir())
     elif weights is not None:
         _load_encoder_file(net.encoder, Path(weights))
     return SegmentationNet(net)

@@ -392,7 +392,7 @@ def _palm_setup(cfg: StageConfig, root: Path, samples: list) -> tuple[list[PalmI
 
 
 def _meta(cfg: StageConfig, extra: dict) -> dict:
-    norm = default_normalization(cfg.model.encoder_weights)
+    norm = default_normalization(cfg.model.encoder_weights, cfg.model.encoder)
     if cfg.model.mean is not None:
         norm["mean"] = list(cfg.model.mean)
     if cfg.model.std is not None:
