@@ -287,16 +287,23 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def stages_dir() -> Path:
+    """The stage configs: the copy inside the installed package (pyproject maps `stages/` to
+    `twostage/stages/`), else `stages/` beside the package in a source checkout."""
+    from importlib import resources
+
+    packaged = Path(str(resources.files("twostage") / "stages"))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "stages"
+
+
 def stage_file(stage: str) -> Path:
-    """`stages/<stage>.yaml` next to the package (source checkout) or inside it (installed)."""
-    here = Path(__file__).resolve().parent
-    for folder in (here.parent / "stages", here / "stages"):
-        path = folder / f"{stage}.yaml"
-        if path.is_file():
-            return path
-    names = sorted({p.stem for d in (here.parent / "stages", here / "stages") if d.is_dir()
-                    for p in d.glob("*.yaml")})
-    raise TwostageError(f"stage {stage!r}: no stages/{stage}.yaml; available: {', '.join(names) or 'none'}")
+    """The file of stage config `stage` (stages/<stage>.yaml); unknown names list the available ones."""
+    folder = stages_dir()
+    path = folder / f"{stage}.yaml"
+    if path.is_file():
+        return path
+    names = sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    raise TwostageError(f"stage {stage!r}: no {folder / (stage + '.yaml')}; available: {', '.join(names) or 'none'}")
 
 
 def read_config_yaml(path: str | os.PathLike) -> dict:

@@ -5,8 +5,12 @@ its parameters, scale, official URL, sha256). Nothing downloads implicitly: a mi
 mismatched file is a TwostageError naming the file, the expected hash and the URL.
 
 The weights folder is `weights_dir` if given, else $TWOSTAGE_WEIGHTS, else `weights/` of the
-repository checkout. The manifest is `manifest` if given, else `<weights folder>/manifest.yaml`
-if it exists, else the repository's `weights/manifest.yaml`.
+source checkout the package is imported from (a checkout has `weights/manifest.yaml` beside
+`twostage/`), else, for an installed package, the per-user cache folder
+`$XDG_CACHE_HOME/twostage/weights` (default `~/.cache/twostage/weights`); never site-packages.
+The manifest is `manifest` if given, else `<weights folder>/manifest.yaml` if it exists, else
+the shipped one: the checkout's `weights/manifest.yaml`, or the copy installed inside the
+package (`twostage/manifests/manifest.yaml`, mapped from `weights/` by pyproject.toml).
 
 A manifest entry with `sha256: null` is "not pinned yet" (we could not verify the official
 hash offline). Such a weight is refused unless the caller trusts it (`trust_unpinned`, the
@@ -20,6 +24,7 @@ import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,8 @@ log = logging.getLogger(__name__)
 ENV_WEIGHTS = "TWOSTAGE_WEIGHTS"
 MANIFEST_NAME = "manifest.yaml"
 PINS_NAME = "pins.yaml"
+PACKAGED_MANIFEST = "manifests"
+"""Folder inside the installed package holding the manifest (pyproject maps it from weights/)."""
 ARCHS = ("RRDBNet", "SRVGGNetCompact")
 
 
@@ -48,26 +55,48 @@ class WeightSpec:
 
 
 def repo_weights_dir() -> Path:
-    """`weights/` of the repository checkout the package is imported from."""
+    """`weights/` beside the imported `twostage/` package (the checkout's; may not exist when installed)."""
     import twostage
 
     return Path(twostage.__file__).resolve().parents[1] / "weights"
 
 
+def in_checkout() -> bool:
+    """Whether the package is imported from a source checkout (`weights/manifest.yaml` beside `twostage/`)."""
+    return (repo_weights_dir() / MANIFEST_NAME).is_file()
+
+
+def user_weights_dir() -> Path:
+    """The per-user weights folder of an installed package: $XDG_CACHE_HOME/twostage/weights
+    (an absolute $XDG_CACHE_HOME only, as the XDG spec says), else ~/.cache/twostage/weights."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    base = Path(cache) if cache and os.path.isabs(cache) else Path.home() / ".cache"
+    return base / "twostage" / "weights"
+
+
 def weights_dir(path: str | os.PathLike | None = None) -> Path:
-    """The weights folder: `path`, else $TWOSTAGE_WEIGHTS, else the repository's weights/."""
+    """The weights folder: `path`, else $TWOSTAGE_WEIGHTS, else the checkout's weights/, else the user cache."""
     if path is not None:
         return Path(path)
     env = os.environ.get(ENV_WEIGHTS)
-    return Path(env) if env else repo_weights_dir()
+    if env:
+        return Path(env)
+    return repo_weights_dir() if in_checkout() else user_weights_dir()
+
+
+def shipped_manifest() -> Path:
+    """The manifest that comes with the code: the checkout's weights/manifest.yaml, else the package's copy."""
+    if in_checkout():
+        return repo_weights_dir() / MANIFEST_NAME
+    return Path(str(resources.files("twostage") / PACKAGED_MANIFEST / MANIFEST_NAME))
 
 
 def manifest_path(directory: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> Path:
-    """The manifest file: `manifest`, else <weights folder>/manifest.yaml if present, else the repository's."""
+    """The manifest file: `manifest`, else <weights folder>/manifest.yaml if present, else the shipped one."""
     if manifest is not None:
         return Path(manifest)
     local = weights_dir(directory) / MANIFEST_NAME
-    return local if local.is_file() else repo_weights_dir() / MANIFEST_NAME
+    return local if local.is_file() else shipped_manifest()
 
 
 def load_manifest(path: str | os.PathLike) -> dict[str, WeightSpec]:
@@ -188,7 +217,9 @@ def load_model(name: str, weights_dir_: str | os.PathLike | None = None, manifes
 def status(weights_dir_: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> list[dict]:
     """One row per manifest entry: name, file, state (ok / missing / bad / unpinned), sha256, url."""
     directory = weights_dir(weights_dir_)
-    specs = load_manifest(manifest_path(weights_dir_, manifest))
+    mpath = manifest_path(weights_dir_, manifest)
+    log.info("weights folder: %s (manifest %s)", directory, mpath)
+    specs = load_manifest(mpath)
     rows = []
     for spec in specs.values():
         path = directory / spec.file
@@ -248,6 +279,10 @@ def fetch(name: str, weights_dir_: str | os.PathLike | None = None, manifest: st
             log.info("%s: already present (sha256 %s)", path, sha)
             return path, sha
         raise TwostageError(f"{path}: present but sha256 {sha} != expected {expected}; delete it or pass --overwrite")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TwostageError(f"{directory}: cannot create the weights folder ({e.strerror or e})") from None
     h = hashlib.sha256()
     try:
         with urllib.request.urlopen(spec.url, timeout=timeout) as resp, atomic_path(path) as tmp:
