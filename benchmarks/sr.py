@@ -42,7 +42,7 @@ def worker(name: str, tile: int, size: int, device: str, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         kwargs = {}
         if name != "bicubic":
-            spec = weights.load_manifest(weights.repo_weights_dir() / "manifest.yaml")[name]
+            spec = weights.load_manifest(weights.shipped_manifest())[name]
             path = Path(d) / spec.file
             torch.save({"params_ema": weights.build_model(spec).state_dict()}, path)
             entry = {"file": spec.file, "arch": spec.arch, "scale": spec.scale, "url": spec.url,

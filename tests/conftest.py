@@ -1,6 +1,7 @@
 """Shared fixtures. Helpers: append your fixtures below, do not edit others'."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -10,6 +11,11 @@ import pytest
 from twostage.classes import CLASSES
 from twostage.data import Annotation, write_annotations
 from twostage.io import write_png_atomic
+
+# Tests never touch the network: model hubs answer offline at once (set before anything
+# imports huggingface_hub, which reads it at import); subprocesses inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 
 # --- data helper: tiny §1 datasets written to disk ------------------------------------------
@@ -135,3 +141,23 @@ def make_tiny_checkpoint() -> Callable[..., Path]:
         return save_checkpoint(path, net.state_dict(), meta)
 
     return _make
+
+
+# --- a local HTTP server: `twostage weights --fetch` without the network ---------------------
+
+@pytest.fixture
+def http_dir(tmp_path: Path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/srv; yields (folder, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    srv = tmp_path / "srv"
+    srv.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(srv))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield srv, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()

@@ -97,3 +97,8 @@ def test_cli_unknown_stage_lists_available(capsys):
     assert main(["train", "--stage", "glob"]) != 0
     err = capsys.readouterr().err
     assert "stage 'glob'" in err and "available: " in err and "global" in err
+
+
+def test_a_stage_is_a_name_not_a_path():
+    with pytest.raises(TwostageError, match="use --config FILE"):
+        load_config("../stages/global")

@@ -2,10 +2,7 @@
 networks saved exactly like the official Real-ESRGAN files ({"params_ema": state_dict})."""
 from __future__ import annotations
 
-import functools
-import http.server
 import socket
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -158,21 +155,6 @@ def test_weights_cli_lists_states(wdir, capsys):
     assert rc == 1
     states = {line.split()[0]: line.split()[1] for line in out.splitlines() if line and not line.startswith(" ")}
     assert states == {"rrdb-x4": "ok", "rrdb-x2": "missing", "vgg-x4": "bad"}
-
-
-@pytest.fixture
-def http_dir(tmp_path: Path):
-    """A local HTTP server on 127.0.0.1 serving tmp_path/srv; yields (folder, base URL)."""
-    srv = tmp_path / "srv"
-    srv.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(srv))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield srv, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
 
 
 def test_fetch_from_local_server(tmp_path, http_dir, make_sr_weights):

@@ -8,14 +8,11 @@ the venv's python from a folder outside the checkout, HOME and XDG_CACHE_HOME in
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import http.server
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 
@@ -112,20 +109,6 @@ def test_installed_cli_weights_and_stage(installed):
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == \
         f"error: {cwd / 'no-data'}: data folder does not exist", res.stderr
     assert "Traceback" not in res.stderr
-
-
-@pytest.fixture
-def http_dir(tmp_path: Path):
-    """A local HTTP server on 127.0.0.1 serving tmp_path/srv; yields (folder, base URL)."""
-    srv = tmp_path / "srv"
-    srv.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(srv))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield srv, f"http://127.0.0.1:{server.server_address[1]}/"
-    server.shutdown()
-    server.server_close()
 
 
 def test_installed_fetch_and_pin_write_the_user_cache(installed, http_dir, tmp_path):

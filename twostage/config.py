@@ -299,6 +299,9 @@ def stages_dir() -> Path:
 def stage_file(stage: str) -> Path:
     """The file of stage config `stage` (stages/<stage>.yaml); unknown names list the available ones."""
     folder = stages_dir()
+    if Path(stage).name != stage or stage in ("", ".", ".."):
+        raise TwostageError(f"stage {stage!r}: a stage is a name in {folder} (global, palm, ...); "
+                            "for a config file elsewhere use --config FILE")
     path = folder / f"{stage}.yaml"
     if path.is_file():
         return path

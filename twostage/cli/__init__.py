@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `twostage ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     return int(rc or 0)
 
 
