@@ -134,6 +134,20 @@ def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     assert (full / "metrics.csv").read_text().count("\n") == (resumed / "metrics.csv").read_text().count("\n")
 
 
+def test_worker_count_does_not_change_the_weights(data, tmp_path, caplog):
+    """Augmentation is seeded per item, so workers (capped at the CPU count) only change speed."""
+    import logging
+
+    a = train(tiny("global", data, tmp_path / "a", "data.preload=false", epochs=1))
+    cfg = tiny("global", data, tmp_path / "b", "data.preload=false", epochs=1)
+    cfg.train.workers = 64
+    with caplog.at_level(logging.INFO):
+        b = train(cfg)
+    assert "train.workers=64 on" in caplog.text
+    sa, sb = (load_checkpoint(r / "last.pt")["state_dict"] for r in (a, b))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_palm_refuses_a_dataset_without_palm_set_record(data, tmp_path):
     with pytest.raises(TwostageError, match="palmset.json"):
         train(tiny("palm", data, tmp_path / "run"))

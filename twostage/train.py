@@ -564,8 +564,12 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
         sampler = _SeededSampler(len(train_ds), cfg.train.seed)
     per_rank = math.ceil(len(train_ds) / dist.world)
     drop_last = per_rank > cfg.train.batch_size
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cfg.train.workers, cores)  # augmentation is seeded per item: same batches either way
+    if workers < cfg.train.workers and dist.main:
+        log.info("train.workers=%d on %d CPU cores: using %d DataLoader workers", cfg.train.workers, cores, workers)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler,
-                                         num_workers=cfg.train.workers, drop_last=drop_last,
+                                         num_workers=workers, drop_last=drop_last,
                                          pin_memory=cuda, persistent_workers=False)
     steps_per_epoch = len(loader)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
