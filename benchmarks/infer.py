@@ -8,7 +8,7 @@ post-processing path (what `infer --fuse` does after the networks, on the device
 what CSV-level ensembling does (read both CSVs, decode, combine with numpy, re-encode,
 write; target >= 5x faster), on realistic probabilities.
 
-Models: random-initialised stage-default networks (Unet + efficientnet-lite0, global input
+Models: random-initialised Unet + efficientnet-lite0 networks (the demo architecture; global input
 512, palm input 384) whose output bias is set so that ~10 % of pixels are foreground per
 class (a random network's ~0.5 outputs would make noise masks with unrealistically many RLE
 runs), or trained ones via --global/--palm. Their masks are noise over the whole image, the
