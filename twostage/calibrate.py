@@ -1,4 +1,4 @@
-"""Per-class fusion weights and thresholds chosen on validation data (DESIGN §4).
+"""Per-class fusion weights and thresholds chosen on validation data (docs/DESIGN.md §4).
 
 For every class c the mean Dice of the fused chain depends only on its own weight a_c and
 threshold t_c (channels are independent; the palm box comes from the global probabilities

@@ -1,4 +1,4 @@
-"""The dataset layout of DESIGN §1: finding images, reading/writing annotation JSON,
+"""The dataset layout of docs/DESIGN.md §1: finding images, reading/writing annotation JSON,
 rasterising polygons into 29 independent binary masks.
 
 Layout: ROOT/{train,test}/DCM/<ID>/<name>.png with ROOT/train/outputs_json/<ID>/<name>.json.

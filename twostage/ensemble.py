@@ -1,4 +1,4 @@
-"""Ensembles of finished predictions (DESIGN §4): hard voting over §2 CSVs, soft voting over
+"""Ensembles of finished predictions (docs/DESIGN.md §4): hard voting over §2 CSVs, soft voting over
 the probabilities `twostage infer --save-probs` writes.
 
 Both stream image by image, so memory does not grow with the number of images: a CSV is

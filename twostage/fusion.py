@@ -1,5 +1,5 @@
 """Fusion of palm-model probabilities into the global 29-class probabilities; per-class
-thresholds. The one place the blend rule of DESIGN §3 lives (infer, ensemble and calibrate
+thresholds. The one place the blend rule of docs/DESIGN.md §3 lives (infer, ensemble and calibrate
 call it):
 
     p = (1 − a_c·w)·p_global + a_c·w·p_palm      inside the palm box, p_global elsewhere
@@ -80,7 +80,7 @@ def feather_window(crop_shape: tuple[int, int], box, image_shape: tuple[int, int
 
 def blend_box(region: torch.Tensor, palm_probs: torch.Tensor, box, image_shape: tuple[int, int],
               weights: torch.Tensor, feather: float = DEFAULT_FEATHER, rows: slice = slice(None)) -> torch.Tensor:
-    """The DESIGN §3 blend on the palm box alone, IN PLACE: `region` holds the float32 global
+    """The docs/DESIGN.md §3 blend on the palm box alone, IN PLACE: `region` holds the float32 global
     probabilities of the K palm channels inside `box` (a view of the full-size stack, or the
     box computed on its own as `infer` does), `palm_probs` the palm ones; both (K, s, s), or
     (K, r, s) for the box rows `rows` (so a large box can be blended in chunks). `weights`

@@ -1,5 +1,5 @@
 """`twostage infer`: images → global probabilities → (palm box → crop → upscale → palm
-probabilities → fusion) → per-class thresholds → RLE CSV (DESIGN §2, §3).
+probabilities → fusion) → per-class thresholds → RLE CSV (docs/DESIGN.md §2, §3).
 
 Everything from the image tensor to the RLE boundaries runs on the model's device, batched
 over the classes. The global probabilities stay at the network's size: the palm box is
@@ -244,7 +244,7 @@ class PalmStage:
     def fused_box(self, native: torch.Tensor, image: np.ndarray, box, weights: torch.Tensor,
                   feather: float = DEFAULT_FEATHER, tick=lambda stage: None) -> torch.Tensor:
         """(K, s, s) fused probabilities of the palm channels inside `box` for one image
-        (DESIGN §3): the box cut from the SOURCE image → recorded upscaler → palm probabilities
+        (docs/DESIGN.md §3): the box cut from the SOURCE image → recorded upscaler → palm probabilities
         at the box size, blended into the global probabilities of the box, which are upsampled
         from the network-size `native` (C, h, w) for the box alone.
 
@@ -389,7 +389,7 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
         global_ckpt: checkpoint (or run folder) of a global model predicting all 29 CLASSES.
         out: the CSV; written only if every image succeeds (an existing file is untouched).
         palm_ckpt, fuse: with `fuse`, blend the palm model's predictions into the
-            global ones inside the palm box (DESIGN §3); without, the global model alone.
+            global ones inside the palm box (docs/DESIGN.md §3); without, the global model alone.
         device: torch device the whole chain runs on ("cpu", "cuda", "cuda:1").
         batch_size: images per global forward pass (same-size images only).
         fp16: autocast the networks to float16 (CUDA only; an error elsewhere).

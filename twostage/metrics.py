@@ -1,4 +1,4 @@
-"""Dice scores of DESIGN §2 and the score report: per class, carpal mean, overall.
+"""Dice scores of docs/DESIGN.md §2 and the score report: per class, carpal mean, overall.
 
 Dice per image per class = (2·|A∩B| + 1e-4) / (|A| + |B| + 1e-4), so two empty masks score 1;
 the report averages over images first, then over classes.

@@ -1,4 +1,4 @@
-"""Run-length encoding and the prediction CSV of DESIGN §2: the one place the RLE lives.
+"""Run-length encoding and the prediction CSV of docs/DESIGN.md §2: the one place the RLE lives.
 
 RLE: the H×W mask is flattened row-major, padded with one 0 at both ends, and every change
 is a boundary; runs are written as `start length` pairs with 1-based starts, joined by single

@@ -1,4 +1,4 @@
-"""A procedural hand-radiograph phantom in the DESIGN §1 layout: the embedded default data.
+"""A procedural hand-radiograph phantom in the docs/DESIGN.md §1 layout: the embedded default data.
 
 Every bone is a jittered polygon in a hand frame measured in centimetres (x towards the
 thumb, y towards the fingertips); one global pose (scale, rotation, translation, finger

@@ -1,4 +1,4 @@
-"""`twostage synth`: write a procedural hand-radiograph phantom dataset (DESIGN §1 layout)."""
+"""`twostage synth`: write a procedural hand-radiograph phantom dataset (docs/DESIGN.md §1 layout)."""
 from __future__ import annotations
 
 import argparse
