@@ -38,18 +38,16 @@ def csv_dice(a: Path, b: Path, size: int) -> tuple[dict[str, float], float]:
     import numpy as np
 
     from twostage.classes import CLASSES
+    from twostage.metrics import dice_per_class
     from twostage.rle import decode, read_csv
 
     ra, rb = read_csv(a), read_csv(b)
-    per, nonempty, total = {c: [] for c in CLASSES}, 0, 0
+    dice, nonempty = [], []
     for name in sorted(ra):
-        for c in CLASSES:
-            ma, mb = decode(ra[name][c], (size, size)), decode(rb[name][c], (size, size))
-            inter, s = np.logical_and(ma, mb).sum(), ma.sum() + mb.sum()
-            per[c].append((2 * inter + 1e-4) / (s + 1e-4))
-            nonempty += bool(ma.any())
-            total += 1
-    return {c: float(np.mean(v)) for c, v in per.items()}, nonempty / max(total, 1)
+        ma, mb = (np.stack([decode(r[name][c], (size, size)) for c in CLASSES]) for r in (ra, rb))
+        dice.append(dice_per_class(mb, ma))
+        nonempty.append(ma.reshape(len(CLASSES), -1).any(1))
+    return dict(zip(CLASSES, np.mean(dice, 0).tolist())), float(np.mean(nonempty))
 
 
 def infer_in_process(args: dict, device: str, fp16: bool) -> tuple[float, float]:

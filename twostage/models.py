@@ -356,9 +356,6 @@ def build_model(arch: str, encoder: str, classes: int, in_channels: int = 3,
             msg = (f"{msg if known else f'{type(e).__name__}: {msg}'} (encoder_weights={weights} "
                    f"from {spec.source}, cache {spec.cache_dir()})")
         raise TwostageError(f"model {arch}/{encoder}: {msg}") from None
-    if weights is not None and spec is None and weights != LITE0_WEIGHTS and not Path(weights).is_file():
-        raise TwostageError(f"model.encoder_weights={weights!r}: not a file (use none, {LITE0_WEIGHTS} "
-                            "or a path to encoder weights)")
     if weights == LITE0_WEIGHTS:
         if in_channels != 3:
             raise TwostageError(f"model.encoder_weights={LITE0_WEIGHTS} needs in_channels=3")
