@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -117,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
                              "--palm", str(runs / "palm" / "last.pt"), "--fuse", "--tile", str(a.tile),
                              "--weights-dir", str(wdir), "--out", str(work / "fused.csv")], rows, env)
         lines = (work / "fused.csv").read_text().count("\n") - 1
-        import json
-
         split = json.loads((runs / "global" / "split.json").read_text())["folds"]
         folds = [split.get(png.parent.name) for png in (data / "train" / "DCM").rglob("*.png")]
         n_train = sum(f != 0 for f in folds)

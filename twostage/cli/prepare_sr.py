@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="allow replacing a palm set made with other settings in PALMDATA")
     p.add_argument("--fixes", type=Path, help="label fixes YAML applied on read")
-    p.add_argument("--weights-dir", type=Path, help="weights folder (default: $TWOSTAGE_WEIGHTS, else weights/ of a checkout, else ~/.cache/twostage/weights)")
+    p.add_argument("--weights-dir", type=Path, help="weights folder (default: $TWOSTAGE_WEIGHTS, else weights/ of a checkout, "
+                        "else ~/.cache/twostage/weights)")
     p.add_argument("--trust-unpinned", action="store_true",
                    help="accept a weight file whose sha256 is not pinned (see `twostage weights`)")
     p.set_defaults(func=handler)

@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "(hash mismatch) or unpinned (no known hash yet); exit 1 if any is bad. "
                     "Nothing is ever downloaded unless you ask with --fetch.",
     )
-    p.add_argument("--weights-dir", type=Path, help="weights folder (default: $TWOSTAGE_WEIGHTS, else weights/ of a checkout, else ~/.cache/twostage/weights)")
+    p.add_argument("--weights-dir", type=Path, help="weights folder (default: $TWOSTAGE_WEIGHTS, else weights/ of a checkout, "
+                        "else ~/.cache/twostage/weights)")
     p.add_argument("--manifest", type=Path, help="manifest YAML (default <weights folder>/manifest.yaml, "
                                                  "else the repository's weights/manifest.yaml)")
     act = p.add_mutually_exclusive_group()
