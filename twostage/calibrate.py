@@ -176,7 +176,7 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
 
     from . import fusion
     from .data import load_masks, select_samples
-    from .ensemble import torch_device
+    from .devices import torch_device
     from .infer import PalmStage
     from .io import read_image, write_json_atomic, write_text_atomic
     from .models import Predictor, resize_images

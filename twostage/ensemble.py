@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .classes import CLASS_TO_INDEX, CLASSES
+from .devices import torch_device
 from .errors import TwostageError
 
 log = logging.getLogger(__name__)
@@ -44,17 +45,6 @@ class EnsembleSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def torch_device(name: str) -> torch.device:
-    """A torch device from a user string; a clear error when CUDA is asked for but absent."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise TwostageError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TwostageError(f"--device {name}: CUDA is not available on this machine")
-    return dev
 
 
 def _some(names: Sequence[str], k: int = 5) -> str:

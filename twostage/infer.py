@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from . import fusion
 from .classes import CLASSES, PALM_INDICES, class_indices
 from .data import Sample, find_samples
+from .devices import torch_device
 from .errors import TwostageError
 from .fusion import DEFAULT_FEATHER, PerClassSpec
 from .io import atomic_path, read_image
@@ -412,9 +413,7 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
     from .rle import CsvWriter, encode_masks
 
     t_start = time.perf_counter()
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TwostageError(f"--device {device}: CUDA is not available on this machine")
+    dev = torch_device(device)
     if fp16 and dev.type != "cuda":
         raise TwostageError(f"--fp16 needs a CUDA device (got --device {device}); float16 on CPU is slow or unsupported")
     if tta not in (None, "none", "hflip"):

@@ -111,7 +111,9 @@ def _realesrgan(model, scale: int, tile: int, tile_pad: int, pre_pad: int, devic
                 name: str) -> Callable[[np.ndarray, float], np.ndarray]:
     import torch
 
-    dev = torch.device(device)
+    from .devices import torch_device
+
+    dev = torch_device(device)
     half = dev.type == "cuda"  # fp16 only where it is fast and implemented
     model = model.to(dev)
     if half:

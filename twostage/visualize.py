@@ -231,7 +231,8 @@ class _Predictions:
     def __init__(self, csv=None, global_ckpt=None, palm_ckpt=None, fuse=False, device="cpu",
                  thresholds=None, fuse_weights=None, tta=None):
         from .box import BoxRule
-        from .ensemble import CsvIndex, torch_device
+        from .devices import torch_device
+        from .ensemble import CsvIndex
 
         self.device = torch_device(device)
         self.tta = tta == "hflip"
