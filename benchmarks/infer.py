@@ -35,8 +35,9 @@ from twostage.box import BoxRule, box_from_annotations, crop_image
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.data import find_samples, rasterize, read_annotations
-from twostage.fusion import fuse, fuse_weights, thresholds
-from twostage.infer import STAGES, fuse_box, infer, segment
+from twostage.fusion import fuse, thresholds
+from twostage.chain import ChainOptions, TwoStage
+from twostage.infer import STAGES, infer
 from twostage.io import read_image
 from twostage.models import build_model, default_normalization, resize_images
 from twostage.rle import CsvWriter, decode, encode_masks, read_csv, write_csv
@@ -127,18 +128,21 @@ def csv_level_fusion(g_csv: Path, p_csv: Path, out: Path, shape, box, a: float,
 
 
 class _BoxOnly:
-    """Stands in for PalmStage in `segment` with fixed palm probabilities, so the timing covers
-    the post-processing alone: the box upsample and blend of `PalmStage.fused_box` without
+    """Stands in for PalmStage in `TwoStage.segment` with fixed palm probabilities, so the
+    timing covers the post-processing alone: the box upsample, blend and thresholds, without
     the crop, upscaler and palm network."""
 
-    channels = list(PALM_INDICES)
+    channels, classes = list(PALM_INDICES), list(PALM_CLASSES)
 
     def __init__(self, palm_probs: torch.Tensor):
         self.palm_probs = palm_probs
 
-    def fused_box(self, native, image, box, weights, feather, tick):
-        # a copy: fuse_box writes into it, as into the fresh palm probabilities in infer
-        return fuse_box(native, self.palm_probs.clone(), self.channels, box, image.shape, weights, feather)
+    def crop_upscaled(self, image, box):
+        return None
+
+    def probs(self, crop, box, device):
+        # a copy: the chain blends into it, as into the fresh palm probabilities in infer
+        return self.palm_probs.clone()
 
 
 def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict:
@@ -156,14 +160,16 @@ def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict
     native = torch.from_numpy(np.stack([cv2.resize(m, (net_size, net_size), interpolation=cv2.INTER_AREA)
                                         for m in soft]))
     p_probs = torch.from_numpy(np.ascontiguousarray(crop_image(soft[list(PALM_INDICES)], box)))
-    w, thr = fuse_weights(), thresholds()
-    palm = _BoxOnly(p_probs)
+    thr = thresholds()
+    options = ChainOptions(feather=0.1)
+    fused_chain = TwoStage(None, _BoxOnly(p_probs), options, torch.device("cpu"))
+    global_chain = TwoStage(None, None, options, torch.device("cpu"))
 
     def device_path(out: Path) -> float:
         """What `infer --fuse` does after the two networks: sparse upsample + thresholds, box
         upsample + blend + thresholds, RLE, CSV."""
         t0 = time.perf_counter()
-        seg = segment(native, image, thr, palm, box, w, 0.1)
+        seg = fused_chain.segment(native, image, box)
         with CsvWriter(out) as wr:
             wr.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
         return time.perf_counter() - t0
@@ -172,7 +178,7 @@ def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict
         """The two CSVs CSV-level ensembling starts from, made the fastest way twostage knows:
         global (29 classes, as `infer` without --fuse writes it) and palm (8 classes, full size)."""
         g_csv, p_csv = tmp / "pp_global.csv", tmp / "pp_palm.csv"
-        seg = segment(native, image, thr)
+        seg = global_chain.segment(native, image)
         write_csv(g_csv, [(sample.name, encode_masks(seg.masks, rows=seg.rows))])
         palm_full = torch.zeros(len(PALM_CLASSES), *image.shape)
         rs, cs = box.slices
@@ -185,7 +191,7 @@ def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict
         """The same for `infer` without --fuse: sparse upsample + thresholds, RLE, CSV."""
         t0 = time.perf_counter()
         with CsvWriter(out) as wr:
-            seg = segment(native, image, thr)
+            seg = global_chain.segment(native, image)
             wr.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
         return time.perf_counter() - t0
 
@@ -211,7 +217,7 @@ def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict
     t_in, t_ref, t_ref_fast = min(t_in), min(t_ref), min(t_ref_fast)
     t0 = time.perf_counter()
     dense = resize_images(native[None], image.shape)[0]
-    fuse(dense, p_probs, box, w, feather=0.1)
+    fuse(dense, p_probs, box, fused_chain.weights, feather=0.1)
     with CsvWriter(tmp / "pp_dense.csv") as wr:
         wr.add(sample.name, encode_masks(dense, thr))
     t_dense = time.perf_counter() - t0

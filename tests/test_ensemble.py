@@ -13,7 +13,7 @@ from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
 from twostage.ensemble import average_probs, vote_csvs
 from twostage.errors import TwostageError
-from twostage.infer import read_probs, write_probs
+from twostage.probs import read_probs, write_probs
 from twostage.rle import decode, encode_masks, read_csv, write_csv
 
 H, W = 6, 8

@@ -21,8 +21,9 @@ from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main
 from twostage.data import find_samples, rasterize, read_annotations
 from twostage.errors import TwostageError
-from twostage.fusion import fuse_weights, thresholds
-from twostage.infer import PalmStage, infer, read_probs, segment
+from twostage.chain import ChainOptions, TwoStage
+from twostage.infer import infer
+from twostage.probs import read_probs
 from twostage.io import read_image
 from twostage.metrics import dice_per_class, score_csv
 from twostage.models import build_model, default_normalization
@@ -151,7 +152,8 @@ def test_perfect_palm_model_gives_carpal_dice_one(setup, tmp_path, palm_resize):
     before = dice_per_class((probs > 0.5).numpy()[carpals], gt[carpals])
     assert before.mean() < 0.5
 
-    stage = PalmStage(setup["palm"], torch.device("cpu"), palm_resize=palm_resize)
+    chain = TwoStage.load(setup["global"], setup["palm"], ChainOptions(palm_resize=palm_resize, fuse_weights=1.0, feather=0.0))
+    stage = chain.palm
     box = stage.boxes(probs[None], [sample.name])[0]
     ys, xs = np.nonzero(gt[carpals].any(0))
     assert box.x0 <= xs.min() and xs.max() < box.x0 + box.side  # the box holds every carpal
@@ -164,7 +166,7 @@ def test_perfect_palm_model_gives_carpal_dice_one(setup, tmp_path, palm_resize):
     expected = cv2.resize(src_crop, (box.side * 4, box.side * 4), interpolation=cv2.INTER_CUBIC)
     stage.predictor = OraclePalm(expected, source_to_crop(gt[carpals], box, 4))
 
-    masks, region, _ = segment(probs, image, thresholds(), stage, box, fuse_weights(1.0), feather=0.0)
+    masks, _, region, _ = chain.segment(probs, image, box)
     after = dice_per_class(masks.numpy(), gt)
     assert stage.predictor.calls == 1 and region.shape == (len(carpals), box.side, box.side)
     np.testing.assert_array_equal(after, np.ones(len(CLASSES)))

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from twostage import infer as infer_module, upsample
+from twostage import chain as chain_module, upsample
+from twostage.chain import TwoStage
 from twostage.classes import CLASSES, PALM_INDICES
 from twostage.data import find_samples, rasterize
 from twostage.fusion import fuse, fuse_weights, thresholds
-from twostage.infer import PalmStage, infer, segment
+from twostage.infer import infer
 from twostage.io import read_image
 from twostage.models import Predictor, resize_images
 from twostage.rle import decode, encode_masks, read_csv
@@ -86,14 +87,15 @@ def chain(tmp_path_factory):
 def test_infer_csv_equals_the_dense_chain(chain, tmp_path, box_rows, monkeypatch):
     """infer (network-size probabilities, tile-sparse upsample, box-only fusion in row chunks)
     gives the masks of the dense chain: full-size probabilities, `fuse`, `binarize`."""
-    monkeypatch.setattr(infer_module, "BOX_ROWS", box_rows)
+    monkeypatch.setattr(chain_module, "BOX_ROWS", box_rows)
     out = tmp_path / "f.csv"
     infer(chain["root"], chain["global"], out, palm_ckpt=chain["palm"], fuse=True, split="train",
           thresholds=0.45)
     rows = read_csv(out)
     dev = torch.device("cpu")
     glob = Predictor.from_checkpoint(chain["global"], dev)
-    palm = PalmStage(chain["palm"], dev)
+    two = TwoStage.build(chain["global"], chain["palm"], thresholds=0.45)
+    palm = two.palm
     thr, w = thresholds(0.45), fuse_weights(None, palm.classes)
     for sample in find_samples(chain["root"], "train"):
         image = read_image(sample.image_path)
@@ -105,7 +107,8 @@ def test_infer_csv_equals_the_dense_chain(chain, tmp_path, box_rows, monkeypatch
              palm_channels=palm.channels)
         got = torch.from_numpy(np.stack([decode(rows[sample.name][c], image.shape) for c in CLASSES]) != 0)
         assert_equal_but_ties(got, probs, thr)
-        masks, region, hint = segment(glob.native_probs(x)[0], image, thr, palm, box, w)
+        masks, seg_box, region, hint = two.segment(glob.native_probs(x)[0], image, box)
+        assert seg_box == box
         assert torch.equal(masks, got) and (masks.any(2) <= hint).all()
         rs, cs = box.slices
         torch.testing.assert_close(region, probs[list(palm.channels), rs, cs], atol=TIE, rtol=0)

@@ -7,7 +7,7 @@ from the grid on its own, and the defaults (a = DEFAULT_PALM_WEIGHT, t = DEFAULT
 are always in the grid: the result is never worse than the defaults on the calibration set.
 
 Per image the global and palm probabilities are computed once with infer's pipeline
-(`Predictor.native_probs`, `PalmStage.boxes/crop_upscaled/probs`); the blend for every grid
+(`chain.TwoStage`: `native`, `boxes`, the palm stage's `crop_upscaled` and `probs`); the blend for every grid
 weight is `twostage.fusion.fuse` itself. `infer` upsamples only the tiles that can cross a
 threshold, which equals this dense upsample except at float-rounding ties. For all
 thresholds at once, pixels are bucketed by threshold on the device and per-class
@@ -28,7 +28,8 @@ import torch
 
 from .classes import CLASSES, PALM_CLASSES
 from .errors import TwostageError
-from .fusion import DEFAULT_FEATHER, DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
+from . import fusion
+from .fusion import DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
 from .metrics import DICE_EPS
 
 log = logging.getLogger(__name__)
@@ -152,40 +153,102 @@ def _pick(scores: torch.Tensor, default_index: int) -> int:
     return default_index if scores[default_index] >= scores[best] else best
 
 
+class _Sums:
+    """Per-image Dice summed over the calibration images, for every grid point at once."""
+
+    def __init__(self, chain, a_grid: Sequence[float], t_grid: Sequence[float]):
+        dev, palm = chain.device, chain.palm
+        self.chain, self.a_grid, self.t_grid = chain, tuple(a_grid), tuple(t_grid)
+        self.channels = torch.as_tensor(palm.channels, device=dev)
+        self.thr = torch.tensor(self.t_grid, dtype=torch.float32, device=dev)
+        C, K, A, T = len(CLASSES), len(palm.channels), len(self.a_grid), len(self.t_grid)
+        self.dice_global = torch.zeros((C, T), dtype=torch.float64, device=dev)
+        self.dice_fused = torch.zeros((K, A, T), dtype=torch.float64, device=dev)
+        self.weight_rows = torch.zeros((A, C), dtype=torch.float32)
+        self.weight_rows[:, palm.channels] = torch.tensor(self.a_grid, dtype=torch.float32)[:, None]
+        self.n = 0
+
+    def add(self, image: np.ndarray, gt: torch.Tensor, name: str) -> None:
+        """One image: (H, W) uint8 and its (C, H, W) bool ground truth on the chain's device."""
+        from .models import resize_images
+
+        chain, palm, channels, thr = self.chain, self.chain.palm, self.channels, self.thr
+        C, K, A, T = self.dice_global.shape[0], len(channels), len(self.a_grid), len(self.t_grid)
+        native = chain.native(image[None])
+        probs = resize_images(native, image.shape)[0]  # (C, H, W)
+        box = chain.boxes(native, [name], image.shape)[0]
+        palm_probs = palm.probs(palm.crop_upscaled(image, box), box, chain.device)  # (K, s, s)
+
+        inter, pred = threshold_counts(probs.reshape(C, -1), gt.reshape(C, -1), thr)
+        gt_sum = gt.reshape(C, -1).sum(1)
+        self.dice_global += _dice(inter, pred, gt_sum[:, None])
+
+        rows, cols = box.slices
+        g_region = probs[:, rows, cols][channels]                                 # (K, s, s) copy
+        gt_region = gt[:, rows, cols][channels].reshape(K, -1)
+        work, fused = probs, []  # blended in place per weight, its box region restored from g_region
+        for a in range(A):
+            work[channels, rows, cols] = g_region
+            fusion.fuse(work, palm_probs, box, self.weight_rows[a].to(chain.device),
+                        feather=chain.options.feather, palm_channels=palm.channels)
+            fused.append(work[:, rows, cols][channels].reshape(K, -1))
+        inter_in, pred_in = threshold_counts(torch.cat(fused), gt_region.repeat(A, 1), thr)
+        inter_g, pred_g = threshold_counts(g_region.reshape(K, -1), gt_region, thr)
+        inter_out = (inter[channels] - inter_g)[:, None]                            # (K, 1, T)
+        pred_out = (pred[channels] - pred_g)[:, None]
+        self.dice_fused += _dice(inter_in.view(A, K, T).transpose(0, 1) + inter_out,
+                                 pred_in.view(A, K, T).transpose(0, 1) + pred_out, gt_sum[channels][:, None, None])
+        self.n += 1
+
+    def choose(self) -> tuple[dict, dict, dict, dict]:
+        """(weights, thresholds, default Dice, calibrated Dice) per class: each class its best pair."""
+        dice_global, dice_fused = (self.dice_global / self.n).cpu(), (self.dice_fused / self.n).cpu()
+        a0, t0 = self.a_grid.index(DEFAULT_PALM_WEIGHT), self.t_grid.index(DEFAULT_THRESHOLD)
+        T = len(self.t_grid)
+        weights, thresholds, before, after = {}, {}, {}, {}
+        palm_row = {int(ch): k for k, ch in enumerate(self.chain.palm.channels)}
+        for c_idx, c in enumerate(CLASSES):
+            if c_idx in palm_row:
+                scores = dice_fused[palm_row[c_idx]].reshape(-1)
+                best = _pick(scores, a0 * T + t0)
+                weights[c], thresholds[c] = self.a_grid[best // T], self.t_grid[best % T]
+                before[c], after[c] = float(scores[a0 * T + t0]), float(scores[best])
+            else:
+                scores = dice_global[c_idx]
+                best = _pick(scores, t0)
+                thresholds[c] = self.t_grid[best]
+                before[c], after[c] = float(scores[t0]), float(scores[best])
+        return weights, thresholds, before, after
+
+
 def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike,
               out: str | os.PathLike, *, weight_grid: Sequence[float] = WEIGHT_GRID,
               threshold_grid: Sequence[float] = THRESHOLD_GRID, split: str | None = None, fixes=None,
-              images: Sequence[str] | None = None, device: str = "cpu", tta: str | None = None,
-              feather: float = DEFAULT_FEATHER, palm_resize: str = "bilinear",
-              weights_dir: str | os.PathLike | None = None) -> Calibration:
+              images: Sequence[str] | None = None, **options) -> Calibration:
     """Choose per-class fusion weights a_c and thresholds t_c maximising mean Dice on DATA.
 
     Writes OUT/fuse_weights.yaml and OUT/thresholds.yaml (read by `twostage infer
     --fuse-weights / --thresholds`) and OUT/calibration.json (grids, per-class Dice before
-    and after). Use the same `tta`, `feather` and `palm_resize` as the `infer` run the files
-    are for.
+    and after). `options` are the ChainOptions fields (device, tta, feather, palm_resize, ...):
+    give the same as the `infer` run the files are for; thresholds and fuse_weights are what
+    calibration chooses, so they are refused here.
 
     Args:
         data: annotated validation images (dataset root, split folder or image folder with
             outputs_json beside it); `images` restricts to these names or stems.
         global_ckpt, palm_ckpt: the two stages, as for `infer --fuse`.
         weight_grid, threshold_grid: candidate values; the defaults are always added.
-        device: torch device for the networks and the statistics.
     """
     from tqdm import tqdm
 
-    from . import fusion
+    from .chain import TwoStage
     from .data import load_masks, select_samples
-    from .devices import torch_device
-    from .infer import PalmStage
-    from .io import read_image, write_json_atomic, write_text_atomic
-    from .models import Predictor, resize_images
+    from .io import read_image
 
     t_start = time.perf_counter()
-    dev = torch_device(device)
-    if tta not in (None, "none", "hflip"):
-        raise TwostageError(f"--tta {tta!r}: use hflip or leave it out")
-    use_tta = tta == "hflip"
+    for chosen in ("thresholds", "fuse_weights"):
+        if options.get(chosen) is not None:
+            raise TwostageError(f"calibrate chooses the {chosen.replace('_', ' ')}; leave --{chosen.replace('_', '-')} out")
     a_grid = _grid_with(weight_grid, DEFAULT_PALM_WEIGHT)
     t_grid = _grid_with(threshold_grid, DEFAULT_THRESHOLD)
     samples, fixes = select_samples(data, split, fixes, images)
@@ -193,80 +256,36 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     if unannotated:
         raise TwostageError(f"{data}: {len(unannotated)} image(s) without annotation JSON "
                             f"({', '.join(unannotated[:3])}); calibration needs ground truth")
-
-    glob = Predictor.from_checkpoint(global_ckpt, dev, expect_stage="global")
-    if list(glob.classes) != list(CLASSES):
-        raise TwostageError(f"{global_ckpt}: the global model predicts {len(glob.classes)} classes; "
-                            f"calibration needs all {len(CLASSES)}")
-    palm = PalmStage(palm_ckpt, dev, tta=use_tta, palm_resize=palm_resize, weights_dir=weights_dir)
-    channels = torch.as_tensor(palm.channels, device=dev)
-    thr = torch.tensor(t_grid, dtype=torch.float32, device=dev)
-    C, K, A, T = len(CLASSES), len(palm.channels), len(a_grid), len(t_grid)
-    dice_global = torch.zeros((C, T), dtype=torch.float64, device=dev)   # Σ over images
-    dice_fused = torch.zeros((K, A, T), dtype=torch.float64, device=dev)
-    weight_rows = torch.zeros((A, C), dtype=torch.float32)
-    weight_rows[:, palm.channels] = torch.tensor(a_grid, dtype=torch.float32)[:, None]
-
+    chain = TwoStage.build(global_ckpt, palm_ckpt, **options)
+    sums = _Sums(chain, a_grid, t_grid)
     for sample in tqdm(samples, desc="calibrate", unit="img", disable=None):
         image = read_image(sample.image_path)
-        gt = torch.from_numpy(load_masks(sample, CLASSES, fixes)).to(dev) != 0  # (C, H, W)
+        gt = torch.from_numpy(load_masks(sample, CLASSES, fixes)).to(chain.device) != 0  # (C, H, W)
         if tuple(gt.shape[1:]) != image.shape:
             raise TwostageError(f"{sample.image_path}: image is {image.shape}, its masks {tuple(gt.shape[1:])}")
-        native = glob.native_probs(torch.from_numpy(image)[None].to(dev), tta=use_tta)
-        probs = resize_images(native, image.shape)[0]  # (C, H, W)
-        box = palm.boxes(native, [sample.name], image.shape)[0]
-        palm_probs = palm.probs(palm.crop_upscaled(image, box), box, dev)  # (K, s, s)
+        sums.add(image, gt, sample.name)
+        del gt
+    weights, thresholds, before, after = sums.choose()
+    result = Calibration(classes=list(CLASSES), palm_classes=list(chain.palm.classes), fuse_weights=weights,
+                         thresholds=thresholds, default_dice=before, calibrated_dice=after, n_images=sums.n,
+                         weight_grid=list(a_grid), threshold_grid=list(t_grid))
+    result.seconds = time.perf_counter() - t_start
+    _write(result, Path(out), data, global_ckpt, palm_ckpt, chain.options)
+    return result
 
-        inter, pred = threshold_counts(probs.reshape(C, -1), gt.reshape(C, -1), thr)
-        gt_sum = gt.reshape(C, -1).sum(1)
-        dice_global += _dice(inter, pred, gt_sum[:, None])
 
-        rows, cols = box.slices
-        g_region = probs[:, rows, cols][channels]                                 # (K, s, s) copy
-        gt_region = gt[:, rows, cols][channels].reshape(K, -1)
-        work = probs  # blended in place per weight, its box region restored from g_region
-        fused = []
-        for a in range(A):
-            work[channels, rows, cols] = g_region
-            fusion.fuse(work, palm_probs, box, weight_rows[a].to(dev), feather=feather, palm_channels=palm.channels)
-            fused.append(work[:, rows, cols][channels].reshape(K, -1))
-        inter_in, pred_in = threshold_counts(torch.cat(fused), gt_region.repeat(A, 1), thr)
-        inter_g, pred_g = threshold_counts(g_region.reshape(K, -1), gt_region, thr)
-        inter_out = (inter[channels] - inter_g)[:, None]                            # (K, 1, T)
-        pred_out = (pred[channels] - pred_g)[:, None]
-        dice_fused += _dice(inter_in.view(A, K, T).transpose(0, 1) + inter_out,
-                            pred_in.view(A, K, T).transpose(0, 1) + pred_out, gt_sum[channels][:, None, None])
-        del probs, work, fused, gt
-
-    n = len(samples)
-    dice_global, dice_fused = (dice_global / n).cpu(), (dice_fused / n).cpu()
-    a0, t0 = a_grid.index(DEFAULT_PALM_WEIGHT), t_grid.index(DEFAULT_THRESHOLD)
-    weights, thresholds, before, after = {}, {}, {}, {}
-    palm_row = {int(ch): k for k, ch in enumerate(palm.channels)}
-    for c_idx, c in enumerate(CLASSES):
-        if c_idx in palm_row:
-            scores = dice_fused[palm_row[c_idx]].reshape(-1)
-            best = _pick(scores, a0 * T + t0)
-            weights[c], thresholds[c] = a_grid[best // T], t_grid[best % T]
-            before[c], after[c] = float(scores[a0 * T + t0]), float(scores[best])
-        else:
-            scores = dice_global[c_idx]
-            best = _pick(scores, t0)
-            thresholds[c] = t_grid[best]
-            before[c], after[c] = float(scores[t0]), float(scores[best])
-
-    out = Path(out)
+def _write(result: Calibration, out: Path, data, global_ckpt, palm_ckpt, options) -> None:
+    """OUT/fuse_weights.yaml, OUT/thresholds.yaml (for infer) and OUT/calibration.json."""
     import yaml
 
-    head = (f"# written by `twostage calibrate` on {n} image(s) of {data}\n"
+    from .io import write_json_atomic, write_text_atomic
+
+    head = (f"# written by `twostage calibrate` on {result.n_images} image(s) of {data}\n"
             f"# global: {global_ckpt}\n# palm: {palm_ckpt}\n")
     files = [out / "fuse_weights.yaml", out / "thresholds.yaml", out / "calibration.json"]
-    write_text_atomic(files[0], head + yaml.safe_dump({"fuse_weights": weights}, sort_keys=False))
-    write_text_atomic(files[1], head + yaml.safe_dump({"thresholds": thresholds}, sort_keys=False))
-    result = Calibration(classes=list(CLASSES), palm_classes=list(palm.classes), fuse_weights=weights,
-                         thresholds=thresholds, default_dice=before, calibrated_dice=after, n_images=n,
-                         weight_grid=list(a_grid), threshold_grid=list(t_grid), files=[str(f) for f in files])
-    result.seconds = time.perf_counter() - t_start
+    write_text_atomic(files[0], head + yaml.safe_dump({"fuse_weights": result.fuse_weights}, sort_keys=False))
+    write_text_atomic(files[1], head + yaml.safe_dump({"thresholds": result.thresholds}, sort_keys=False))
+    result.files = [str(f) for f in files]
     write_json_atomic(files[2], {**result.to_dict(), "data": str(data), "global": str(global_ckpt),
-                                 "palm": str(palm_ckpt), "tta": tta, "feather": feather, "palm_resize": palm_resize})
-    return result
+                                 "palm": str(palm_ckpt), "tta": options.tta, "feather": options.feather,
+                                 "palm_resize": options.palm_resize})

@@ -378,6 +378,25 @@ def select_samples(root: str | os.PathLike, split: str | None = None, fixes: "Fi
     return samples, fixes
 
 
+def parse_shard(spec: str | Sequence[int]) -> tuple[int, int]:
+    """`"i/n"` or (i, n) → (i, n) with 0 ≤ i < n: the `--shard` of every command."""
+    try:
+        i, n = (int(x) for x in (spec.split("/") if isinstance(spec, str) else spec))
+    except (TypeError, ValueError):
+        raise TwostageError(f"--shard {spec!r}: expected i/n, e.g. 0/4 (i is 0-based)") from None
+    if n < 1 or not 0 <= i < n:
+        raise TwostageError(f"--shard {i}/{n}: need 0 <= i < n (i is 0-based)")
+    return i, n
+
+
+def shard_slice(items: Sequence, shard: str | Sequence[int]) -> list:
+    """The i-th of n contiguous, near-equal slices of `items` (sorted samples): shard outputs
+    concatenated in shard order are the full output in sorted order (infer's CSVs)."""
+    i, n = parse_shard(shard)
+    bounds = np.linspace(0, len(items), n + 1).round().astype(int)
+    return list(items[bounds[i]:bounds[i + 1]])
+
+
 def load_annotations(sample: Sample, fixes: Fixes | None = None) -> list[Annotation]:
     """The annotations of a training sample with the label fixes applied.
 

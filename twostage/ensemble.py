@@ -271,7 +271,7 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
     from tqdm import tqdm
 
     from . import fusion
-    from .infer import probs_classes, read_probs
+    from .probs import probs_classes, read_probs
     from .rle import CsvWriter, encode_masks
 
     t0 = time.perf_counter()

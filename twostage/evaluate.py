@@ -68,26 +68,30 @@ def write_pictures(data: str | os.PathLike, global_csv: Path, fused_csv: Path, b
 
 
 def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike,
-             out: str | os.PathLike, *, device: str = "cpu", pictures: int = 3, fixes=None,
-             split: str | None = None, **infer_options) -> Evaluation:
+             out: str | os.PathLike, *, pictures: int = 3, fixes=None, split: str | None = None,
+             **options) -> Evaluation:
     """Score global-only and fused predictions of DATA (which must have GT) and write the evidence.
 
-    Writes OUT/global.csv, OUT/fused.csv, OUT/evaluation.json, OUT/table.txt,
-    OUT/dice_per_class.png and OUT/pictures/*.png.
+    One `chain.TwoStage` (built with `options`, the ChainOptions fields, exactly as `infer`
+    takes them) runs both: the global model alone, then fused. Writes OUT/global.csv,
+    OUT/fused.csv, OUT/evaluation.json, OUT/table.txt, OUT/dice_per_class.png and
+    OUT/pictures/*.png.
     """
-    from .infer import infer
+    from .chain import TwoStage
+    from .infer import find_images, run
     from .visualize import dice_bar_chart
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if fixes is not None and not isinstance(fixes, Fixes):
         fixes = Fixes.load(fixes)  # once, for scoring both runs and the pictures
+    samples = find_images(data, split)
+    chain = TwoStage.build(global_ckpt, palm_ckpt, **options)
+    out.mkdir(parents=True, exist_ok=True)
     g_csv, f_csv = out / "global.csv", out / "fused.csv"
     log.info("infer: global model alone")
-    infer(data, global_ckpt, g_csv, device=device, split=split, **infer_options)
+    run(chain, samples, g_csv, fuse=False)
     log.info("infer: global + palm, fused")
-    fused = infer(data, global_ckpt, f_csv, palm_ckpt=palm_ckpt, fuse=True, device=device, split=split,
-                  **infer_options)
+    fused = run(chain, samples, f_csv, fuse=True)
     g_rep, f_rep = score_csv(g_csv, data, fixes), score_csv(f_csv, data, fixes)
     ev = Evaluation(g_rep, f_rep, {"global_csv": g_csv, "fused_csv": f_csv})
     report = {"global": g_rep.to_dict(), "fused": f_rep.to_dict(),

@@ -1,6 +1,6 @@
 """Fusion of palm-model probabilities into the global 29-class probabilities; per-class
-thresholds. The one place the blend rule of docs/DESIGN.md §3 lives (infer, ensemble and calibrate
-call it):
+thresholds and the mask comparison. The one place the blend rule of docs/DESIGN.md §3 lives
+(the chain and calibrate call it; ensemble and training threshold through `binarize`):
 
     p = (1 − a_c·w)·p_global + a_c·w·p_palm      inside the palm box, p_global elsewhere
 
@@ -78,6 +78,13 @@ def feather_window(crop_shape: tuple[int, int], box, image_shape: tuple[int, int
     return torch.from_numpy(np.minimum.outer(wy[rows], wx))
 
 
+def check_feather(feather: float) -> float:
+    """`feather` if it is a fraction of the box side in [0, 0.5] (a wider ramp would cross the box)."""
+    if not 0.0 <= feather <= 0.5:
+        raise TwostageError(f"feather {feather}: must be a fraction of the box side in [0, 0.5]")
+    return feather
+
+
 def blend_box(region: torch.Tensor, palm_probs: torch.Tensor, box, image_shape: tuple[int, int],
               weights: torch.Tensor, feather: float = DEFAULT_FEATHER, rows: slice = slice(None)) -> torch.Tensor:
     """The docs/DESIGN.md §3 blend on the palm box alone, IN PLACE: `region` holds the float32 global
@@ -93,8 +100,7 @@ def blend_box(region: torch.Tensor, palm_probs: torch.Tensor, box, image_shape: 
     if tuple(region.shape) != tuple(palm_probs.shape) or weights.shape != (region.shape[0],):
         raise TwostageError(f"palm probabilities have {palm_probs.shape[0]} channels, the box "
                             f"region {region.shape[0]} and the weights {tuple(weights.shape)}")
-    if not 0.0 <= feather <= 0.5:
-        raise TwostageError(f"feather {feather}: must be a fraction of the box side in [0, 0.5]")
+    check_feather(feather)
     dev = region.device
     window = feather_window((side, side), box, image_shape, int(round(feather * side)), rows).to(dev)
     aw = weights.to(dev, torch.float32)[:, None, None] * window[None]   # (K, r, s)

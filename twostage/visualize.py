@@ -226,85 +226,67 @@ class VisualizeSummary:
 
 
 class _Predictions:
-    """Masks (and palm boxes) per image from a CSV or from checkpoints (infer's own pipeline)."""
+    """Masks (and palm boxes) per image from a CSV, or from checkpoints through `chain.TwoStage`."""
 
-    def __init__(self, csv=None, global_ckpt=None, palm_ckpt=None, fuse=False, device="cpu",
-                 thresholds=None, fuse_weights=None, tta=None):
+    def __init__(self, csv=None, global_ckpt=None, palm_ckpt=None, fuse=False, options: dict | None = None):
         from .box import BoxRule
-        from .devices import torch_device
-        from .ensemble import CsvIndex
 
-        self.device = torch_device(device)
-        self.tta = tta == "hflip"
-        self.palm = None
-        self.weights = None
-        self.rule = BoxRule()
-        if csv is not None:
-            if fuse or thresholds is not None or fuse_weights is not None or tta is not None:
-                raise TwostageError("--fuse, --thresholds, --fuse-weights and --tta apply to checkpoints, not --csv")
-            self.index = CsvIndex(csv)
-            self.classes = [c for c in CLASSES if c in self.index.classes]
-            if palm_ckpt is not None:  # draw the box by this palm model's rule
-                from .checkpoint import load_checkpoint
-                from .infer import palm_box_rule
-
-                self.rule = palm_box_rule(load_checkpoint(palm_ckpt, expect_stage="palm")["meta"])
-            return
-        from . import fusion
-        from .infer import PalmStage
-        from .models import Predictor
-
+        self.fuse, self.chain, self.index = fuse, None, None
         if fuse and palm_ckpt is None:
             raise TwostageError("--fuse needs a palm checkpoint (--palm CKPT)")
-        self.index = None
-        self.glob = Predictor.from_checkpoint(global_ckpt, self.device, expect_stage="global")
-        self.classes = [c for c in CLASSES if c in self.glob.classes]
-        if palm_ckpt is not None:
-            self.palm = PalmStage(palm_ckpt, self.device, tta=self.tta)
-            self.weights = fusion.fuse_weights(fuse_weights, self.palm.classes).to(self.device)
-        self.fuse = fuse
-        self.thr = fusion.thresholds(thresholds).to(self.device)
+        if csv is None:
+            from .chain import TwoStage
+
+            self.chain = TwoStage.build(global_ckpt, palm_ckpt, **(options or {}))
+            self.classes = list(CLASSES)
+            return
+        from .chain import ChainOptions
+        from .ensemble import CsvIndex
+
+        if fuse or any(v != getattr(ChainOptions(), k) for k, v in (options or {}).items() if k != "device"):
+            raise TwostageError("--fuse and the inference options (--thresholds, --tta, ...) apply to "
+                                "checkpoints, not --csv")
+        self.index = CsvIndex(csv)
+        self.classes = [c for c in CLASSES if c in self.index.classes]
+        self.rule = BoxRule()
+        if palm_ckpt is not None:  # draw the box by this palm model's rule
+            from .chain import palm_box_rule
+            from .checkpoint import load_checkpoint
+
+            self.rule = palm_box_rule(load_checkpoint(palm_ckpt, expect_stage="palm")["meta"])
 
     def __call__(self, name: str, image: np.ndarray) -> tuple[np.ndarray, object]:
         """(29, H, W) bool masks (classes the source lacks stay empty) and the palm box or None."""
+        if self.chain is not None:
+            seg = self.chain.predict(image, name, fuse=self.fuse)
+            return seg.masks.cpu().numpy(), seg.box
         import torch
 
         from .box import boxes_from_probs
+        from .rle import decode
 
         h, w = image.shape
-        if self.index is not None:
-            from .rle import decode
-
-            if name not in self.index.spans:
-                raise TwostageError(f"{self.index.path}: no rows for image {name}")
-            rows = self.index.rows(name)
-            masks = np.zeros((len(CLASSES), h, w), bool)
-            for c in self.classes:
-                try:
-                    masks[CLASSES.index(c)] = decode(rows[c], (h, w))
-                except TwostageError as e:
-                    raise TwostageError(f"{self.index.path}: image {name} class {c}: {e}") from None
-            carpals = masks[[CLASSES.index(c) for c in PALM_CLASSES]]
-            box = None
-            if carpals.any():  # the box the palm stage would take from these carpals
-                box = boxes_from_probs(torch.from_numpy(carpals[None]).float(), self.rule, names=[name])[0]
-            return masks, box
-        from .infer import segment
-
-        native = self.glob.native_probs(torch.from_numpy(image)[None].to(self.device), tta=self.tta)
+        if name not in self.index.spans:
+            raise TwostageError(f"{self.index.path}: no rows for image {name}")
+        rows = self.index.rows(name)
+        masks = np.zeros((len(CLASSES), h, w), bool)
+        for c in self.classes:
+            try:
+                masks[CLASSES.index(c)] = decode(rows[c], (h, w))
+            except TwostageError as e:
+                raise TwostageError(f"{self.index.path}: image {name} class {c}: {e}") from None
+        carpals = masks[[CLASSES.index(c) for c in PALM_CLASSES]]
         box = None
-        if self.palm is not None:
-            box = self.palm.boxes(native, [name], image.shape)[0]
-        palm = self.palm if self.fuse else None
-        masks = segment(native[0], image, self.thr, palm, box, self.weights).masks
-        return masks.cpu().numpy(), box
+        if carpals.any():  # the box the palm stage would take from these carpals
+            box = boxes_from_probs(torch.from_numpy(carpals[None]).float(), self.rule, names=[name])[0]
+        return masks, box
 
 
 def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.PathLike | None = None,
               global_ckpt: str | os.PathLike | None = None, palm_ckpt: str | os.PathLike | None = None,
               fuse: bool = False, images: Sequence[str] | None = None, classes: Sequence[str] | None = None,
-              per_class: bool = False, split: str | None = None, fixes=None, device: str = "cpu",
-              thresholds=None, fuse_weights=None, tta: str | None = None, max_side: int = 1024) -> VisualizeSummary:
+              per_class: bool = False, split: str | None = None, fixes=None, max_side: int = 1024,
+              **options) -> VisualizeSummary:
     """Write comparison pictures of predictions against the ground truth of DATA.
 
     Per image, OUT/<stem>.png: ground truth | prediction (class colours) | overlap (green both,
@@ -316,11 +298,13 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
         data: dataset root or split folder with annotations.
         csv: a §2 prediction CSV (any subset of classes); its palm box is derived from its
             carpal masks by the box rule of `palm_ckpt` if given, else the default BoxRule.
-        global_ckpt, palm_ckpt, fuse: or predict with checkpoints through infer's pipeline
+        global_ckpt, palm_ckpt, fuse: or predict with checkpoints through `chain.TwoStage`
             (`palm_ckpt` without `fuse` only draws the palm box the chain would use).
         images: image names (or stems) to draw; default all annotated images.
         classes: class names to draw (default all the prediction has).
         max_side: panels wider than this are scaled down (pictures of 2048² images stay small).
+        options: `chain.ChainOptions` fields (device, thresholds, fuse_weights, tta, ...), as
+            `infer` takes them; checkpoints only.
     """
     from tqdm import tqdm
 
@@ -339,7 +323,7 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
     if not samples:
         raise TwostageError(f"{data}: no annotated images to compare with (visualize needs ground truth)")
 
-    predict = _Predictions(csv, global_ckpt, palm_ckpt, fuse, device, thresholds, fuse_weights, tta)
+    predict = _Predictions(csv, global_ckpt, palm_ckpt, fuse, options)
     chosen = [c for c in (classes or CLASSES) if c in predict.classes]
     if not chosen:
         raise TwostageError(f"{csv}: has none of the selected classes ({', '.join(classes or [])})")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_chain_options, chain_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..calibrate import THRESHOLD_GRID, WEIGHT_GRID
@@ -31,28 +33,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image", nargs="+", metavar="NAME", help="only these images (file names or stems)")
     p.add_argument("--split", choices=("train", "test"), help="split of a dataset root (default: train)")
     p.add_argument("--fixes", type=Path, metavar="FIXES.yaml", help="label fixes applied to the ground truth")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
-    p.add_argument("--tta", choices=("hflip",), help="test-time augmentation, as the infer run will use")
-    p.add_argument("--feather", type=float, default=None, metavar="F",
-                   help="feather ramp as a fraction of the box side, as the infer run will use (default 0.1)")
-    p.add_argument("--palm-resize", choices=("bilinear", "area"), default="bilinear",
-                   help="palm probabilities to the box size, as the infer run will use")
-    p.add_argument("--weights-dir", type=Path, metavar="DIR", help="folder holding the upscaler weight files")
+    add_chain_options(p, per_class=False)
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the result as JSON here")
     p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
     from ..calibrate import calibrate, parse_grid
-    from ..fusion import DEFAULT_FEATHER
     from ..io import write_json_atomic
 
     result = calibrate(
         args.data, args.global_ckpt, args.palm_ckpt, args.out,
         weight_grid=parse_grid(args.grid, "grid"), threshold_grid=parse_grid(args.thresholds_grid, "thresholds-grid"),
-        split=args.split, fixes=args.fixes, images=args.image, device=args.device, tta=args.tta,
-        feather=DEFAULT_FEATHER if args.feather is None else args.feather, palm_resize=args.palm_resize,
-        weights_dir=args.weights_dir,
+        split=args.split, fixes=args.fixes, images=args.image, **chain_options(args),
     )
     print(result.table())
     print(f"wrote {', '.join(result.files)} ({result.seconds:.1f} s)")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_device, add_thresholds
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -26,13 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="hard voting: votes a pixel needs (default: more than half of the CSVs having the class)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W",
                    help="soft voting: one weight per --probs folder (default equal)")
-    p.add_argument("--thresholds", default=None, metavar="T|FILE.yaml",
-                   help="soft voting: per-class thresholds, one number or a YAML mapping class: threshold "
-                        "(e.g. thresholds.yaml from `twostage calibrate`). Default 0.5")
+    add_thresholds(p)  # soft voting only
     p.add_argument("--images", type=Path, metavar="DATA",
                    help="soft voting: dataset or image folder whose sorted path order the CSV follows "
                         "(default: sorted by image name)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
+    add_device(p)
     p.set_defaults(func=handler)
 
 

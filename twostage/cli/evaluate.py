@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_chain_options, chain_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -19,18 +21,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="global checkpoint (best.pt) or its run folder")
     p.add_argument("--palm", type=Path, required=True, metavar="CKPT", help="palm checkpoint or its run folder")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--fixes", type=Path, metavar="FIXES.yaml", help="label fixes applied to the ground truth")
     p.add_argument("--pictures", type=int, default=3, help="number of images to draw (default: %(default)s)")
     p.add_argument("--split", choices=("train", "test"), help="split of DATA to use (default: train if present)")
+    add_chain_options(p)
     p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate
 
-    ev = evaluate(args.data, args.global_ckpt, args.palm, args.out, device=args.device,
-                  pictures=args.pictures, fixes=args.fixes, split=args.split)
+    ev = evaluate(args.data, args.global_ckpt, args.palm, args.out, pictures=args.pictures, fixes=args.fixes,
+                  split=args.split, **chain_options(args))
     print(ev.table())
     print(f"\ncarpal gain {ev.carpal_gain:+.4f}, overall gain {ev.overall_gain:+.4f}")
     print("written:\n" + "\n".join(f"  {p}" for p in ev.files.values()))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_chain_options, chain_options
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -27,45 +29,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fuse", action="store_true", help="fuse the palm model into the global prediction (needs --palm)")
     p.add_argument("--out", type=Path, required=True, metavar="CSV", help="CSV to write, e.g. submission.csv")
     p.add_argument("--split", choices=("train", "test"), help="which split of a dataset root to read (default: test, else train)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
     p.add_argument("--batch-size", type=int, default=1, metavar="N", help="images per global forward pass (default: 1)")
-    p.add_argument("--fp16", action="store_true", help="float16 autocast for the networks (CUDA only; an error on CPU)")
-    p.add_argument("--tta", choices=("hflip",), help="test-time augmentation: average with the horizontal flip")
-    p.add_argument("--thresholds", default=None, metavar="T|FILE.yaml",
-                   help="per-class probability thresholds: one number, or a YAML mapping class: threshold "
-                        "(optional 'default:'; may sit under a 'thresholds:' key). Default 0.5")
-    p.add_argument("--fuse-weights", default=None, metavar="FILE.yaml",
-                   help="per-class fusion weights a_c for the palm classes (YAML mapping class: weight, optional "
-                        "'default:', may sit under 'fuse_weights:'), or one number. Default 0.7")
-    p.add_argument("--feather", type=float, default=None, metavar="F",
-                   help="feather ramp width as a fraction of the box side (default 0.1; 0 = hard edge)")
-    p.add_argument("--palm-resize", choices=("bilinear", "area"), default="bilinear",
-                   help="how palm probabilities are resized to the box size (default bilinear)")
+    add_chain_options(p)
     p.add_argument("--save-probs", type=Path, metavar="DIR",
                    help="also write per-image uint8-quantised probabilities DIR/<image>.npz for ensembling")
     p.add_argument("--shard", default="0/1", metavar="i/n",
                    help="process the i-th of n contiguous slices of the sorted images (default 0/1)")
     p.add_argument("--skip-bad", action="store_true",
                    help="write empty masks for unreadable images (listed at the end) instead of stopping")
-    p.add_argument("--tile", type=int, default=0, metavar="PX",
-                   help="upscaler tile size in pixels (0 = whole crop; tiling saves memory)")
-    p.add_argument("--weights-dir", type=Path, metavar="DIR", help="folder holding the upscaler weight files")
     p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..fusion import DEFAULT_FEATHER
     from ..infer import infer
 
-    summary = infer(
-        args.images, args.global_ckpt, args.out, palm_ckpt=args.palm_ckpt, fuse=args.fuse,
-        device=args.device, batch_size=args.batch_size, fp16=args.fp16, tta=args.tta,
-        thresholds=args.thresholds, fuse_weights=args.fuse_weights,
-        feather=DEFAULT_FEATHER if args.feather is None else args.feather,
-        palm_resize=args.palm_resize, save_probs=args.save_probs, shard=args.shard,
-        skip_bad=args.skip_bad, upscaler_tile=args.tile, weights_dir=args.weights_dir,
-        split=args.split,
-    )
+    summary = infer(args.images, args.global_ckpt, args.out, palm_ckpt=args.palm_ckpt, fuse=args.fuse,
+                    batch_size=args.batch_size, save_probs=args.save_probs, shard=args.shard,
+                    skip_bad=args.skip_bad, split=args.split, **chain_options(args))
     mode = "global + palm (fused)" if summary.fused else "global only"
     print(f"wrote {summary.out}: {summary.images} images x 29 classes, {mode}, "
           f"{summary.seconds:.1f} s on {summary.device}")

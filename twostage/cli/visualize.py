@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .options import add_chain_options, chain_options
 from .score import _classes
 
 
@@ -33,10 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-class", action="store_true", help="also one zoomed picture per class with errors")
     p.add_argument("--split", choices=("train", "test"), help="split of a dataset root (default: train)")
     p.add_argument("--fixes", type=Path, metavar="FIXES.yaml", help="label fixes applied to the ground truth")
-    p.add_argument("--thresholds", default=None, metavar="T|FILE.yaml", help="per-class thresholds (checkpoints)")
-    p.add_argument("--fuse-weights", default=None, metavar="FILE.yaml", help="per-class fusion weights (checkpoints)")
-    p.add_argument("--tta", choices=("hflip",), help="test-time augmentation (checkpoints)")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
+    add_chain_options(p)
     p.add_argument("--max-side", type=int, default=1024, metavar="PX",
                    help="panels wider than this are scaled down (default 1024)")
     p.set_defaults(func=handler)
@@ -48,8 +46,7 @@ def handler(args: argparse.Namespace) -> int:
     summary = visualize(
         args.data, args.out, csv=args.csv, global_ckpt=args.global_ckpt, palm_ckpt=args.palm_ckpt,
         fuse=args.fuse, images=args.image, classes=args.classes, per_class=args.per_class,
-        split=args.split, fixes=args.fixes, device=args.device, thresholds=args.thresholds,
-        fuse_weights=args.fuse_weights, tta=args.tta, max_side=args.max_side,
+        split=args.split, fixes=args.fixes, max_side=args.max_side, **chain_options(args),
     )
     print(f"wrote {len(summary.files)} picture(s) for {summary.images} image(s) to {summary.out}")
     if summary.skipped:

@@ -1,0 +1,276 @@
+"""The two-stage chain, built once from two checkpoints and the inference options, used by
+every command that runs the networks: infer, evaluate, calibrate and visualize
+(docs/DESIGN.md §3, §6). An option added to `ChainOptions` (and to `cli.options`) reaches
+all of them.
+
+Per image: global probabilities at the network's size (`TwoStage.native`) → palm box from
+their carpal channels (`boxes`) → box cut from the SOURCE image → recorded upscaler → palm
+probabilities at the box size → blended into the global probabilities of the box
+(`fusion.blend_box`) → per-class thresholds (`segment`). Everything runs on the chain's
+device, batched over the classes; only the uint8 crop goes through the CPU, because
+upscalers take and return numpy images.
+
+The palm checkpoint carries how its training crops were made (box rule with fallback and
+side range, upscaler name, scale and weight sha256); the chain rebuilds exactly that and
+refuses to run with anything else (a model trained on Real-ESRGAN crops is never silently
+fed bicubic crops).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import fusion
+from .box import Box, BoxRule, boxes_from_probs, crop_image
+from .classes import CLASSES, PALM_INDICES, class_indices
+from .devices import torch_device
+from .errors import TwostageError
+from .fusion import DEFAULT_FEATHER, PerClassSpec
+from .models import Predictor, resize_images
+from .upsample import threshold_upsample, upsample_region
+
+BOX_ROWS = 64
+"""Rows of the palm box upsampled and blended per step."""
+
+PALM_RESIZE_MODES = ("bilinear", "area")
+"""How palm probabilities at the palm model's input size are resized to the box size."""
+
+TTA_MODES = ("hflip",)
+"""Test-time augmentations: hflip averages with the horizontally flipped prediction."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainOptions:
+    """How the chain runs; every command that runs the networks takes all of these.
+
+    device: torch device for both networks and the fusion ("cpu", "cuda", "cuda:1").
+    fp16: float16 autocast of the networks (CUDA only).
+    tta: None or "hflip", for both networks.
+    thresholds: per-class thresholds (number, {class: t} or YAML file; default 0.5).
+    fuse_weights: per-class fusion weights a_c (default 0.7 for the palm classes).
+    feather: feather ramp as a fraction of the box side.
+    palm_resize: "bilinear" or "area", palm probabilities to the box size.
+    upscaler_tile, upscaler_tile_pad, upscaler_pre_pad, weights_dir: how the recorded upscaler
+        runs (tiling saves memory; the result is the same).
+    """
+
+    device: str = "cpu"
+    fp16: bool = False
+    tta: str | None = None
+    thresholds: PerClassSpec = None
+    fuse_weights: PerClassSpec = None
+    feather: float = DEFAULT_FEATHER
+    palm_resize: str = "bilinear"
+    upscaler_tile: int = 0
+    upscaler_tile_pad: int = 10
+    upscaler_pre_pad: int = 0
+    weights_dir: str | os.PathLike | None = None
+
+    def __post_init__(self) -> None:
+        if self.tta not in (None, "none", *TTA_MODES):
+            raise TwostageError(f"--tta {self.tta!r}: use {', '.join(TTA_MODES)} or leave it out")
+        if self.palm_resize not in PALM_RESIZE_MODES:
+            raise TwostageError(f"--palm-resize {self.palm_resize!r}: use one of {', '.join(PALM_RESIZE_MODES)}")
+        fusion.check_feather(self.feather)
+        if self.upscaler_tile < 0 or self.upscaler_tile_pad < 0 or self.upscaler_pre_pad < 0:
+            raise TwostageError("--tile, the tile padding and the pre-padding must be >= 0 pixels")
+
+    @property
+    def hflip(self) -> bool:
+        return self.tta == "hflip"
+
+
+def palm_box_rule(meta: dict) -> BoxRule:
+    """The BoxRule of a palm checkpoint's meta (the palm set's rule, with the fallback box and
+    side range of its training boxes)."""
+    return BoxRule.from_dict(meta["box_rule"])
+
+
+def fuse_box(native: torch.Tensor, palm_probs: torch.Tensor, channels: Sequence[int], box: Box,
+             image_shape: tuple[int, int], weights: torch.Tensor, feather: float = DEFAULT_FEATHER
+             ) -> torch.Tensor:
+    """The fused (K, s, s) probabilities of the palm box, written into `palm_probs` IN PLACE:
+    the global probabilities of the box, upsampled from the network-size `native` (C, h, w)
+    for the box alone, blended with the palm ones by `fusion.blend_box`.
+
+    Args:
+        palm_probs: (K, s, s) palm probabilities at the box size (overwritten).
+        channels: global channel of each palm channel.
+        weights: (C,) fusion weights a_c per global channel.
+    """
+    side = int(box.side)
+    idx = torch.as_tensor(channels, device=native.device)
+    source = native.index_select(0, idx)
+    a = weights.to(native.device)[idx]
+    # row chunks: the temporaries stay small (a 0.6·2048 box in one piece would allocate
+    # 48 MB tensors, whose page faults cost more than the arithmetic)
+    for r0 in range(0, side, BOX_ROWS):
+        rows = slice(r0, min(side, r0 + BOX_ROWS))
+        part = upsample_region(source, image_shape, box.y0 + r0, box.x0, rows.stop - r0, side)
+        palm_probs[:, rows] = fusion.blend_box(part, palm_probs[:, rows], box, image_shape, a, feather, rows)
+    return palm_probs
+
+
+class PalmStage:
+    """The palm half of the chain, rebuilt from a palm checkpoint: box rule, recorded upscaler
+    and palm model. Pure per call (no per-image state)."""
+
+    def __init__(self, ckpt: str | os.PathLike, device: torch.device, options: ChainOptions = ChainOptions()):
+        from .sr import make_upscaler
+
+        self.predictor = Predictor.from_checkpoint(ckpt, device, expect_stage="palm")
+        meta = self.predictor.meta
+        for key in ("box_rule", "palm_set"):
+            if not meta.get(key):
+                raise TwostageError(f"{ckpt}: palm checkpoint lacks {key!r} (train it with `twostage train --stage palm`)")
+        self.classes = list(self.predictor.classes)
+        try:
+            self.channels = class_indices(self.classes)  # palm channel → global channel
+        except TwostageError as e:
+            raise TwostageError(f"{ckpt}: palm model classes do not fit the 29 CSV classes ({e})") from None
+        self.rule = palm_box_rule(meta)
+        record = meta["palm_set"]
+        self.upscaler = make_upscaler(record["upscaler"], scale=record.get("scale"), tile=options.upscaler_tile,
+                                      tile_pad=options.upscaler_tile_pad, pre_pad=options.upscaler_pre_pad,
+                                      device=str(device), weights_dir=options.weights_dir)
+        have = self.upscaler.record()
+        for key in ("upscaler", "scale", "weight_sha256"):
+            if have.get(key) != record.get(key):
+                raise TwostageError(
+                    f"{ckpt}: the palm model was trained on crops made by {record.get('upscaler')} "
+                    f"x{record.get('scale')} (weights sha256 {record.get('weight_sha256')}); this machine's "
+                    f"upscaler has {key}={have.get(key)!r}. Install the recorded weights (see "
+                    f"`twostage weights`); a different upscaler is never substituted")
+        self.fp16, self.tta, self.palm_resize = options.fp16, options.hflip, options.palm_resize
+
+    def boxes(self, probs: torch.Tensor, names: Sequence[str],
+              image_shape: tuple[int, int] | None = None) -> list[Box]:
+        """One palm box per image from the global model's predicted carpal pixels: all 8
+        PALM_CLASSES (the training box covers them all, whatever subset the palm model predicts).
+
+        `probs` are (B, C, h, w) global probabilities at any resolution (the network's own:
+        nothing is lost and it is far cheaper than the source size); `image_shape` is the
+        (H, W) of the source images the boxes are for."""
+        lo, hi = min(PALM_INDICES), max(PALM_INDICES) + 1  # contiguous in CLASSES: a view, no copy
+        return boxes_from_probs(probs[:, lo:hi], self.rule, names=list(names), image_shape=image_shape)
+
+    def crop_upscaled(self, image: np.ndarray, box: Box) -> np.ndarray:
+        """The box cut from the SOURCE image, upscaled by the recorded upscaler: (s·k, s·k) uint8."""
+        return self.upscaler(np.ascontiguousarray(crop_image(image, box)))
+
+    def probs(self, crop: np.ndarray, box: Box, device: torch.device) -> torch.Tensor:
+        """(K, side, side) float32 palm probabilities for one upscaled crop, at the box size.
+
+        The palm network sees the crop resized to its input size (the Predictor's one
+        preprocessing path); its sigmoid probabilities go straight from the input size to the
+        box size (resizing to the upscaled crop size first and then down would only blur).
+        """
+        x = torch.from_numpy(np.ascontiguousarray(crop))[None].to(device)
+        p = torch.sigmoid(self.predictor.logits_at(x, tta=self.tta, fp16=self.fp16))
+        side = int(box.side)
+        if self.palm_resize == "area":
+            return F.interpolate(p, size=(side, side), mode="area")[0]
+        return F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[0]
+
+
+class Segmentation(NamedTuple):
+    """One image's result from `TwoStage.segment`."""
+
+    masks: torch.Tensor                 # (C, H, W) bool
+    box: Box | None                     # the palm box (fused runs, or a chain with a palm stage)
+    region: torch.Tensor | None         # (K, s, s) fused palm-box probabilities, or None
+    rows: torch.Tensor | None           # (C, H) bool, False: row holds no foreground (or None)
+
+
+class TwoStage:
+    """The global model, optionally the palm stage, and the options both run with.
+
+    With a palm checkpoint every image gets a palm box; `fuse=False` in `segment` gives the
+    global model's masks alone (evaluate compares both from one chain).
+    """
+
+    def __init__(self, glob: Predictor, palm: PalmStage | None, options: ChainOptions, device: torch.device):
+        self.glob, self.palm, self.options, self.device = glob, palm, options, device
+        self.thr = fusion.thresholds(options.thresholds).to(device)
+        self.weights = None if palm is None else fusion.fuse_weights(options.fuse_weights, palm.classes).to(device)
+
+    @classmethod
+    def load(cls, global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike | None = None,
+             options: ChainOptions = ChainOptions()) -> "TwoStage":
+        """The chain of a global checkpoint and, optionally, a palm checkpoint (or run folders)."""
+        device = torch_device(options.device)
+        if options.fp16 and device.type != "cuda":
+            raise TwostageError(f"--fp16 needs a CUDA device (got --device {options.device}); "
+                                "float16 on CPU is slow or unsupported")
+        glob = Predictor.from_checkpoint(global_ckpt, device, expect_stage="global")
+        if list(glob.classes) != list(CLASSES):
+            raise TwostageError(f"{global_ckpt}: the global model predicts {len(glob.classes)} classes "
+                                f"({', '.join(glob.classes[:3])}, ...); the chain needs all {len(CLASSES)} "
+                                "in the CSV's order")
+        palm = PalmStage(palm_ckpt, device, options) if palm_ckpt is not None else None
+        return cls(glob, palm, options, device)
+
+    @classmethod
+    def build(cls, global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike | None = None,
+              **options) -> "TwoStage":
+        """`TwoStage.load(global_ckpt, palm_ckpt, ChainOptions(**options))`."""
+        return cls.load(global_ckpt, palm_ckpt, ChainOptions(**options))
+
+    def native(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, H, W) uint8 → (B, C, h, w) global probabilities at the network's size, on the device."""
+        x = torch.as_tensor(images).to(self.device)
+        return self.glob.native_probs(x, tta=self.options.hflip, fp16=self.options.fp16)
+
+    def boxes(self, native: torch.Tensor, names: Sequence[str], image_shape: tuple[int, int]) -> list[Box | None]:
+        """The palm box of each image (None for all without a palm stage)."""
+        if self.palm is None:
+            return [None] * native.shape[0]
+        return self.palm.boxes(native, names, image_shape)
+
+    def segment(self, native: torch.Tensor, image: np.ndarray, box: Box | None = None, fuse: bool = True,
+                tick=lambda stage: None) -> Segmentation:
+        """The masks of one source image from its network-size (C, h, w) probabilities.
+
+        The global masks come from `upsample.threshold_upsample` (only tiles that can cross a
+        threshold are upsampled); with a palm stage, `fuse` and a `box`, the box region of the
+        palm channels is replaced by the thresholded fused probabilities (docs/DESIGN.md §3).
+        Equal to thresholding the fully upsampled and fused probabilities, except for pixels
+        whose value ties with the threshold in float rounding. `rows` is the hint for
+        `rle.encode_masks(masks, rows=rows)`; `tick` is called with a step name after each step.
+        """
+        masks, rows = threshold_upsample(native, image.shape, self.thr)
+        tick("masks")
+        if self.palm is None or not fuse or box is None:
+            return Segmentation(masks, box, None, rows)
+        palm = self.palm
+        crop = palm.crop_upscaled(image, box)
+        tick("upscale")
+        region = palm.probs(crop, box, native.device)
+        tick("palm")
+        fuse_box(native, region, palm.channels, box, image.shape, self.weights, self.options.feather)
+        channels = torch.as_tensor(palm.channels, device=masks.device)
+        ys, xs = box.slices
+        masks[:, ys, xs].index_copy_(0, channels, fusion.binarize(region, self.thr.index_select(0, channels)))
+        if rows is not None:
+            rows[:, ys].index_fill_(0, channels, True)
+        tick("fusion")
+        return Segmentation(masks, box, region, rows)
+
+    def predict(self, image: np.ndarray, name: str, fuse: bool = True) -> Segmentation:
+        """One image end to end: `native` → `boxes` → `segment`."""
+        native = self.native(image[None])
+        return self.segment(native[0], image, self.boxes(native, [name], image.shape)[0], fuse)
+
+    def full_probs(self, native: torch.Tensor, size: tuple[int, int], seg: Segmentation) -> torch.Tensor:
+        """(C, H, W) float32 source-size probabilities (for `--save-probs`): the dense upsample
+        of `native`, with the fused palm-box region of `seg` written into the palm channels."""
+        probs = resize_images(native[None], size)[0]
+        if seg.region is not None:
+            rows, cols = seg.box.slices
+            probs[:, rows, cols].index_copy_(0, torch.as_tensor(self.palm.channels, device=probs.device), seg.region)
+        return probs

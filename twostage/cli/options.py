@@ -1,0 +1,51 @@
+"""The command-line form of `chain.ChainOptions`, shared by every command that runs the
+networks (infer, evaluate, calibrate, visualize) and, for --device and --thresholds, by
+ensemble: an option defined here reaches all of them the same way."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+THRESHOLDS_HELP = ("per-class probability thresholds: one number, or a YAML mapping class: threshold "
+                   "(optional 'default:'; may sit under a 'thresholds:' key, e.g. thresholds.yaml from "
+                   "`twostage calibrate`). Default 0.5")
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
+
+
+def add_thresholds(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--thresholds", default=None, metavar="T|FILE.yaml", help=THRESHOLDS_HELP)
+
+
+def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True) -> None:
+    """Every ChainOptions field as a flag. `per_class=False` leaves out --thresholds and
+    --fuse-weights (calibrate chooses them)."""
+    add_device(p)
+    p.add_argument("--fp16", action="store_true", help="float16 autocast for the networks (CUDA only; an error on CPU)")
+    p.add_argument("--tta", choices=("hflip",), help="test-time augmentation: average with the horizontal flip")
+    if per_class:
+        add_thresholds(p)
+        p.add_argument("--fuse-weights", default=None, metavar="A|FILE.yaml",
+                       help="per-class fusion weights a_c for the palm classes (YAML mapping class: weight, "
+                            "optional 'default:', may sit under 'fuse_weights:'), or one number. Default 0.7")
+    p.add_argument("--feather", type=float, default=None, metavar="F",
+                   help="feather ramp width as a fraction of the box side (default 0.1; 0 = hard edge)")
+    p.add_argument("--palm-resize", choices=("bilinear", "area"), default="bilinear",
+                   help="how palm probabilities are resized to the box size (default bilinear)")
+    p.add_argument("--tile", type=int, default=0, metavar="PX",
+                   help="upscaler tile size in pixels (0 = whole crop; tiling saves memory, same result)")
+    p.add_argument("--weights-dir", type=Path, metavar="DIR", help="folder holding the upscaler weight files")
+
+
+def chain_options(args: argparse.Namespace) -> dict:
+    """The ChainOptions keywords of parsed `add_chain_options` flags."""
+    from ..fusion import DEFAULT_FEATHER
+
+    options = {"device": args.device, "fp16": args.fp16, "tta": args.tta,
+               "feather": DEFAULT_FEATHER if args.feather is None else args.feather,
+               "palm_resize": args.palm_resize, "upscaler_tile": args.tile, "weights_dir": args.weights_dir}
+    if hasattr(args, "fuse_weights"):
+        options.update(thresholds=args.thresholds, fuse_weights=args.fuse_weights)
+    return options
