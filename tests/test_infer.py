@@ -43,10 +43,9 @@ def tiny_checkpoint(path: Path, stage: str, classes=CLASSES, input_size: int = 6
     meta = {"stage": stage, "classes": list(classes), "model": TINY, "input_size": input_size,
             "normalization": default_normalization(None)}
     if stage == "palm":
-        meta["box_rule"] = (box_rule or BoxRule(margin=0.15)).to_dict()
+        rule = box_rule or BoxRule(margin=0.15, side_min=0.1, side_max=0.6, fallback=(0.5, 0.6, 0.3))
+        meta["box_rule"] = rule.to_dict()
         meta["palm_set"] = palm_set or {**make_upscaler("bicubic", 4).record(), "context": 1.5}
-        meta["fallback_box"] = [0.5, 0.6, 0.3]
-        meta["side_range"] = [0.1, 0.6]
     return save_checkpoint(path, net.state_dict(), meta)
 
 

@@ -130,7 +130,11 @@ def test_resume_after_sigkill_is_identical(data, palm, tmp_path):
 def test_shards_give_the_same_output(data, palm, tmp_path):
     out = tmp_path / "PALM"
     a = prepare_sr(data, out, scale=SCALE, shard=(0, 2))
-    b = prepare_sr(data, out, scale=SCALE, shard=(1, 2))
+    # one shard meaning for every command: shard 0/2 is the first contiguous half of the sorted items
+    first = sorted(p.relative_to(out / "manifest").as_posix() for p in (out / "manifest").rglob("*.json"))
+    every = sorted(Path(s.rel).with_suffix(".json").as_posix() for s in find_samples(data, "train"))
+    assert first == every[:3]
+    b = prepare_sr(data, out, scale=SCALE, shard="1/2")
     assert a["done"] == 3 and b["done"] == 3
     assert files(out) == files(palm)
     with pytest.raises(TwostageError, match="0-based"):
@@ -202,7 +206,7 @@ def test_small_palm_input_is_warned_by_prepare_sr_and_palm_training(data, palm, 
     assert "palm input" not in caplog.text
 
     from twostage.config import load_config
-    from twostage.train import _palm_setup, _samples_with_masks
+    from twostage.train.loop import _palm_setup, _samples_with_masks
 
     cfg = load_config("palm", data=str(palm), input_size=64)
     caplog.clear()

@@ -16,8 +16,9 @@ Resumable: an item whose manifest matches (source image hash, annotation hash, s
 and whose outputs exist is skipped; anything else is redone. Every file is written
 atomically. Images without carpal annotations are SKIPPED with a warning: their carpals are
 almost surely unannotated rather than absent, and training on them would teach the palm
-model to miss carpals. `shard=(i, n)` processes items i, i+n, i+2n, ... (0-based) of the
-sorted sample list; every shard writes the same palmset.json (computed from all boxes).
+model to miss carpals. `shard=(i, n)` processes the i-th of n contiguous slices of the
+sorted items (the `--shard` of every command); every shard writes the same palmset.json
+(computed from all boxes).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from . import box as boxes
-from .data import Annotation, Sample, find_samples, load_annotations, write_annotations
+from .data import (Annotation, Sample, find_samples, load_annotations, parse_shard, select_samples, shard_slice,
+                   write_annotations)
 from .errors import TwostageError
 from .io import png_size, read_image, sha256_file, write_json_atomic, write_png_atomic
 
@@ -93,7 +95,7 @@ def map_annotations(annotations: list[Annotation], crop: boxes.Box, scale: int) 
 
 def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = "bicubic", scale: int | None = None,
                margin: float = 0.15, context: float = 1.5, tile: int = 0, device: str = "cpu",
-               shard: tuple[int, int] = (0, 1), overwrite: bool = False, fixes: str | os.PathLike | None = None,
+               shard: str | tuple[int, int] = (0, 1), overwrite: bool = False, fixes: str | os.PathLike | None = None,
                weights_dir: str | os.PathLike | None = None, trust_unpinned: bool = False,
                palm_input: int | list[int] | None = None) -> dict:
     """Write the palm training set of `data` into `out`; returns counts {done, skipped, no_carpals, dropped}.
@@ -105,7 +107,7 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
             (bicubic defaults to ×4; a network's scale is its own).
         margin: box margin (fraction of the carpal extent per side), see `twostage.box.BoxRule`.
         context: crop side / box side (>= 1); the crop lets training jitter the box.
-        shard: (i, n): process items i, i+n, ... (0-based).
+        shard: "i/n" or (i, n): the i-th of n contiguous slices of the items (`data.shard_slice`).
         overwrite: allow replacing a palm set made with other settings in `out`.
         fixes: label-fixes YAML applied on read (dropped images are left out).
         palm_input: the palm network's input side these crops are for: a warning when it is
@@ -113,55 +115,29 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     """
     from tqdm import tqdm
 
-    from .data import Fixes
     from .sr import make_upscaler
 
-    i, n = shard
-    if not (isinstance(n, int) and isinstance(i, int) and n >= 1 and 0 <= i < n):
-        raise TwostageError(f"shard {i}/{n}: need 0 <= i < n (i is 0-based)")
+    i, n = parse_shard(shard)
     if not (isinstance(context, (int, float)) and context >= 1):
         raise TwostageError(f"context {context!r}: must be a number >= 1 (crop side / box side)")
-    out = Path(out)
-    data = Path(data)
+    out, data = Path(out), Path(data)
     if out.resolve() == data.resolve():
         raise TwostageError(f"{out}: the output folder must differ from the dataset")
     rule = boxes.BoxRule(margin=margin)  # validates the margin
     up = make_upscaler(upscaler, scale=scale, tile=tile, device=device, weights_dir=weights_dir,
                        trust_unpinned=trust_unpinned)
-    fx = Fixes.load(fixes) if fixes is not None else None
-
-    # Pass 1 (cheap: JSON + PNG headers): every box, for the record's fallback and side range.
-    samples = find_samples(data, split="train") if (data / "train").is_dir() else find_samples(data)
-    items, shapes, found, counts = [], [], [], {"done": 0, "skipped": 0, "no_carpals": 0, "dropped": 0}
-    for s in samples:
-        if s.json_path is None:
-            log.warning("%s: no annotation JSON; skipped", s.rel)
-            continue
-        if fx is not None and fx.drops(s):
-            counts["dropped"] += 1
-            continue
-        anns = load_annotations(s, fx)
-        shape = png_size(s.image_path)
-        b = boxes.box_from_annotations(anns, shape, rule)
-        if b is None:
-            log.warning("%s: no carpal annotation; skipped (its palm crop would teach missing carpals)", s.rel)
-            counts["no_carpals"] += 1
-            continue
-        items.append((s, anns, shape, b))
-        found.append(b)
-        shapes.append(shape)
-    if not items:
-        raise TwostageError(f"{data}: no training image with carpal annotations")
+    items, counts = _plan(data, rule, fixes)
+    found, shapes = [b for *_, b in items], [shape for _, _, shape, _ in items]
     if palm_input is not None:
         warning = boxes.palm_input_warning([b.side for b in found], palm_input)
         if warning:
             log.warning("prepare-sr: %s", warning)
+    # the record's rule: the fallback box and side range of ALL boxes (every shard writes the same)
     side_min, side_max = boxes.side_range_from_boxes(found, shapes)
     full_rule = boxes.BoxRule(margin=margin, side_min=side_min, side_max=side_max,
                               fallback=boxes.fallback_from_boxes(found, shapes))
     record = {"format": FORMAT, **up.record(), "margin": float(margin), "context": float(context),
               "box_rule": full_rule.to_dict(), "source": str(data.resolve()), "count": len(items)}
-
     settings = {k: record[k] for k in SETTING_KEYS}
     old = out / PALMSET
     if old.is_file() and not overwrite:
@@ -172,30 +148,58 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
                                 f"use another --out or pass --overwrite")
     write_json_atomic(old, record)
 
-    todo = items[i::n]
-    for s, anns, shape, b in tqdm(todo, desc=f"prepare-sr {i}/{n}" if n > 1 else "prepare-sr", unit="img",
-                                  disable=None):
-        png, js, man = _item_paths(out, s)
-        expect = {"source_sha256": sha256_file(s.image_path), "annotations_sha256": _annotations_digest(anns),
-                  **settings}
-        if _finished(man, png, js, expect):
-            counts["skipped"] += 1
-            continue
-        crop_box = b.grown(context, shape)
-        image = read_image(s.image_path)
-        if image.shape != tuple(shape):
-            raise TwostageError(f"{s.image_path}: decoded size {image.shape} differs from its header {shape}")
-        crop = up(np.ascontiguousarray(boxes.crop_image(image, crop_box)))
-        mapped = map_annotations(anns, crop_box, up.scale)
-        write_png_atomic(png, crop)
-        write_annotations(js, mapped, png.name, crop.shape)
-        write_json_atomic(man, {**expect, "source": s.rel, "source_path": str(s.image_path.resolve()),
-                                "image_shape": list(shape), "box": b.to_dict(), "context_box": crop_box.to_dict(),
-                                "crop_shape": list(crop.shape)})
-        counts["done"] += 1
+    for item in tqdm(shard_slice(items, (i, n)), desc=f"prepare-sr {i}/{n}" if n > 1 else "prepare-sr",
+                     unit="img", disable=None):
+        counts["done" if _write_item(out, item, up, context, settings) else "skipped"] += 1
     log.debug("prepare-sr: %d written, %d already done, %d without carpals, %d dropped by fixes -> %s",
-             counts["done"], counts["skipped"], counts["no_carpals"], counts["dropped"], out)
+              counts["done"], counts["skipped"], counts["no_carpals"], counts["dropped"], out)
     return counts
+
+
+def _plan(data: Path, rule: boxes.BoxRule, fixes) -> tuple[list, dict]:
+    """Pass 1 (cheap: JSON + PNG headers): (sample, annotations, shape, box) of every annotated
+    training image with carpals, and the counts of those left out."""
+    split = "train" if (data / "train").is_dir() else None
+    samples, fx = select_samples(data, split, fixes)
+    counts = {"done": 0, "skipped": 0, "no_carpals": 0, "dropped": len(find_samples(data, split)) - len(samples)}
+    items = []
+    for s in samples:
+        if s.json_path is None:
+            log.warning("%s: no annotation JSON; skipped", s.rel)
+            continue
+        anns = load_annotations(s, fx)
+        shape = png_size(s.image_path)
+        b = boxes.box_from_annotations(anns, shape, rule)
+        if b is None:
+            log.warning("%s: no carpal annotation; skipped (its palm crop would teach missing carpals)", s.rel)
+            counts["no_carpals"] += 1
+            continue
+        items.append((s, anns, shape, b))
+    if not items:
+        raise TwostageError(f"{data}: no training image with carpal annotations")
+    return items, counts
+
+
+def _write_item(out: Path, item: tuple, up, context: float, settings: dict) -> bool:
+    """One palm-set item (crop PNG, mapped JSON, manifest last); False if it was already done."""
+    s, anns, shape, b = item
+    png, js, man = _item_paths(out, s)
+    expect = {"source_sha256": sha256_file(s.image_path), "annotations_sha256": _annotations_digest(anns),
+              **settings}
+    if _finished(man, png, js, expect):
+        return False
+    crop_box = b.grown(context, shape)
+    image = read_image(s.image_path)
+    if image.shape != tuple(shape):
+        raise TwostageError(f"{s.image_path}: decoded size {image.shape} differs from its header {shape}")
+    crop = up(np.ascontiguousarray(boxes.crop_image(image, crop_box)))
+    mapped = map_annotations(anns, crop_box, up.scale)
+    write_png_atomic(png, crop)
+    write_annotations(js, mapped, png.name, crop.shape)
+    write_json_atomic(man, {**expect, "source": s.rel, "source_path": str(s.image_path.resolve()),
+                            "image_shape": list(shape), "box": b.to_dict(), "context_box": crop_box.to_dict(),
+                            "crop_shape": list(crop.shape)})
+    return True
 
 
 def read_item_manifest(palm_root: str | os.PathLike, sample: Sample) -> dict:

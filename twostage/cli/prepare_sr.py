@@ -5,16 +5,6 @@ import argparse
 from pathlib import Path
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected i/n, e.g. 0/4 (i is 0-based)") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= i < n (i is 0-based)")
-    return i, n
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "prepare-sr",
@@ -40,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="crop side / box side, room for box jitter in training (default 1.5)")
     p.add_argument("--tile", type=int, default=0, help="Real-ESRGAN tile size, 0 = whole crop (default 0)")
     p.add_argument("--device", default="cpu", help="torch device for the network, e.g. cuda (default cpu)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
-                   help="process items i, i+n, ... only (i is 0-based); run n of these in parallel")
+    p.add_argument("--shard", default="0/1", metavar="i/n",
+                   help="process the i-th of n contiguous slices of the items (i is 0-based); run n of "
+                        "these in parallel (default 0/1)")
     p.add_argument("--input-size", type=int, metavar="N",
                    help="the palm network's input side these crops are for, only to warn when it is "
                         "below the native palm box side (default: model.input_size of --stage)")
