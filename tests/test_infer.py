@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from twostage.box import BoxRule, source_to_crop
+from twostage.box import BoxRule
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main
@@ -30,6 +30,8 @@ from twostage.models import build_model, default_normalization
 from twostage.rle import decode, read_csv
 from twostage.sr import make_upscaler
 from twostage.synth import synthesize
+
+from reference import source_to_crop
 
 TINY = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "in_channels": 3,
         "kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}

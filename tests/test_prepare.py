@@ -25,6 +25,8 @@ from twostage.prepare import load_palm_set, prepare_sr
 from twostage.sr import make_upscaler
 from twostage.synth import synthesize
 
+import reference as R
+
 SCALE = 4
 SIZE = 512  # carpals of a few hundred source pixels: one pixel moves Dice < 0.5 %
 
@@ -64,11 +66,11 @@ def test_polygons_match_source_masks(data, palm):
         np.testing.assert_array_equal(crop_img, up(np.ascontiguousarray(B.crop_image(read_image(s.image_path), ctx))))
         got = rasterize(read_annotations(p.json_path), crop_img.shape)
         # crop space: against the source masks cropped and upscaled (bilinear, threshold 0.5)
-        ref = (B.source_to_crop(src.astype(np.float32), ctx, SCALE) >= 0.5).astype(np.uint8)
+        ref = (R.source_to_crop(src.astype(np.float32), ctx, SCALE) >= 0.5).astype(np.uint8)
         d = dice_per_class(got, ref)[list(PALM_INDICES)]
         assert d.min() >= 0.98, d
         # mapped back to source pixels (what scoring sees): the source masks
-        back = (B.crop_to_source(got.astype(np.float32), ctx, SCALE) >= 0.5).astype(np.uint8)
+        back = (R.crop_to_source(got.astype(np.float32), ctx, SCALE) >= 0.5).astype(np.uint8)
         d = dice_per_class(back, B.crop_image(src, ctx))[list(PALM_INDICES)]
         assert d.min() >= 0.98, d
         # every class that reaches into the crop is there, others are dropped

@@ -3,8 +3,10 @@
 Training derives the box from the carpal polygons, inference from the global model's
 predicted carpal pixels, with the SAME rule (`BoxRule`): the carpal extent, made square,
 grown by `margin` (a fraction of the side, on each side), clamped to the side range seen in
-training, shifted inside the image. Everyone else (prepare-sr, training, inference, fusion,
-visualisation) calls this module; nobody re-derives a box or a crop coordinate.
+training, shifted inside the image (`BoxRule.square`, the one place of that step). Crops of
+a box, also of an upscaled crop, are cut by `crop_image`; polygons are mapped by
+`points_to_crop` / `polygon_to_crop`. Fusion and the sparse upsample read a box's x0, y0
+and side as they are (source pixels).
 
 Conventions:
   * A `Box` is a square in source pixel coordinates: columns x0 .. x0+side-1, rows
@@ -147,6 +149,13 @@ class BoxRule:
             side = min(side, self.side_max * base)
         return side
 
+    def square(self, x0: float, x1: float, y0: float, y1: float, image_shape: Sequence[int]) -> Box:
+        """THE box rule: the extent [x0, x1) × [y0, y1) (edge coordinates), made square, grown by
+        the margin on each side, clamped to the side range, shifted inside the image."""
+        extent = max(x1 - x0, y1 - y0)
+        side = self.clamp_side(math.ceil(extent * (1 + 2 * self.margin)), image_shape)
+        return Box.around((x0 + x1) / 2, (y0 + y1) / 2, side, image_shape)
+
     def to_dict(self) -> dict:
         return {"margin": float(self.margin), "side_min": self.side_min, "side_max": self.side_max,
                 "fallback": list(self.fallback) if self.fallback is not None else None}
@@ -178,9 +187,7 @@ def box_from_points(points: np.ndarray, image_shape: Sequence[int], rule: BoxRul
     h, w = _hw(image_shape)
     pts = np.clip(pts, 0, [w - 1, h - 1])
     (xmin, ymin), (xmax, ymax) = pts.min(0), pts.max(0)
-    extent = max(xmax - xmin, ymax - ymin) + 1  # pixels covered, inclusive
-    side = rule.clamp_side(math.ceil(extent * (1 + 2 * rule.margin)), (h, w))
-    return Box.around((xmin + xmax + 1) / 2, (ymin + ymax + 1) / 2, side, (h, w))
+    return rule.square(xmin, xmax + 1, ymin, ymax + 1, (h, w))  # pixels covered, inclusive
 
 
 def box_from_annotations(annotations: Iterable, image_shape: Sequence[int], rule: BoxRule,
@@ -261,14 +268,14 @@ def _quantile_index(hist, qs: Sequence[float]):
     return (cdf.unsqueeze(1) < q.view(1, -1, 1) * total.unsqueeze(1)).sum(2)
 
 
-def boxes_from_probs(carpal_probs, rule: BoxRule, threshold: float = 0.5,
-                     names: Sequence[str] | None = None, image_shape: Sequence[int] | None = None) -> list[Box]:
+def boxes_from_probs(carpal_probs, rule: BoxRule, names: Sequence[str] | None = None,
+                     image_shape: Sequence[int] | None = None) -> list[Box]:
     """Palm boxes from predicted carpal probabilities, on their device, by the training rule.
 
     Robust: the median of the predicted carpal pixels anchors the box; pixels farther than
     1.5x the core spread (10-90 % quantile range) from it are ignored; the remaining pixels'
-    min/max extent is squared and grown by the margin exactly like `box_from_points`, then
-    clamped to the rule's side range. An image with no carpal pixel gets the rule's fallback
+    min/max extent goes through `BoxRule.square`, as in `box_from_points`. A carpal pixel is
+    one above fusion.DEFAULT_THRESHOLD (the masks' comparison, `fusion.binarize`). An image with no carpal pixel gets the rule's fallback
     box (or a centred DEFAULT_SIDE box) and a warning naming it.
 
     Args:
@@ -281,13 +288,16 @@ def boxes_from_probs(carpal_probs, rule: BoxRule, threshold: float = 0.5,
     """
     import torch
 
+    from .fusion import DEFAULT_THRESHOLD, binarize
+
     if carpal_probs.ndim != 4:
         raise TwostageError(f"boxes_from_probs: expected (B, K, H, W) probabilities, got shape {tuple(carpal_probs.shape)}")
     b, _, h, w = carpal_probs.shape
     H, W = _hw(image_shape) if image_shape is not None else (h, w)
     sx, sy = W / w, H / h
     with torch.no_grad():
-        mask = (carpal_probs >= threshold).any(1)  # (B, h, w)
+        thr = torch.full((carpal_probs.shape[1],), DEFAULT_THRESHOLD)  # fixed: calibrated thresholds never move the box
+        mask = binarize(carpal_probs, thr).any(1)  # (B, h, w): the masks' comparison, p > t
         count = mask.flatten(1).sum(1)
         cols, rows = mask.sum(1).float(), mask.sum(2).float()  # (B, w), (B, h)
         qx = _quantile_index(cols, (0.5, *_CORE_Q)).float()
@@ -312,10 +322,7 @@ def boxes_from_probs(carpal_probs, rule: BoxRule, threshold: float = 0.5,
             boxes.append(_fallback_box(rule, (H, W), names[i] if names is not None else f"image {i}"))
             continue
         # extent in source pixels: the predicted pixel span scaled to the source size
-        ex0, ex1, ey0, ey1 = ax0 * sx, (ax1 + 1) * sx, ay0 * sy, (ay1 + 1) * sy
-        extent = max(ex1 - ex0, ey1 - ey0)
-        side = rule.clamp_side(math.ceil(extent * (1 + 2 * rule.margin)), (H, W))
-        boxes.append(Box.around((ex0 + ex1) / 2, (ey0 + ey1) / 2, side, (H, W)))
+        boxes.append(rule.square(ax0 * sx, (ax1 + 1) * sx, ay0 * sy, (ay1 + 1) * sy, (H, W)))
     return boxes
 
 
@@ -337,12 +344,6 @@ def points_to_crop(points: np.ndarray, box: Box, scale: float) -> np.ndarray:
     """(N, 2) source x,y -> float crop coordinates of the box crop upscaled by `scale`."""
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     return (pts - [box.x0, box.y0] + 0.5) * scale - 0.5
-
-
-def points_to_source(points: np.ndarray, box: Box, scale: float) -> np.ndarray:
-    """Inverse of `points_to_crop`: crop x,y -> float source coordinates."""
-    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    return (pts + 0.5) / scale - 0.5 + [box.x0, box.y0]
 
 
 def _clip_edge(poly: np.ndarray, axis: int, bound: float, keep_below: bool) -> np.ndarray:
@@ -416,62 +417,12 @@ def polygon_to_crop(points: np.ndarray, box: Box, scale: float) -> np.ndarray | 
     return pts
 
 
-def crop_image(image, box: Box):
-    """The box crop of an (..., H, W) numpy array or torch tensor (a view, no copy)."""
-    rows, cols = box.slices
-    return image[..., rows, cols]
-
-
-def _resize(array, size: int, upscale: bool):
-    """Resize the last two dims of a numpy array / torch tensor to (size, size), pixel centres aligned.
-
-    Integer and bool data (masks, labels) use nearest-exact, so values stay in their set;
-    float data (probabilities) uses bilinear, area-averaged when shrinking.
-    """
-    if isinstance(array, np.ndarray):
-        import cv2
-
-        lead = array.shape[:-2]
-        flat = array.reshape(-1, *array.shape[-2:])
-        if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
-            src = flat.astype(np.uint8) if array.dtype == bool else flat
-            out = np.stack([cv2.resize(c, (size, size), interpolation=cv2.INTER_NEAREST_EXACT) for c in src])
-            out = out.astype(array.dtype)
-        else:
-            interp = cv2.INTER_LINEAR if upscale else cv2.INTER_AREA
-            out = np.stack([cv2.resize(c, (size, size), interpolation=interp) for c in flat])
-        return out.reshape(*lead, size, size)
-    import torch
-    import torch.nn.functional as F
-
-    lead = array.shape[:-2]
-    flat = array.reshape(1, -1, *array.shape[-2:])
-    if not torch.is_floating_point(array):
-        out = F.interpolate(flat.float(), size=(size, size), mode="nearest-exact").to(array.dtype)
+def crop_image(image, box: Box, scale: int = 1):
+    """The box crop of an (..., H, W) numpy array or torch tensor (a view, no copy). With
+    `scale`, `image` is already upscaled by that factor (an upscaled context crop) and `box`
+    is in its source pixels: the region is rows y0·scale .. y1·scale."""
+    if scale == 1:
+        rows, cols = box.slices
     else:
-        out = F.interpolate(flat, size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=not upscale)
-    return out.reshape(*lead, size, size)
-
-
-def source_to_crop(array, box: Box, scale: int):
-    """Crop an (..., H, W) array to the box and resize it by `scale` (the forward mapping of
-    maps/masks; images for the network go through an `Upscaler` instead)."""
-    return _resize(crop_image(array, box), box.side * scale, upscale=True)
-
-
-def crop_to_source(crop_array, box: Box, scale: int):
-    """Inverse of `source_to_crop`: an (..., s·side, s·side) crop-space array resized to
-    (..., side, side) in source pixels, ready for `paste`."""
-    expect = box.side * scale
-    if tuple(crop_array.shape[-2:]) != (expect, expect):
-        raise TwostageError(f"crop_to_source: crop array is {tuple(crop_array.shape[-2:])}, "
-                            f"expected ({expect}, {expect}) for box side {box.side} x scale {scale}")
-    return _resize(crop_array, box.side, upscale=False)
-
-
-def paste(full, crop_source, box: Box):
-    """Write a (..., side, side) source-size crop array into (..., H, W) `full` in place; returns `full`."""
-    rows, cols = box.slices
-    full[..., rows, cols] = crop_source
-    return full
+        rows, cols = slice(box.y0 * scale, box.y1 * scale), slice(box.x0 * scale, box.x1 * scale)
+    return image[..., rows, cols]
