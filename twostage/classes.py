@@ -17,6 +17,15 @@ PALM_CLASSES: tuple[str, ...] = (
 FOREARM: tuple[str, ...] = ("Radius", "Ulna")
 
 CLASSES: tuple[str, ...] = FINGERS + PALM_CLASSES + FOREARM
+
+FINGER_CHAINS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("thumb", FINGERS[0:3]), ("index", FINGERS[3:7]), ("middle", FINGERS[7:11]),
+    ("ring", FINGERS[11:15]), ("little", FINGERS[15:19]),
+)
+"""Each digit's bones, tip to metacarpal."""
+
+GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = FINGER_CHAINS + (("carpals", PALM_CLASSES), ("forearm", FOREARM))
+"""The anatomical groups of CLASSES, in CLASSES order."""
 NUM_CLASSES = len(CLASSES)
 CLASS_TO_INDEX: dict[str, int] = {c: i for i, c in enumerate(CLASSES)}
 PALM_INDICES: tuple[int, ...] = tuple(CLASS_TO_INDEX[c] for c in PALM_CLASSES)

@@ -161,18 +161,13 @@ def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
     """
     from tqdm import tqdm
 
-    from .data import Fixes, find_samples, load_masks
+    from .data import load_masks, select_samples
     from .rle import decode, read_csv
 
     pred_csv = Path(pred_csv)
     classes = tuple(CLASSES if classes is None else classes)
     class_indices(classes)  # validates the names
-    if fixes is not None and not isinstance(fixes, Fixes):
-        fixes = Fixes.load(fixes)
-
-    samples = find_samples(gt_root)
-    if fixes is not None:
-        samples = fixes.keep(samples)
+    samples, fixes = select_samples(gt_root, None, fixes)
     unannotated = [s.rel for s in samples if s.json_path is None]
     if unannotated:
         raise TwostageError(f"{gt_root}: no annotation JSON for {len(unannotated)} image(s) "

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import CLASSES, PALM_CLASSES
+from .classes import CLASSES, FINGER_CHAINS, FOREARM, PALM_CLASSES
 from .data import IMAGE_DIR, JSON_DIR, Annotation, write_annotations
 from .errors import TwostageError
 from .io import write_png_atomic, write_text_atomic
@@ -41,13 +41,13 @@ FAKE_METADATA_SIZE = 2048
 
 # Finger chains: (labels tip→metacarpal, metacarpal base (cm), angle from the long axis
 # (deg, + towards the thumb), bone lengths metacarpal→tip (cm), width factor).
-_FINGERS = (
-    (("finger-1", "finger-2", "finger-3"), (2.75, 1.05), 36.0, (4.4, 3.0, 2.3), 1.1),
-    (("finger-4", "finger-5", "finger-6", "finger-7"), (1.25, 1.55), 9.0, (6.4, 3.9, 2.2, 1.6), 0.97),
-    (("finger-8", "finger-9", "finger-10", "finger-11"), (0.05, 1.65), 0.0, (6.2, 4.4, 2.7, 1.75), 1.0),
-    (("finger-12", "finger-13", "finger-14", "finger-15"), (-0.9, 1.45), -8.0, (5.7, 4.1, 2.6, 1.7), 0.93),
-    (("finger-16", "finger-17", "finger-18", "finger-19"), (-1.75, 1.2), -16.0, (5.2, 3.3, 1.85, 1.5), 0.85),
-)
+_FINGERS = tuple((labels, *geometry) for (_, labels), geometry in zip(FINGER_CHAINS, (
+    ((2.75, 1.05), 36.0, (4.4, 3.0, 2.3), 1.1),              # thumb
+    ((1.25, 1.55), 9.0, (6.4, 3.9, 2.2, 1.6), 0.97),         # index
+    ((0.05, 1.65), 0.0, (6.2, 4.4, 2.7, 1.75), 1.0),         # middle
+    ((-0.9, 1.45), -8.0, (5.7, 4.1, 2.6, 1.7), 0.93),        # ring
+    ((-1.75, 1.2), -16.0, (5.2, 3.3, 1.85, 1.5), 0.85),      # little
+)))
 
 # Half-widths (cm) at base, shaft, head and cap depths (fraction of the end half-width;
 # negative = concave) per bone kind, in chain order metacarpal, proximal, middle, distal.
@@ -154,7 +154,7 @@ def _hand_bones(rng: np.random.Generator, px_per_cm: float) -> tuple[list[_Bone]
     tips = []
     chains = []
     for labels, base, angle, lengths, wf in _FINGERS:
-        angle = (angle + rng.uniform(-6.0, 10.0) if labels[0] == "finger-1" else angle * spread) \
+        angle = (angle + rng.uniform(-6.0, 10.0) if labels is FINGER_CHAINS[0][1] else angle * spread) \
             + rng.normal(0, 1.0)
         pos = np.asarray(base) + rng.normal(0, 0.05, 2)
         kinds = ["metacarpal", "proximal", "distal"] if len(lengths) == 3 else \
@@ -173,7 +173,7 @@ def _hand_bones(rng: np.random.Generator, px_per_cm: float) -> tuple[list[_Bone]
             direction = np.array([np.sin(np.deg2rad(angle)), np.cos(np.deg2rad(angle))])
             pos = pos + direction * (jl + rng.uniform(0.12, 0.22))
             chain.append(pos.copy())
-            angle += rng.normal(0, 2.5) + (2.0 if labels[0] == "finger-1" else 0.0)
+            angle += rng.normal(0, 2.5) + (2.0 if labels is FINGER_CHAINS[0][1] else 0.0)
         tips.append(pos)
         chains.append(np.array(chain))
     for label, (centre, angle, length, widths, caps) in _CARPALS.items():
@@ -326,7 +326,7 @@ def render_hand(rng: np.random.Generator, size: int, side: str = "R") -> tuple[n
     def frame(p: np.ndarray) -> np.ndarray:  # hand cm -> unscaled image directions
         return (p * np.array([mirror, -1.0])) @ rot_m
 
-    hand_pts = np.concatenate([b.outline for b in bones if b.label not in ("Radius", "Ulna")]
+    hand_pts = np.concatenate([b.outline for b in bones if b.label not in FOREARM]
                               + [extra["tips"] + 0.5, extra["tips"] - 0.5])
     ext = frame(hand_pts)
     span = ext.max(0) - ext.min(0)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .classes import CLASSES, PALM_CLASSES
+from .classes import CLASSES, GROUPS, PALM_CLASSES
 from .errors import TwostageError
 from .io import write_png_atomic
 
@@ -136,11 +136,7 @@ def dice_bar_chart(path: str | os.PathLike, classes: Sequence[str], series: dict
 
 # --------------------------------------------------------------------------- `twostage visualize`
 
-LEGEND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("thumb", CLASSES[0:3]), ("index", CLASSES[3:7]), ("middle", CLASSES[7:11]),
-    ("ring", CLASSES[11:15]), ("little", CLASSES[15:19]), ("carpals", PALM_CLASSES),
-    ("forearm", CLASSES[27:29]),
-)
+LEGEND_GROUPS = GROUPS
 """Anatomical groups the class legend is laid out by (one line per group)."""
 
 
