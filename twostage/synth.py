@@ -307,8 +307,6 @@ def render_hand(rng: np.random.Generator, size: int, side: str = "R") -> tuple[n
         integer pixel coordinates inside the image, and the picture is drawn from exactly
         these polygons.
     """
-    import cv2
-
     if side not in ("R", "L"):
         raise TwostageError(f"side {side!r}: must be 'R' or 'L'")
     if size < MIN_SIZE:
@@ -350,7 +348,15 @@ def render_hand(rng: np.random.Generator, size: int, side: str = "R") -> tuple[n
             pts = np.array([c - [1, 0], c + [1, 0], c + [0, 1]], np.int32)
         annotations.append(Annotation(bone.label, pts))
 
-    # Attenuation: background, soft tissue, bones (overlaps add up).
+    return _expose(rng, size, bones, annotations, extra, to_px, px_per_cm), annotations
+
+
+def _expose(rng: np.random.Generator, size: int, bones: list, annotations: list[Annotation], extra: dict,
+            to_px, px_per_cm: float) -> np.ndarray:
+    """The radiograph of placed bones: attenuation of background, soft tissue and bones
+    (overlaps add up), blur, exposure and noise, as (size, size) uint8."""
+    import cv2
+
     ys = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     atten = np.float32(0.06) + np.float32(rng.uniform(0.0, 0.03)) * (ys[:, None] + ys[None, :])
     tissue = _soft_tissue(extra["chains"], bones, to_px, size, px_per_cm, rng)
@@ -377,7 +383,7 @@ def render_hand(rng: np.random.Generator, size: int, side: str = "R") -> tuple[n
     image = 255.0 * (1.0 - np.exp(-gain * atten))
     image += rng.normal(0.0, rng.uniform(2.0, 4.5), (size, size)).astype(np.float32)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return image, annotations
+    return image
 
 
 def _image_stem(rng: np.random.Generator, used: set[int]) -> int:

@@ -338,27 +338,34 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
         dice = dice_per_class(pred[idx], gt[idx])
         stem = Path(sample.name).stem
         header = f"{sample.rel}  mean Dice {dice.mean():.3f} over {len(chosen)} class(es)"
-        h, w = image.shape
-        panel = _fit(comparison_panel(image, gt, pred, box), w, max_side)
+        panel = _fit(comparison_panel(image, gt, pred, box), image.shape[1], max_side)
         picture = np.concatenate([panel, legend(chosen, panel.shape[1], header)], axis=0)
         write_png_atomic(out / f"{stem}.png", picture)
         summary.files.append(str(out / f"{stem}.png"))
         if per_class:
-            for k, (c, d) in enumerate(zip(chosen, dice)):
-                ch = idx[k]
-                if not (gt[ch] ^ pred[ch]).any():
-                    continue
-                rows, cols = _error_window(gt[ch], pred[ch], (h, w))
-                one_gt = np.zeros_like(gt[:, rows, cols])
-                one_pred = np.zeros_like(one_gt)
-                one_gt[ch], one_pred[ch] = gt[ch, rows, cols], pred[ch, rows, cols]
-                zoom = max(1.0, 256 / (rows.stop - rows.start))  # small bones drawn at a readable size
-                local = None if box is None else type(box)(round((box.x0 - cols.start) * zoom),
-                                                           round((box.y0 - rows.start) * zoom), round(box.side * zoom))
-                crop = comparison_panel(_zoom(image[rows, cols], zoom), _zoom(one_gt, zoom), _zoom(one_pred, zoom), local)
-                crop = _fit(crop, crop.shape[0], max_side)
-                path = out / stem / f"{c}.png"
-                write_png_atomic(path, np.concatenate([crop, legend([c], crop.shape[1], f"{c}  Dice {d:.3f}")], axis=0))
-                summary.files.append(str(path))
+            summary.files += _class_pictures(out / stem, image, gt, pred, box, chosen, idx, dice, max_side)
         summary.images += 1
     return summary
+
+
+def _class_pictures(folder: Path, image: np.ndarray, gt: np.ndarray, pred: np.ndarray, box, chosen: Sequence[str],
+                    idx: Sequence[int], dice: np.ndarray, max_side: int) -> list[str]:
+    """FOLDER/<class>.png for every drawn class whose prediction differs from the GT, zoomed on it."""
+    written = []
+    for k, (c, d) in enumerate(zip(chosen, dice)):
+        ch = idx[k]
+        if not (gt[ch] ^ pred[ch]).any():
+            continue
+        rows, cols = _error_window(gt[ch], pred[ch], image.shape)
+        one_gt = np.zeros_like(gt[:, rows, cols])
+        one_pred = np.zeros_like(one_gt)
+        one_gt[ch], one_pred[ch] = gt[ch, rows, cols], pred[ch, rows, cols]
+        zoom = max(1.0, 256 / (rows.stop - rows.start))  # small bones drawn at a readable size
+        local = None if box is None else type(box)(round((box.x0 - cols.start) * zoom),
+                                                   round((box.y0 - rows.start) * zoom), round(box.side * zoom))
+        crop = comparison_panel(_zoom(image[rows, cols], zoom), _zoom(one_gt, zoom), _zoom(one_pred, zoom), local)
+        crop = _fit(crop, crop.shape[0], max_side)
+        path = folder / f"{c}.png"
+        write_png_atomic(path, np.concatenate([crop, legend([c], crop.shape[1], f"{c}  Dice {d:.3f}")], axis=0))
+        written.append(str(path))
+    return written
