@@ -58,10 +58,8 @@ def make_checkpoint(path: Path, stage: str, classes, input_size: int, sample_ima
     meta = {"stage": stage, "classes": list(classes), "model": MODEL, "input_size": input_size,
             "normalization": default_normalization(None)}
     if stage == "palm":
-        meta["box_rule"] = BoxRule(margin=0.15).to_dict()
+        meta["box_rule"] = BoxRule(margin=0.15, side_min=0.15, side_max=0.6, fallback=(0.5, 0.6, 0.3)).to_dict()
         meta["palm_set"] = make_upscaler("bicubic", 4).record()
-        meta["fallback_box"] = [0.5, 0.6, 0.3]
-        meta["side_range"] = [0.15, 0.6]
     pred = Predictor(net, meta)
     logits = pred.logits_at(torch.from_numpy(sample_image)[None])[0]  # (C, h, w)
     head = net.net.segmentation_head[0]

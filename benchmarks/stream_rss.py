@@ -41,7 +41,7 @@ def tiny_checkpoint(path: Path, stage: str) -> Path:
     meta = {"stage": stage, "classes": list(classes), "model": TINY_MODEL, "input_size": 64,
             "normalization": default_normalization(None)}
     if stage == "palm":
-        meta.update(box_rule=BoxRule(margin=0.15).to_dict(), fallback_box=[0.5, 0.6, 0.3], side_range=[0.1, 0.6],
+        meta.update(box_rule=BoxRule(margin=0.15, side_min=0.1, side_max=0.6, fallback=(0.5, 0.6, 0.3)).to_dict(),
                     palm_set={**make_upscaler("bicubic", 4).record(), "context": 1.5})
     return save_checkpoint(path, net.state_dict(), meta)
 

@@ -6,9 +6,9 @@ at a fixed 0.5 and does not move with them), so each class picks its best (a_c, 
 from the grid on its own, and the defaults (a = DEFAULT_PALM_WEIGHT, t = DEFAULT_THRESHOLD)
 are always in the grid: the result is never worse than the defaults on the calibration set.
 
-Per image the global and palm probabilities are computed once with infer's pipeline
-(`chain.TwoStage`: `native`, `boxes`, the palm stage's `crop_upscaled` and `probs`); the blend for every grid
-weight is `twostage.fusion.fuse` itself. `infer` upsamples only the tiles that can cross a
+Per image the global and palm probabilities are computed once by the chain infer runs
+(`chain.TwoStage`: `native`, `boxes`, the palm stage's `crop_upscaled` and `probs`); the
+blend for every grid weight is `twostage.fusion.fuse` itself. `infer` upsamples only the tiles that can cross a
 threshold, which equals this dense upsample except at float-rounding ties. For all
 thresholds at once, pixels are bucketed by threshold on the device and per-class
 intersection / prediction counts accumulated, then folded into per-image Dice sums: memory

@@ -6,7 +6,7 @@ all of them.
 Per image: global probabilities at the network's size (`TwoStage.native`) → palm box from
 their carpal channels (`boxes`) → box cut from the SOURCE image → recorded upscaler → palm
 probabilities at the box size → blended into the global probabilities of the box
-(`fusion.blend_box`) → per-class thresholds (`segment`). Everything runs on the chain's
+(`fusion.blend_box`) → per-class thresholds (`TwoStage.segment`). Everything runs on the chain's
 device, batched over the classes; only the uint8 crop goes through the CPU, because
 upscalers take and return numpy images.
 

@@ -4,8 +4,8 @@ A checkpoint is {"format": FORMAT, "state_dict": {name: tensor}, "meta": {...}} 
 run's `last.pt`, also "optimizer", "scheduler", "scaler", "rng" (tensors and plain
 containers only). The meta holds everything needed to use the weights without the run
 folder: stage, classes, model {arch, encoder, in_channels, kwargs}, input_size,
-normalization {mean, std}, for palm models box_rule, palm_set, fallback_box, side_range,
-and the resolved config, epoch, metrics, package version and git commit.
+normalization {mean, std}, for palm models box_rule (with the training boxes' fallback
+box and side range) and palm_set (the SR record), and the resolved config, epoch, metrics, package version and git commit.
 """
 from __future__ import annotations
 
