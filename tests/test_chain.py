@@ -77,6 +77,17 @@ def test_visualize_draws_the_masks_infer_writes(setup, tmp_path, option):
         assert box is not None
 
 
+def test_evaluate_on_a_dataset_root_with_a_test_split_scores_train(setup, tmp_path):
+    """A root with train/ and test/: evaluate needs ground truth, so it runs on train/ (it ran
+    infer's default, test/, and then failed to score it against train/)."""
+    root = synthesize(tmp_path / "D", n=2, size=128, seed=4, test_n=1)
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(root), "--global", str(setup["global"]), "--palm", str(setup["palm"]),
+                 "--out", str(out), "--pictures", "1"]) == 0
+    names = {line.split(",")[0] for line in (out / "fused.csv").read_text().splitlines()[1:]}
+    assert names == {s.name for s in find_samples(root, "train")}
+
+
 def test_calibrate_default_scores_follow_the_option_as_infer_does(setup, tmp_path):
     """calibrate --tta hflip: its 'default' column is the Dice of `infer --fuse --tta hflip`."""
     out = tmp_path / "cal"

@@ -84,6 +84,8 @@ def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt:
     out = Path(out)
     if fixes is not None and not isinstance(fixes, Fixes):
         fixes = Fixes.load(fixes)  # once, for scoring both runs and the pictures
+    if split is None and (Path(data) / "train" / "DCM").is_dir():
+        split = "train"  # the annotated split of a dataset root (infer alone would predict test/)
     samples = find_images(data, split)
     chain = TwoStage.build(global_ckpt, palm_ckpt, **options)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_chain_options, chain_options
+from .options import add_chain_options, add_checkpoints, chain_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,10 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "Calibrate on images the models were not trained on.",
     )
     p.add_argument("data", type=Path, metavar="DATA", help="annotated validation data: dataset root or split folder")
-    p.add_argument("--global", dest="global_ckpt", type=Path, required=True, metavar="CKPT",
-                   help="global-stage checkpoint or run folder")
-    p.add_argument("--palm", dest="palm_ckpt", type=Path, required=True, metavar="CKPT",
-                   help="palm-stage checkpoint or run folder")
+    add_checkpoints(p)
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the YAML files")
     p.add_argument("--grid", default=",".join(f"{v:g}" for v in WEIGHT_GRID), metavar="A,B,...|START:STOP:STEP",
                    help="fusion weights to try (default 0,0.1,...,1)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_chain_options, chain_options
+from .options import add_chain_options, add_checkpoints, chain_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,9 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "palm box drawn) under OUT/pictures.",
     )
     p.add_argument("data", type=Path, metavar="DATA", help="dataset root or split folder with DCM/ and outputs_json/")
-    p.add_argument("--global", dest="global_ckpt", type=Path, required=True, metavar="CKPT",
-                   help="global checkpoint (best.pt) or its run folder")
-    p.add_argument("--palm", type=Path, required=True, metavar="CKPT", help="palm checkpoint or its run folder")
+    add_checkpoints(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--fixes", type=Path, metavar="FIXES.yaml", help="label fixes applied to the ground truth")
     p.add_argument("--pictures", type=int, default=3, help="number of images to draw (default: %(default)s)")
@@ -31,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def handler(args: argparse.Namespace) -> int:
     from ..evaluate import evaluate
 
-    ev = evaluate(args.data, args.global_ckpt, args.palm, args.out, pictures=args.pictures, fixes=args.fixes,
+    ev = evaluate(args.data, args.global_ckpt, args.palm_ckpt, args.out, pictures=args.pictures, fixes=args.fixes,
                   split=args.split, **chain_options(args))
     print(ev.table())
     print(f"\ncarpal gain {ev.carpal_gain:+.4f}, overall gain {ev.overall_gain:+.4f}")

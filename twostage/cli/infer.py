@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_chain_options, chain_options
+from .options import add_chain_options, add_checkpoints, chain_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,10 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", type=Path, metavar="IMAGES",
                    help="a folder of PNGs (recursive) or a dataset root (uses test/DCM, else train/DCM)")
-    p.add_argument("--global", dest="global_ckpt", type=Path, required=True, metavar="CKPT",
-                   help="global-stage checkpoint (best.pt) or its run folder")
-    p.add_argument("--palm", dest="palm_ckpt", type=Path, metavar="CKPT",
-                   help="palm-stage checkpoint or run folder (used with --fuse)")
+    add_checkpoints(p, "palm-stage checkpoint or run folder (used with --fuse)", palm_required=False)
     p.add_argument("--fuse", action="store_true", help="fuse the palm model into the global prediction (needs --palm)")
     p.add_argument("--out", type=Path, required=True, metavar="CSV", help="CSV to write, e.g. submission.csv")
     p.add_argument("--split", choices=("train", "test"), help="which split of a dataset root to read (default: test, else train)")

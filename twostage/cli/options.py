@@ -11,6 +11,14 @@ THRESHOLDS_HELP = ("per-class probability thresholds: one number, or a YAML mapp
                    "`twostage calibrate`). Default 0.5")
 
 
+def add_checkpoints(p: argparse.ArgumentParser, palm_help: str = "palm-stage checkpoint or run folder",
+                    palm_required: bool = True) -> None:
+    """--global CKPT (required) and --palm CKPT, as `args.global_ckpt` and `args.palm_ckpt`."""
+    p.add_argument("--global", dest="global_ckpt", type=Path, required=True, metavar="CKPT",
+                   help="global-stage checkpoint (best.pt) or its run folder")
+    p.add_argument("--palm", dest="palm_ckpt", type=Path, required=palm_required, metavar="CKPT", help=palm_help)
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
 
