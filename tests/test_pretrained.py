@@ -183,7 +183,7 @@ def test_unknown_weights_name_lists_what_the_encoder_offers(caches):
 
 def test_checkpoint_meta_records_the_normalization_of_the_weights(caches, tmp_path):
     from twostage.config import load_config
-    from twostage.train import _meta
+    from twostage.train.run import _meta
 
     prefill_smp(caches["hf"], "resnet18", "ssl", [0.4, 0.45, 0.5], [0.2, 0.25, 0.3])
     cfg = load_config("global", overrides=["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=ssl"],

@@ -159,7 +159,8 @@ def test_palm_training_records_box_rule_and_sr(palm_data, tmp_path):
     assert meta["classes"] == ["Capitate", "Lunate"]
     assert meta["palm_set"]["upscaler"] == "bicubic" and meta["palm_set"]["scale"] == 2
     assert set(meta["box_rule"]) >= {"margin", "side_min", "side_max"}
-    assert len(meta["fallback_box"]) == 3 and len(meta["side_range"]) == 2
+    rule = meta["box_rule"]  # prepare-sr's rule carries the fallback box and side range of the training boxes
+    assert len(rule["fallback"]) == 3 and 0 < rule["side_min"] <= rule["side_max"]
     assert meta["metrics"]["carpal_mean"] is not None
 
 

@@ -1,0 +1,173 @@
+"""Training datasets and sampler: every random draw (order, augmentation, palm box jitter)
+comes from generators seeded by (seed, epoch, item), so workers, ranks and resumes do not
+change the batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..box import Box, jitter_box
+from ..config import StageConfig
+from ..data import load_masks
+from ..errors import TwostageError
+from ..io import read_image
+from ..models import input_hw, resize_images
+from ..prepare import read_item_manifest
+
+
+def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for one item in one epoch: independent of workers, ranks and resumes."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+def build_augment(cfg: StageConfig):
+    """The albumentations pipeline applied at input size to the uint8 image and masks (a list).
+
+    Resizing to the input size and normalising are NOT here: they are the shared
+    `models.resize_images` / `models.normalize` steps also used by `Predictor`.
+    """
+    import albumentations as A
+    import cv2
+
+    a = cfg.aug
+    return A.Compose([
+        A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=a.clahe),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=a.brightness),
+        A.Affine(scale=(1 - a.scale, 1 + a.scale), translate_percent=(-a.shift, a.shift),
+                 rotate=(-a.rotate, a.rotate), interpolation=cv2.INTER_LINEAR,
+                 mask_interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, p=a.affine_p),
+        A.HorizontalFlip(p=a.hflip),
+    ])
+
+
+def _to_input_size(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) uint8 image and (C, H, W) {0,1} masks -> input size, masks as soft uint8 0..255."""
+    img = resize_images(torch.from_numpy(image)[None, None].float(), size)[0, 0]
+    msk = resize_images(torch.from_numpy(masks)[None].float() * 255.0, size)[0]
+    return (img.round().clamp(0, 255).to(torch.uint8).numpy(),
+            msk.round().clamp(0, 255).to(torch.uint8).numpy())
+
+
+class _StageDataset(torch.utils.data.Dataset):
+    """Items are (image uint8 (h, w), masks float (C, h, w) in 0..1) at the input size."""
+
+    def __init__(self, cfg: StageConfig, augment: bool):
+        self.size = input_hw(cfg.model.input_size)
+        self.seed = cfg.train.seed
+        self.epoch = 0
+        self.augment = build_augment(cfg) if augment else None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _source(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = item_rng(self.seed, self.epoch, index)
+        image, masks = self._source(index, rng)
+        if self.augment is not None:
+            self.augment.set_random_seed(int(rng.integers(2**31 - 1)))
+            out = self.augment(image=image, masks=list(masks))
+            image, masks = out["image"], np.stack(out["masks"])
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(masks).float().div_(255.0)
+
+
+class GlobalDataset(_StageDataset):
+    """Whole images at the input size (resized once, optionally preloaded)."""
+
+    def __init__(self, cfg: StageConfig, samples: list, fixes, cache, augment: bool):
+        super().__init__(cfg, augment)
+        self.samples, self.classes, self.fixes, self.cache = samples, cfg.classes, fixes, cache
+        self.preloaded = None
+        if cfg.data.preload:
+            self.preloaded = [self._load(i) for i in range(len(samples))]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.samples[index]
+        return _to_input_size(read_image(s.image_path), load_masks(s, self.classes, self.fixes, self.cache), self.size)
+
+    def _source(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        return self.preloaded[index] if self.preloaded is not None else self._load(index)
+
+
+@dataclass
+class PalmItem:
+    """One palm training crop: the CONTEXT crop (upscaled) and the palm box inside it."""
+
+    sample: Any  # data.Sample of the context crop in PALMDATA
+    box: Any  # box.Box of the palm box relative to the context box, in source pixels
+    context_side: int  # context box side in source pixels
+    scale: int  # upscale factor of the crop
+    source_box: Any  # palm box in source pixels
+    source_shape: tuple[int, int]  # (H, W) of the source image
+
+
+def load_palm_items(root: Path, samples: list) -> list[PalmItem]:
+    """Pair every palm crop with its prepare-sr manifest (palm and context box in source pixels)."""
+    items = []
+    for s in samples:
+        m = read_item_manifest(root, s)
+        try:
+            box, ctx = Box.from_dict(m["box"]), Box.from_dict(m["context_box"])
+            scale = int(m["scale"])
+            shape = tuple(int(v) for v in m["image_shape"][-2:])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TwostageError(f"{root}: bad manifest for palm crop {s.rel} ({e}); re-run prepare-sr") from None
+        items.append(PalmItem(s, box.relative_to(ctx), ctx.side, scale, box, shape))
+    return items
+
+
+def cut_box(array: np.ndarray, box, scale: int) -> np.ndarray:
+    """The region of source-pixel `box` (relative to the context box) in an upscaled context crop."""
+    return array[..., box.y0 * scale:box.y1 * scale, box.x0 * scale:box.x1 * scale]
+
+
+class PalmDataset(_StageDataset):
+    """Palm crops: a (jittered) palm box cut from the upscaled context crop, at the input size."""
+
+    def __init__(self, cfg: StageConfig, items: list[PalmItem], fixes, cache, augment: bool, jitter: bool):
+        super().__init__(cfg, augment)
+        self.items, self.classes, self.fixes, self.cache = items, cfg.classes, fixes, cache
+        self.shift, self.scale = cfg.box.jitter_shift, cfg.box.jitter_scale
+        self.jitter = jitter
+        self.preloaded = [self._load(i) for i in range(len(items))] if cfg.data.preload else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        s = self.items[index].sample
+        return read_image(s.image_path), load_masks(s, self.classes, self.fixes, self.cache)
+
+    def _source(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        item = self.items[index]
+        image, masks = self.preloaded[index] if self.preloaded is not None else self._load(index)
+        box = item.box
+        if self.jitter:
+            box = jitter_box(box, rng, self.shift, self.scale, (item.context_side, item.context_side))
+        return _to_input_size(cut_box(image, box, item.scale), cut_box(masks, box, item.scale), self.size)
+
+
+class _SeededSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from (seed, epoch): reproducible across resumes."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n

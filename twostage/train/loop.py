@@ -1,0 +1,428 @@
+"""The trainer: loss, LR schedule, validation, the setup of one run and the epoch loop.
+
+Order matters for reproducibility: everything that draws from the global RNGs (model
+init after `_seed_everything`, then the restored RNG state on --resume) happens in the
+same order on every run, so a resumed run gives the weights of the uninterrupted one.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..box import palm_input_warning
+from ..checkpoint import save_checkpoint
+from ..config import StageConfig
+from ..data import Fixes, MaskCache, load_masks, select_samples
+from ..errors import TwostageError
+from ..fusion import binarize, thresholds
+from ..io import read_image, write_json_atomic
+from ..metrics import dice_per_class, summarize
+from ..models import Predictor, SegmentationNet, build_model, normalize
+from ..prepare import MANIFEST_DIR, load_palm_set
+from .datasets import GlobalDataset, PalmDataset, PalmItem, _SeededSampler, _StageDataset, cut_box, load_palm_items
+from .distributed import Dist, _broadcast, _gather, _has_unused_parameters, init_dist
+from .run import (_append_metrics, _meta, _open_run, _prepare_run, _rng_state, _seed_everything, _set_rng_state,
+                  _tensorboard, metrics_fields)
+from .split import load_or_create_split
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- loss, schedule, head init
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, w_bce: float, w_dice: float) -> torch.Tensor:
+    """BCE + soft Dice over independent sigmoid channels; (B, C, H, W) logits and 0..1 targets."""
+    logits = logits.float()
+    loss = logits.new_zeros(())
+    if w_bce:
+        loss = loss + w_bce * F.binary_cross_entropy_with_logits(logits, target)
+    if w_dice:
+        p = torch.sigmoid(logits).flatten(2)
+        t = target.flatten(2)
+        dice = (2 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
+        loss = loss + w_dice * (1 - dice).mean()
+    return loss
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Linear warm-up to 1, then cosine decay to `min_ratio` at the last step."""
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+def set_head_prior(model: SegmentationNet, prior: float) -> None:
+    """Start every sigmoid channel at probability `prior` (bias = logit(prior)), the class-prior
+    init of RetinaNet: bones cover a few % of the image, so training skips the first phase of
+    pushing 0.5 everywhere down to background."""
+    convs = [m for m in model.net.segmentation_head.modules() if isinstance(m, nn.Conv2d)]
+    if convs and convs[-1].bias is not None:
+        with torch.no_grad():
+            convs[-1].bias.fill_(math.log(prior / (1 - prior)))
+
+
+# --------------------------------------------------------------------------- validation
+
+class _Validator:
+    """Per-class Dice at the original resolution through the shared Predictor path.
+
+    Global: probabilities upsampled to the source image size. Palm: the un-jittered box cut
+    from the context crop, scored at the crop's own resolution. Masks thresholded by the
+    fusion rule at the default thresholds. Images are split across ranks.
+    """
+
+    def __init__(self, cfg: StageConfig, val: list, fixes, cache, palm_items: list[PalmItem] | None):
+        self.cfg, self.val, self.fixes, self.cache, self.palm_items = cfg, val, fixes, cache, palm_items
+        self.thresholds = thresholds(None, cfg.classes)
+
+    def __call__(self, model: nn.Module, meta: dict, device: torch.device, dist: Dist) -> dict[str, np.ndarray]:
+        predictor = Predictor(model, meta, device)
+        out = {}
+        try:
+            for k in range(dist.rank, len(self.val), dist.world):
+                if self.palm_items is not None:
+                    item = self.palm_items[k]
+                    s = item.sample
+                    image = cut_box(read_image(s.image_path), item.box, item.scale)
+                    gt = cut_box(load_masks(s, self.cfg.classes, self.fixes, self.cache), item.box, item.scale)
+                else:
+                    s = self.val[k]
+                    image = read_image(s.image_path)
+                    gt = load_masks(s, self.cfg.classes, self.fixes, self.cache)
+                img = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
+                pred = binarize(predictor.probs(img)[0], self.thresholds)
+                out[s.rel] = dice_per_class(pred, torch.from_numpy(np.ascontiguousarray(gt)).to(device))
+        finally:
+            model.train()
+        merged = {}
+        for part in _gather(out, dist):
+            merged.update(part)
+        return dict(sorted(merged.items()))
+
+
+# --------------------------------------------------------------------------- setup: data
+
+def _data_root(cfg: StageConfig) -> Path:
+    root = Path(cfg.data.root) if cfg.data.root else None
+    if root is None:
+        raise TwostageError("data.root: not set (use --data DATA)")
+    if not root.is_dir():
+        raise TwostageError(f"{root}: data folder does not exist")
+    return root
+
+
+def _samples_with_masks(root: Path, fixes) -> list:
+    """The annotated images under `root`, less those the label fixes drop."""
+    samples = [s for s in select_samples(root, None, fixes)[0] if s.json_path is not None]
+    if not samples:
+        raise TwostageError(f"{root}: no annotated images (train/outputs_json/*.json) to train on")
+    return samples
+
+
+def _palm_setup(cfg: StageConfig, root: Path, samples: list) -> tuple[list[PalmItem], dict]:
+    """Palm items and the palm meta: the palm_set record and its box rule (which carries the
+    fallback box and side range prepare-sr measured on the training boxes)."""
+    record = load_palm_set(root)
+    done = sum(1 for _ in (root / MANIFEST_DIR).rglob("*.json"))  # an item's manifest is written last
+    if done < int(record.get("count", 0)):
+        raise TwostageError(f"{root}: palm set incomplete ({done} of {record['count']} crops; prepare-sr was "
+                            "interrupted or a shard is missing); re-run prepare-sr to finish it")
+    items = load_palm_items(root, samples)
+    warning = palm_input_warning([it.source_box.side for it in items], cfg.model.input_size)
+    if warning:
+        log.warning("palm training: %s", warning)
+    return items, {"palm_set": record, "box_rule": record["box_rule"]}
+
+
+def _fold_indices(cfg: StageConfig, run: Path, samples: list, dist: Dist) -> tuple[list[int], list[int]]:
+    """(train, validation) sample indices of fold data.fold (-1: no validation); rank 0 reads
+    or writes the split file, the other ranks receive it."""
+    split_path = Path(cfg.data.split_file) if cfg.data.split_file else run / "split.json"
+    if dist.main:
+        assign = load_or_create_split(split_path, [s.id for s in samples], cfg.data.folds, cfg.train.seed)
+    assign = _broadcast(assign if dist.main else None, dist)
+    is_val = [cfg.data.fold >= 0 and assign[s.id] == cfg.data.fold for s in samples]
+    tr_idx = [i for i, v in enumerate(is_val) if not v]
+    va_idx = [i for i, v in enumerate(is_val) if v]
+    if not tr_idx:
+        raise TwostageError(f"{split_path}: fold {cfg.data.fold} holds every image; nothing left to train on")
+    return tr_idx, va_idx
+
+
+def _datasets(cfg: StageConfig, root: Path, run: Path, dist: Dist,
+              device: torch.device) -> tuple[_StageDataset, _Validator, dict]:
+    """The training dataset, the validator of the held-out fold and the stage's extra meta."""
+    fixes = Fixes.load(cfg.data.fixes) if cfg.data.fixes else None
+    cache = MaskCache(cfg.data.mask_cache or run / "mask-cache")
+    samples = _samples_with_masks(root, fixes)
+    extra_meta: dict[str, Any] = {}
+    palm_items = None
+    if cfg.stage == "palm":
+        palm_items, extra_meta = _palm_setup(cfg, root, samples)
+    tr_idx, va_idx = _fold_indices(cfg, run, samples, dist)
+    (log.info if dist.main else log.debug)("%s stage: %d train / %d val images (fold %d), device %s, world %d",
+             cfg.stage, len(tr_idx), len(va_idx), cfg.data.fold, device, dist.world)
+    val = [samples[i] for i in va_idx]
+    if palm_items is not None:
+        train_ds = PalmDataset(cfg, [palm_items[i] for i in tr_idx], fixes, cache, augment=True, jitter=True)
+        return train_ds, _Validator(cfg, val, fixes, cache, [palm_items[i] for i in va_idx]), extra_meta
+    train_ds = GlobalDataset(cfg, [samples[i] for i in tr_idx], fixes, cache, augment=True)
+    return train_ds, _Validator(cfg, val, fixes, cache, None), extra_meta
+
+
+# --------------------------------------------------------------------------- setup: model, optimiser
+
+@dataclass
+class _Fit:
+    """What the epochs train with: the model (and its DDP wrapper), the data order, the optimiser."""
+
+    model: SegmentationNet
+    net: nn.Module  # `model`, or its DistributedDataParallel wrapper
+    device: torch.device
+    sampler: Any  # _SeededSampler or DistributedSampler (both have set_epoch)
+    loader: torch.utils.data.DataLoader
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: bool
+    channels_last: bool
+
+
+@dataclass
+class _Best:
+    """The best epoch so far by `metric` (saved in last.pt, so a resumed run keeps it)."""
+
+    metric: str
+    value: float = -math.inf
+    epoch: int | None = None
+
+
+def _loader(cfg: StageConfig, train_ds: _StageDataset, dist: Dist, cuda: bool):
+    """(sampler, DataLoader) of the training set: this rank's share, in a seeded order per epoch."""
+    if dist.world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank,
+                                                      shuffle=True, seed=cfg.train.seed)
+    else:
+        sampler = _SeededSampler(len(train_ds), cfg.train.seed)
+    per_rank = math.ceil(len(train_ds) / dist.world)
+    drop_last = per_rank > cfg.train.batch_size
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(cfg.train.workers, cores)  # augmentation is seeded per item: same batches either way
+    if workers < cfg.train.workers and dist.main:
+        log.info("train.workers=%d on %d CPU cores: using %d DataLoader workers", cfg.train.workers, cores, workers)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler,
+                                         num_workers=workers, drop_last=drop_last,
+                                         pin_memory=cuda, persistent_workers=False)
+    return sampler, loader
+
+
+def _build(cfg: StageConfig, train_ds: _StageDataset, device: torch.device, dist: Dist) -> _Fit:
+    """Model (seeded init, head prior, DDP wrapper), loader, AdamW, warm-up + cosine schedule, AMP scaler."""
+    model = build_model(cfg.model.arch, cfg.model.encoder, len(cfg.classes), cfg.model.in_channels,
+                        encoder_weights=cfg.model.encoder_weights, **cfg.model.kwargs).to(device)
+    if cfg.model.head_prior is not None:
+        set_head_prior(model, cfg.model.head_prior)
+    cuda = device.type == "cuda"
+    channels_last = cuda and cfg.train.channels_last
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    net = model
+    if dist.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                  find_unused_parameters=_has_unused_parameters(
+                                                      model, cfg.model.in_channels, device))
+    sampler, loader = _loader(cfg, train_ds, dist, cuda)
+    steps_per_epoch = len(loader)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(
+        cfg.train.epochs * steps_per_epoch, round(cfg.schedule.warmup_epochs * steps_per_epoch),
+        cfg.schedule.min_lr_ratio))
+    amp = cfg.train.amp and cuda
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    return _Fit(model, net, device, sampler, loader, opt, sched, scaler, amp, channels_last)
+
+
+def _restore(fit: _Fit, last: dict, best: _Best) -> int:
+    """Load last.pt's weights, optimiser, schedule, scaler, RNG state and best epoch; returns the epochs done."""
+    fit.model.load_state_dict(last["state_dict"])
+    fit.opt.load_state_dict(last["optimizer"])
+    fit.sched.load_state_dict(last["scheduler"])
+    fit.scaler.load_state_dict(last["scaler"])
+    _set_rng_state(last["rng"])
+    best.value = float(last["best"]["value"])
+    best.epoch = last["best"]["epoch"]
+    return int(last["meta"]["epoch"])
+
+
+# --------------------------------------------------------------------------- one epoch
+
+def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.Tensor, meta: dict) -> torch.Tensor:
+    """One optimiser step on one batch; returns the loss."""
+    device = fit.device
+    images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    x = normalize(images, meta["normalization"]["mean"], meta["normalization"]["std"], cfg.model.in_channels)
+    if fit.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fit.amp):
+        logits = fit.net(x)
+    loss = bce_dice_loss(logits, masks, cfg.loss.bce, cfg.loss.dice)
+    fit.opt.zero_grad(set_to_none=True)
+    fit.scaler.scale(loss).backward()
+    if cfg.optim.grad_clip > 0:
+        fit.scaler.unscale_(fit.opt)
+        nn.utils.clip_grad_norm_(fit.model.parameters(), cfg.optim.grad_clip)
+    fit.scaler.step(fit.opt)
+    fit.scaler.update()
+    fit.sched.step()
+    return loss
+
+
+def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dict, epoch: int, dist: Dist) -> float:
+    """One pass over this rank's share of the training set; returns the mean loss over all ranks."""
+    from tqdm import tqdm
+
+    train_ds.set_epoch(epoch)
+    fit.sampler.set_epoch(epoch)
+    fit.net.train()
+    total, count = torch.zeros((), device=fit.device), 0
+    bar = tqdm(fit.loader, desc=f"{cfg.stage} {epoch + 1}/{cfg.train.epochs}", unit="step",
+               disable=None if dist.main else True, leave=False)
+    for images, masks in bar:
+        loss = _train_step(cfg, fit, images, masks, meta)
+        total += loss.detach()
+        count += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    if dist.world > 1:
+        stats = torch.stack([total, torch.tensor(float(count), device=fit.device)])
+        torch.distributed.all_reduce(stats)
+        total, count = stats[0], int(stats[1].item())
+    return float(total.item()) / max(count, 1)
+
+
+def _report_columns(report, classes: Sequence[str]) -> dict[str, Any]:
+    """The validation columns of a metrics.csv row."""
+    return dict(overall=round(report.overall, 6),
+                carpal_mean=None if report.carpal_mean is None else round(report.carpal_mean, 6),
+                **{f"dice/{c}": round(float(v), 6) for c, v in zip(classes, report.per_class)})
+
+
+def _save_epoch(cfg: StageConfig, run: Path, fit: _Fit, meta: dict, row: dict, report, best: _Best,
+                has_val: bool) -> bool:
+    """Rank 0 after an epoch: best.pt (+ val.json) if the best metric improved (every epoch
+    without validation images), last.pt, metrics.csv. Returns whether it improved."""
+    done = row["epoch"]
+    improved = False
+    if report is not None:
+        value = getattr(report, best.metric)
+        value = -math.inf if value is None else float(value)
+        improved = value > best.value
+    elif not has_val:
+        value, improved = float(done), True  # no validation: best = latest
+    metrics = {k: v for k, v in row.items() if not k.startswith("dice/")}
+    meta_now = {**meta, "epoch": done, "metrics": metrics}
+    if improved:
+        best.value, best.epoch = value, done
+        save_checkpoint(run / "best.pt", fit.model.state_dict(), meta_now)
+        if report is not None:
+            write_json_atomic(run / "val.json", {"epoch": done, **report.to_dict()})
+    save_checkpoint(run / "last.pt", fit.model.state_dict(), meta_now, extra={
+        "optimizer": fit.opt.state_dict(), "scheduler": fit.sched.state_dict(),
+        "scaler": fit.scaler.state_dict(), "rng": _rng_state(),
+        "best": {"metric": best.metric, "value": best.value, "epoch": best.epoch}})
+    _append_metrics(run / "metrics.csv", row, metrics_fields(cfg.classes))
+    return improved
+
+
+def _log_epoch(cfg: StageConfig, row: dict, train_loss: float, report, improved: bool, writer) -> None:
+    """Rank 0 after an epoch: TensorBoard scalars and the one-line summary."""
+    done = row["epoch"]
+    if writer is not None:
+        for k, v in row.items():
+            if k != "epoch" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, done)
+    msg = f"epoch {done}/{cfg.train.epochs}  loss {train_loss:.4f}  {row['seconds']:.1f}s"
+    if report is not None:
+        carpal = "-" if report.carpal_mean is None else f"{report.carpal_mean:.4f}"
+        msg += f"  val overall {report.overall:.4f}  carpal {carpal}" + ("  *best" if improved else "")
+    log.info(msg)
+
+
+def _log_end(cfg: StageConfig, stop: int, report, best: _Best) -> None:
+    if stop < cfg.train.epochs:
+        log.info("stopped after epoch %d of %d (train.stop_at_epoch); continue with --resume", stop, cfg.train.epochs)
+    if report is not None:
+        log.info("validation Dice at epoch %d (best %s %.4f at epoch %s):\n%s",
+                 stop, best.metric, best.value, best.epoch, report.table())
+
+
+# --------------------------------------------------------------------------- the trainer
+
+def train(cfg: StageConfig, resume: bool = False) -> Path:
+    """Train one stage; returns the run folder (best.pt, last.pt, config.yaml, metrics.csv).
+
+    Under torchrun every rank calls this; rank 0 writes the run folder.
+    """
+    dist, device = init_dist(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    root = _data_root(cfg)
+    run, last = _prepare_run(cfg, resume)
+    _open_run(cfg, run, last, dist)
+    train_ds, validator, extra_meta = _datasets(cfg, root, run, dist, device)
+    _seed_everything(cfg.train.seed)
+    fit = _build(cfg, train_ds, device, dist)
+    meta = _meta(cfg, extra_meta)
+    best, start = _Best(cfg.best_metric), 0
+    if last is not None:
+        start = _restore(fit, last, best)
+        log.info("resuming %s at epoch %d/%d", run, start + 1, cfg.train.epochs)
+
+    writer = _tensorboard(run) if dist.main else None
+    stop = cfg.train.epochs if cfg.train.stop_at_epoch is None else min(cfg.train.epochs, cfg.train.stop_at_epoch)
+    report = None
+    for epoch in range(start, stop):
+        t0 = time.time()
+        train_loss = _train_epoch(cfg, fit, train_ds, meta, epoch, dist)
+        done = epoch + 1
+        row: dict[str, Any] = {"epoch": done, "lr": fit.opt.param_groups[0]["lr"], "train_loss": round(train_loss, 6)}
+        epoch_report = None
+        if validator.val and (done % cfg.train.val_every == 0 or done == stop):
+            epoch_report = report = summarize(validator(fit.model, meta, device, dist), cfg.classes)
+            row.update(_report_columns(epoch_report, cfg.classes))
+        row["seconds"] = round(time.time() - t0, 2)
+        if dist.main:
+            improved = _save_epoch(cfg, run, fit, meta, row, epoch_report, best, has_val=bool(validator.val))
+            _log_epoch(cfg, row, train_loss, epoch_report, improved, writer)
+        if dist.world > 1:
+            torch.distributed.barrier()
+    if writer is not None:
+        writer.close()
+    if dist.main:
+        _log_end(cfg, stop, report, best)
+    return run
+
+
+def train_stage(stage: str | None = None, config: str | os.PathLike | None = None,
+                overrides: Sequence[str] = (), resume: bool = False, **flags: Any) -> Path:
+    """Resolve the config (stage YAML or `config` file, `key=value` overrides, flags) and train.
+
+    The one call behind `twostage train`; flags are config.FLAG_KEYS shortcuts.
+    """
+    from ..config import load_config
+
+    if stage is None and config is None:
+        raise TwostageError("give --stage NAME (a file in stages/) or --config FILE")
+    return train(load_config(stage, config, overrides, **flags), resume=resume)
