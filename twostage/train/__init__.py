@@ -10,12 +10,12 @@ Modules: `split` (the ID-grouped fold split), `datasets` (datasets and sampler),
 `distributed` (ranks and device), `run` (run folder, resume, meta, RNG state, metrics.csv),
 `loop` (loss, schedule, validation and the trainer itself).
 """
-from .datasets import GlobalDataset, PalmDataset, PalmItem, build_augment, cut_box, item_rng, load_palm_items
+from .datasets import GlobalDataset, PalmDataset, PalmItem, build_augment, item_rng, load_palm_items
 from .distributed import Dist, init_dist
 from .loop import bce_dice_loss, lr_lambda, set_head_prior, train, train_stage
 from .run import RUNTIME_KEYS, metrics_fields
 from .split import SPLIT_FORMAT, load_or_create_split, make_split
 
-__all__ = ["GlobalDataset", "PalmDataset", "PalmItem", "build_augment", "cut_box", "item_rng", "load_palm_items",
+__all__ = ["GlobalDataset", "PalmDataset", "PalmItem", "build_augment", "item_rng", "load_palm_items",
            "Dist", "init_dist", "bce_dice_loss", "lr_lambda", "set_head_prior", "train", "train_stage",
            "RUNTIME_KEYS", "metrics_fields", "SPLIT_FORMAT", "load_or_create_split", "make_split"]

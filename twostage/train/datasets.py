@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..box import Box, jitter_box
+from ..box import Box, crop_image, jitter_box
 from ..config import StageConfig
 from ..data import load_masks
 from ..errors import TwostageError
@@ -125,11 +125,6 @@ def load_palm_items(root: Path, samples: list) -> list[PalmItem]:
     return items
 
 
-def cut_box(array: np.ndarray, box, scale: int) -> np.ndarray:
-    """The region of source-pixel `box` (relative to the context box) in an upscaled context crop."""
-    return array[..., box.y0 * scale:box.y1 * scale, box.x0 * scale:box.x1 * scale]
-
-
 class PalmDataset(_StageDataset):
     """Palm crops: a (jittered) palm box cut from the upscaled context crop, at the input size."""
 
@@ -153,7 +148,7 @@ class PalmDataset(_StageDataset):
         box = item.box
         if self.jitter:
             box = jitter_box(box, rng, self.shift, self.scale, (item.context_side, item.context_side))
-        return _to_input_size(cut_box(image, box, item.scale), cut_box(masks, box, item.scale), self.size)
+        return _to_input_size(crop_image(image, box, item.scale), crop_image(masks, box, item.scale), self.size)
 
 
 class _SeededSampler(torch.utils.data.Sampler):

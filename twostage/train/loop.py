@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..box import palm_input_warning
+from ..box import crop_image, palm_input_warning
 from ..checkpoint import save_checkpoint
 from ..config import StageConfig
 from ..data import Fixes, MaskCache, load_masks, select_samples
@@ -29,7 +29,7 @@ from ..io import read_image, write_json_atomic
 from ..metrics import dice_per_class, summarize
 from ..models import Predictor, SegmentationNet, build_model, normalize
 from ..prepare import MANIFEST_DIR, load_palm_set
-from .datasets import GlobalDataset, PalmDataset, PalmItem, _SeededSampler, _StageDataset, cut_box, load_palm_items
+from .datasets import GlobalDataset, PalmDataset, PalmItem, _SeededSampler, _StageDataset, load_palm_items
 from .distributed import Dist, _broadcast, _gather, _has_unused_parameters, init_dist
 from .run import (_append_metrics, _meta, _open_run, _prepare_run, _rng_state, _seed_everything, _set_rng_state,
                   _tensorboard, metrics_fields)
@@ -96,8 +96,8 @@ class _Validator:
                 if self.palm_items is not None:
                     item = self.palm_items[k]
                     s = item.sample
-                    image = cut_box(read_image(s.image_path), item.box, item.scale)
-                    gt = cut_box(load_masks(s, self.cfg.classes, self.fixes, self.cache), item.box, item.scale)
+                    image = crop_image(read_image(s.image_path), item.box, item.scale)
+                    gt = crop_image(load_masks(s, self.cfg.classes, self.fixes, self.cache), item.box, item.scale)
                 else:
                     s = self.val[k]
                     image = read_image(s.image_path)
