@@ -1,4 +1,4 @@
-"""The phantom dataset: §1 layout, valid labels, determinism, geometry and contrast."""
+"""The phantom dataset: §1 layout, valid labels, determinism, geometry and contrast; the variants."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ from twostage.cli import main
 from twostage.data import find_samples, rasterize, read_annotations
 from twostage.errors import TwostageError
 from twostage.io import read_image
-from twostage.synth import render_hand, synthesize
+from twostage.synth import VARIANTS, PhantomStyle, render_hand, synthesize
 
 NAME = re.compile(r"^image\d{13}_[LR]\.png$")
 
@@ -140,3 +140,102 @@ def test_cli(tmp_path, capsys):
     assert main(["synth", "--out", str(out), "--n", "2", "--size", "128"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["synth", "--out", str(tmp_path / "bad"), "--n", "0"]) == 2
+
+
+# --- phantom variants -------------------------------------------------------------------
+
+def _carpal_stats(img, anns):
+    """Mean carpal area (px), fraction of carpal pixels inside two or more carpals,
+    bone-minus-adjacent-tissue contrast, background noise (high-pass std), hand axis angle
+    (capitate -> middle metacarpal, degrees from vertical) and carpal box side / image side."""
+    masks = rasterize(anns, img.shape)
+    carpals = masks[[CLASSES.index(c) for c in PALM_CLASSES]].astype(np.int32)
+    cover = carpals.sum(0)
+    bone = masks.any(0).astype(np.uint8)
+    ring = cv2.dilate(bone, np.ones((9, 9), np.uint8)) - bone
+    far = cv2.dilate(bone, np.ones((61, 61), np.uint8)) == 0
+    f = img.astype(np.float32)
+    high = f - cv2.GaussianBlur(f, (0, 0), 2)
+    centre = {a.label: a.points.mean(0) for a in anns}
+    d = centre["finger-11"] - centre["Capitate"]
+    pts = np.concatenate([a.points for a in anns if a.label in PALM_CLASSES])
+    return {"area": carpals.sum((1, 2)).mean(), "overlap": (cover > 1).sum() / (cover > 0).sum(),
+            "contrast": img[bone > 0].mean() - img[ring > 0].mean(), "noise": high[far].std(),
+            "angle": np.degrees(np.arctan2(d[0], -d[1])),
+            "fraction": (pts.max(0) - pts.min(0)).max() / img.shape[0]}
+
+
+def _stats(variant, seeds, size):
+    out = [_carpal_stats(*render_hand(np.random.default_rng(s), size, "RL"[s % 2], variant)) for s in seeds]
+    return {k: np.array([o[k] for o in out]) for k in out[0]}
+
+
+def test_default_style_is_the_phantom_as_before(tmp_path):
+    plain = _files(synthesize(tmp_path / "plain", n=3, size=128, seed=5, test_n=1))
+    assert plain == _files(synthesize(tmp_path / "named", n=3, size=128, seed=5, test_n=1, style="default"))
+    assert plain == _files(synthesize(tmp_path / "style", n=3, size=128, seed=5, test_n=1, style=PhantomStyle()))
+    assert VARIANTS["default"] == PhantomStyle() and PhantomStyle().changes() == {}
+
+
+def test_every_variant_renders_and_differs_from_default(tmp_path):
+    base = _files(synthesize(tmp_path / "default", n=2, size=128, seed=1))
+    assert len(VARIANTS) >= 4
+    for name, style in VARIANTS.items():
+        if name == "default":
+            continue
+        assert style.changes(), name
+        files = _files(synthesize(tmp_path / name, n=2, size=128, seed=1, style=name))
+        assert set(files) == set(base), name  # same seed: same IDs and names
+        pngs = [k for k in files if k.endswith(".png")]
+        assert all(files[k] != base[k] for k in pngs), name
+        for s in find_samples(tmp_path / name, "train"):
+            anns = read_annotations(s.json_path)
+            assert sorted(a.label for a in anns) == sorted(CLASSES)
+            assert (rasterize(anns, (128, 128)).reshape(len(CLASSES), -1).sum(1) > 0).all(), name
+
+
+def test_small_carpals_are_smaller_and_overlap_more():
+    seeds = range(40, 46)
+    d, v = _stats("default", seeds, 192), _stats("small-carpals", seeds, 192)
+    assert (v["area"] < 0.8 * d["area"]).all(), (v["area"], d["area"])  # 0.8² of the area, about
+    assert (v["overlap"] > d["overlap"]).all(), (v["overlap"], d["overlap"])
+    assert (v["fraction"] < d["fraction"]).all()
+
+
+def test_low_contrast_has_less_bone_contrast_and_more_noise():
+    seeds = range(50, 54)
+    d, v = _stats("default", seeds, 256), _stats("low-contrast", seeds, 256)
+    assert (v["contrast"] < 0.8 * d["contrast"]).all(), (v["contrast"], d["contrast"])
+    assert (v["noise"] > 1.5 * d["noise"]).all(), (v["noise"], d["noise"])
+    np.testing.assert_allclose(v["area"], d["area"])  # same geometry
+
+
+def test_pose_rotates_and_scales_the_hand_more():
+    seeds = range(60, 70)
+    d, v = _stats("default", seeds, 128), _stats("pose", seeds, 128)
+    assert np.abs(d["angle"]).max() < 20 < np.abs(v["angle"]).max(), (d["angle"], v["angle"])
+    assert np.abs(v["angle"]).mean() > 1.8 * np.abs(d["angle"]).mean()
+    assert v["fraction"].std() > 1.5 * d["fraction"].std(), (v["fraction"], d["fraction"])
+
+
+def test_unknown_variant_and_bad_style(tmp_path):
+    with pytest.raises(TwostageError, match="unknown; choose one of default, small-carpals"):
+        synthesize(tmp_path / "x", n=2, size=128, style="nope")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(TwostageError, match="unknown"):
+        render_hand(np.random.default_rng(0), 128, "R", "nope")
+    with pytest.raises(TwostageError, match="carpal_scale"):
+        PhantomStyle(carpal_scale=0)
+    with pytest.raises(TwostageError, match="carpal_fraction"):
+        PhantomStyle(carpal_fraction=(0.3, 0.2))
+
+
+def test_cli_variant(tmp_path, capsys):
+    out = tmp_path / "lc"
+    assert main(["synth", "--out", str(out), "--n", "2", "--size", "128", "--seed", "1",
+                 "--variant", "low-contrast"]) == 0
+    assert "variant low-contrast" in capsys.readouterr().out
+    assert _files(out) == _files(synthesize(tmp_path / "lib", n=2, size=128, seed=1, style="low-contrast"))
+    assert main(["synth", "--out", str(tmp_path / "bad"), "--n", "2", "--size", "128", "--variant", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown" in err and "pose" in err and len(err.strip().splitlines()) == 1

@@ -9,6 +9,11 @@ adding up, then system blur and noise. Carpals are small, overlapping and of low
 to each other, so a global model at a reduced input size loses them and a palm crop at
 higher resolution recovers them — the effect the product exists for.
 
+A `PhantomStyle` holds the knobs a real dataset changes (carpal size and packing, bone
+contrast, noise and blur, hand rotation and scale); `VARIANTS` names a few styles, each
+changing one family. The default style is the phantom as it always was: same random draws,
+same bytes.
+
 Deterministic by seed: the same arguments give byte-identical files.
 """
 from __future__ import annotations
@@ -17,7 +22,7 @@ import csv
 import io
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +80,89 @@ _CARPALS = {
 
 _CARPAL_BOX_CM = 5.3
 """Nominal side (cm) of the carpal box in the hand frame: turns CARPAL_FRACTION into a scale."""
+
+_CARPAL_CENTROID = np.mean([c[0] for c in _CARPALS.values()], axis=0)
+"""Mean of the nominal carpal centres (cm): the point `PhantomStyle` packs them towards."""
+
+
+@dataclass(frozen=True)
+class PhantomStyle:
+    """What a dataset changes, as factors on the phantom's built-in ranges (defaults: none).
+
+    carpal_scale: factor on every carpal's widths and length.
+    carpal_pack: factor on the carpal centres' distances from their centroid, on top of
+        `carpal_scale` (offsets scale by carpal_scale × carpal_pack): below 1 the carpals
+        are packed closer than a uniformly shrunk wrist and overlap more.
+    bone_gain: factor on the bone attenuation gain range (0.85, 1.1): below 1, less bone
+        contrast against soft tissue.
+    noise: factor on the noise standard-deviation range (2.0, 4.5 grey levels).
+    blur: factor on the system blur (σ = 0.0012 × image side; none below 0.3 px).
+    rotation: the hand's rotation is drawn in ±`rotation` degrees.
+    carpal_fraction: range of the nominal carpal box side as a fraction of the image side
+        (the hand's scale in the picture; default CARPAL_FRACTION).
+    """
+
+    carpal_scale: float = 1.0
+    carpal_pack: float = 1.0
+    bone_gain: float = 1.0
+    noise: float = 1.0
+    blur: float = 1.0
+    rotation: float = 12.0
+    carpal_fraction: tuple[float, float] = CARPAL_FRACTION
+
+    def __post_init__(self) -> None:
+        for name in ("carpal_scale", "carpal_pack", "bone_gain", "blur"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0 < v <= 10:
+                raise TwostageError(f"phantom style {name}={v!r}: must be a number in (0, 10]")
+        if not isinstance(self.noise, (int, float)) or not 0 <= self.noise <= 10:
+            raise TwostageError(f"phantom style noise={self.noise!r}: must be a number in [0, 10]")
+        if not isinstance(self.rotation, (int, float)) or not 0 <= self.rotation <= 180:
+            raise TwostageError(f"phantom style rotation={self.rotation!r}: must be in [0, 180] degrees")
+        try:
+            lo, hi = (float(v) for v in self.carpal_fraction)
+        except (TypeError, ValueError):
+            lo = hi = -1.0
+        if not 0 < lo <= hi < 1:
+            raise TwostageError(f"phantom style carpal_fraction={self.carpal_fraction!r}: need 0 < low <= high < 1")
+
+    def changes(self) -> dict:
+        """The fields that differ from the default style, {name: value}."""
+        base = PhantomStyle()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(base, f.name)}
+
+
+VARIANTS: dict[str, PhantomStyle] = {
+    "default": PhantomStyle(),
+    # Smaller carpals packed closer (a child's or a small adult's wrist, or a wider field of
+    # view): 0.8× the size, centres 15 % closer than that scale alone, so neighbours overlap.
+    "small-carpals": PhantomStyle(carpal_scale=0.8, carpal_pack=0.85),
+    # Another detector or exposure: 0.6× bone contrast, 2.5× the noise, 1.5× the blur.
+    "low-contrast": PhantomStyle(bone_gain=0.6, noise=2.5, blur=1.5),
+    # Hands placed less carefully and at other magnifications: ±35° rotation, carpal box
+    # 15–33 % of the image side (default ±12°, 21–29 %).
+    "pose": PhantomStyle(rotation=35.0, carpal_fraction=(0.15, 0.33)),
+}
+"""Named phantom styles: the default and variants that each change one family of knobs."""
+
+
+def resolve_style(style: "PhantomStyle | str | None") -> PhantomStyle:
+    """A PhantomStyle from a style, a VARIANTS name or None (the default)."""
+    if style is None:
+        return VARIANTS["default"]
+    if isinstance(style, PhantomStyle):
+        return style
+    if isinstance(style, str) and style in VARIANTS:
+        return VARIANTS[style]
+    raise TwostageError(f"phantom variant {style!r}: unknown; choose one of {', '.join(VARIANTS)}")
+
+
+def style_name(style: PhantomStyle) -> str:
+    """The VARIANTS name of a style, or its changed fields for a custom one."""
+    for name, s in VARIANTS.items():
+        if s == style:
+            return name
+    return "custom " + ", ".join(f"{k}={v}" for k, v in style.changes().items())
 
 
 @dataclass
@@ -144,7 +232,8 @@ def _vertex_count(length_px: float) -> int:
     return int(np.clip(round(length_px / 6), 24, 64))
 
 
-def _hand_bones(rng: np.random.Generator, px_per_cm: float) -> tuple[list[_Bone], dict]:
+def _hand_bones(rng: np.random.Generator, px_per_cm: float,
+                style: PhantomStyle = VARIANTS["default"]) -> tuple[list[_Bone], dict]:
     """All 29 bones of one right hand in the hand frame, with per-bone shape jitter."""
     bones: list[_Bone] = []
     size = rng.uniform(0.92, 1.08)  # person's bone length factor
@@ -176,14 +265,16 @@ def _hand_bones(rng: np.random.Generator, px_per_cm: float) -> tuple[list[_Bone]
             angle += rng.normal(0, 2.5) + (2.0 if labels is FINGER_CHAINS[0][1] else 0.0)
         tips.append(pos)
         chains.append(np.array(chain))
+    pull = 1.0 - style.carpal_scale * style.carpal_pack  # 0 for the default: centres unchanged
     for label, (centre, angle, length, widths, caps) in _CARPALS.items():
-        f = rng.uniform(0.92, 1.08)
+        f = rng.uniform(0.92, 1.08) * style.carpal_scale
         jw = tuple(w * f * rng.uniform(0.93, 1.07) for w in widths)
         jl = length * f * rng.uniform(0.85, 1.15)
         n = _vertex_count((jl + 2 * jw[1]) * px_per_cm * 2.5)
         local = _outline(jl, jw, caps, n, rng, jitter=0.06)
         local[:, 1] -= jl / 2
-        c = np.asarray(centre) * rng.uniform(0.97, 1.03) + rng.normal(0, 0.05, 2)
+        centre = np.asarray(centre) - pull * (np.asarray(centre) - _CARPAL_CENTROID)
+        c = centre * rng.uniform(0.97, 1.03) + rng.normal(0, 0.05, 2)
         bones.append(_Bone(label, _place(local, tuple(c), angle + rng.normal(0, 6.0)),
                            max(jw) * 0.9, 0.06, density * rng.uniform(0.9, 1.0)))
     # Forearm: long bones reaching far below the image edge (clipped later).
@@ -294,13 +385,15 @@ def _bone_attenuation(mask: np.ndarray, bone: _Bone, px_per_cm: float, texture: 
     return (mask * bone.density * (0.8 * rim + 0.22 * body)).astype(np.float32)
 
 
-def render_hand(rng: np.random.Generator, size: int, side: str = "R") -> tuple[np.ndarray, list[Annotation]]:
+def render_hand(rng: np.random.Generator, size: int, side: str = "R",
+                style: PhantomStyle | str | None = None) -> tuple[np.ndarray, list[Annotation]]:
     """Render one phantom hand radiograph and its 29 bone polygons.
 
     Args:
         rng: the source of all randomness (pose, shapes, noise): same state, same picture.
         size: image side in pixels (square image), at least MIN_SIZE.
         side: "R" (thumb on the image's left) or "L" (mirrored: thumb on the right).
+        style: a PhantomStyle or a VARIANTS name (None: the default phantom).
 
     Returns:
         image (size, size) uint8 and one Annotation per class in CLASSES order; points are
@@ -311,13 +404,14 @@ def render_hand(rng: np.random.Generator, size: int, side: str = "R") -> tuple[n
         raise TwostageError(f"side {side!r}: must be 'R' or 'L'")
     if size < MIN_SIZE:
         raise TwostageError(f"size {size}: must be at least {MIN_SIZE} px")
+    style = resolve_style(style)
 
     # Pose: scale from the carpal box fraction, then shrink until the hand fits.
-    frac = rng.uniform(*CARPAL_FRACTION)
-    rot = rng.uniform(-12.0, 12.0)
+    frac = rng.uniform(*style.carpal_fraction)
+    rot = rng.uniform(-style.rotation, style.rotation)
     mirror = -1.0 if side == "R" else 1.0
     px_per_cm = frac * size / _CARPAL_BOX_CM
-    bones, extra = _hand_bones(rng, px_per_cm)
+    bones, extra = _hand_bones(rng, px_per_cm, style)
     a = np.deg2rad(rot)
     rot_m = np.array([[np.cos(a), np.sin(a)], [-np.sin(a), np.cos(a)]])
 
@@ -348,11 +442,11 @@ def render_hand(rng: np.random.Generator, size: int, side: str = "R") -> tuple[n
             pts = np.array([c - [1, 0], c + [1, 0], c + [0, 1]], np.int32)
         annotations.append(Annotation(bone.label, pts))
 
-    return _expose(rng, size, bones, annotations, extra, to_px, px_per_cm), annotations
+    return _expose(rng, size, bones, annotations, extra, to_px, px_per_cm, style), annotations
 
 
 def _expose(rng: np.random.Generator, size: int, bones: list, annotations: list[Annotation], extra: dict,
-            to_px, px_per_cm: float) -> np.ndarray:
+            to_px, px_per_cm: float, style: PhantomStyle = VARIANTS["default"]) -> np.ndarray:
     """The radiograph of placed bones: attenuation of background, soft tissue and bones
     (overlaps add up), blur, exposure and noise, as (size, size) uint8."""
     import cv2
@@ -364,7 +458,7 @@ def _expose(rng: np.random.Generator, size: int, bones: list, annotations: list[
     texture = rng.standard_normal((size, size), dtype=np.float32)
     texture = cv2.GaussianBlur(texture, (0, 0), max(0.6, 0.025 * px_per_cm))
     texture *= np.float32(1.0 / (texture.std() + 1e-6))
-    bone_gain = np.float32(rng.uniform(0.85, 1.1))
+    bone_gain = np.float32(rng.uniform(0.85 * style.bone_gain, 1.1 * style.bone_gain))
     drawn = [(b, a.points) for b, a in zip(bones, annotations)]
     drawn += [(b, _pixel_polygon(to_px(b.outline), size)) for b in extra["unlabeled"]]
     for bone, pts in drawn:
@@ -376,12 +470,12 @@ def _expose(rng: np.random.Generator, size: int, bones: list, annotations: list[
         cv2.fillPoly(mask, [(pts - [x0, y0]).reshape(-1, 1, 2)], 1)
         att = _bone_attenuation(mask, bone, px_per_cm, texture[y0:y1, x0:x1])
         atten[y0:y1, x0:x1] += bone_gain * att
-    blur = 0.0012 * size
+    blur = 0.0012 * size * style.blur
     if blur >= 0.3:
         atten = cv2.GaussianBlur(atten, (0, 0), blur)
     gain = rng.uniform(1.5, 1.9)
     image = 255.0 * (1.0 - np.exp(-gain * atten))
-    image += rng.normal(0.0, rng.uniform(2.0, 4.5), (size, size)).astype(np.float32)
+    image += rng.normal(0.0, rng.uniform(2.0 * style.noise, 4.5 * style.noise), (size, size)).astype(np.float32)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     return image
 
@@ -404,14 +498,15 @@ def _hands(n: int) -> list[tuple[int, str]]:
 
 
 def synthesize(out: str | os.PathLike, n: int = 20, size: int = 512, seed: int = 0,
-               test_n: int = 0, overwrite: bool = False) -> Path:
+               test_n: int = 0, overwrite: bool = False, style: PhantomStyle | str | None = None) -> Path:
     """Write a phantom dataset in the §1 layout and return its root.
 
     OUT/train/DCM/IDxxx/image<13 digits>_{L,R}.png with OUT/train/outputs_json/... JSON,
     OUT/test/DCM/... (no JSON, their own IDs) and OUT/meta_data.csv (ID, age, sex, weight,
     height). `n` and `test_n` count images: two per ID (left and right hand); an odd count
     gives its last ID a single right hand. JSON `metadata` and `filename` are deliberately
-    wrong, like real files.
+    wrong, like real files. `style`: a PhantomStyle or a VARIANTS name (None: "default");
+    the same seed draws the same hands, IDs and names in every style.
     """
     from tqdm import tqdm
 
@@ -421,6 +516,7 @@ def synthesize(out: str | os.PathLike, n: int = 20, size: int = 512, seed: int =
         raise TwostageError(f"test_n={test_n}: must be 0 or more")
     if not isinstance(size, (int, np.integer)) or size < MIN_SIZE:
         raise TwostageError(f"size={size}: must be an integer of at least {MIN_SIZE} px")
+    style = resolve_style(style)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise TwostageError(f"{out}: exists and is not a folder")
@@ -444,7 +540,7 @@ def synthesize(out: str | os.PathLike, n: int = 20, size: int = 512, seed: int =
             jobs.append((split, people[person], stem, side, int(rng.integers(2**63 - 1))))
 
     for split, pid, stem, side, image_seed in tqdm(jobs, desc="synth", unit="img", disable=None):
-        image, annotations = render_hand(np.random.default_rng(image_seed), size, side)
+        image, annotations = render_hand(np.random.default_rng(image_seed), size, side, style)
         write_png_atomic(out / split / IMAGE_DIR / pid / f"{stem}.png", image)
         if split == "train":
             wrong = f"image{_image_stem(np.random.default_rng(image_seed ^ 0x5EED), set())}.png"
@@ -456,5 +552,5 @@ def synthesize(out: str | os.PathLike, n: int = 20, size: int = 512, seed: int =
     writer.writerow(["ID", "age", "sex", "weight", "height"])
     writer.writerows(meta_rows)
     write_text_atomic(out / "meta_data.csv", buf.getvalue())
-    log.info("synth: %d train + %d test images (%d px) in %s", n, test_n, size, out)
+    log.info("synth: %d train + %d test images (%d px, style %s) in %s", n, test_n, size, style_name(style), out)
     return out

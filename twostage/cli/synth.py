@@ -5,6 +5,10 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..synth import VARIANTS
+
+    variants = "; ".join(f"{name} ({', '.join(f'{k}={v}' for k, v in style.changes().items()) or 'as always'})"
+                         for name, style in VARIANTS.items())
     p = subparsers.add_parser(
         "synth",
         help="write a synthetic hand X-ray dataset (the embedded demo/test data)",
@@ -22,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--test-n", type=int, default=0, dest="test_n", help="number of test images, no JSON (default: %(default)s)")
     p.add_argument("--size", type=int, default=512, help="image side in pixels, square images, >= 64 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--variant", default="default", metavar="NAME",
+                   help=f"phantom style (twostage.synth.VARIANTS): {variants} (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already has files")
     p.set_defaults(func=_run)
 
@@ -30,6 +36,6 @@ def _run(args: argparse.Namespace) -> int:
     from ..synth import synthesize
 
     out = synthesize(args.out, n=args.n, size=args.size, seed=args.seed, test_n=args.test_n,
-                     overwrite=args.overwrite)
-    print(f"wrote {args.n} train + {args.test_n} test images ({args.size} px) to {out}")
+                     overwrite=args.overwrite, style=args.variant)
+    print(f"wrote {args.n} train + {args.test_n} test images ({args.size} px, variant {args.variant}) to {out}")
     return 0
