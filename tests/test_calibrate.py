@@ -80,3 +80,82 @@ def test_parse_grid():
     for bad in ("0,2", "a,b", "0:1:0", ""):
         with pytest.raises(TwostageError, match="--grid"):
             parse_grid(bad, "grid")
+
+
+# --- calibration by default: beside the palm checkpoint, for that checkpoint pair only --------
+
+def _ids(root) -> list[str]:
+    from twostage.data import find_samples
+
+    return sorted({s.id for s in find_samples(root, "train")})
+
+
+@pytest.fixture
+def pair(setup, tmp_path, make_tiny_checkpoint) -> dict:
+    """Checkpoints in run folders that record their training IDs: all but the last ID."""
+    ids = _ids(setup["root"])
+    g = make_tiny_checkpoint(tmp_path / "runs" / "global" / "best.pt", "global", train_ids=ids[:-1])
+    p = make_tiny_checkpoint(tmp_path / "runs" / "palm" / "best.pt", "palm", classes=PALM_CLASSES, seed=1,
+                             train_ids=ids[:-1])
+    return {"global": g, "palm": p, "held_out": ids[-1]}
+
+
+def test_calibration_lands_beside_the_palm_run_and_infer_uses_it(setup, pair, tmp_path, caplog):
+    root = setup["root"]
+    r = calibrate(root, pair["global"], pair["palm"])  # default out, held-out IDs only
+    cal_dir = pair["palm"].parent / "calibration"
+    assert r.files[-1] == str(cal_dir / "calibration.json")
+    record = json.loads((cal_dir / "calibration.json").read_text())
+    from twostage.data import find_samples
+
+    assert {s.id for s in find_samples(root, "train") if s.name in record["images"]} == {pair["held_out"]}
+    assert r.n_images == len(record["images"]) >= 1
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["infer", str(root), "--split", "train", "--global", str(pair["global"]), "--palm",
+                     str(pair["palm"]), "--fuse", "--out", str(out), *extra]) == 0
+        return out.read_bytes()
+
+    caplog.set_level("INFO")
+    auto = run("auto.csv")
+    assert "calibrated by" in caplog.text
+    explicit = run("explicit.csv", "--thresholds", str(cal_dir / "thresholds.yaml"),
+                   "--fuse-weights", str(cal_dir / "fuse_weights.yaml"))
+    default = run("default.csv", "--calibration", "none")
+    assert auto == explicit
+    assert auto != default  # random models: calibration moves thresholds
+    # evaluate reports default and calibrated fusion side by side
+    ev_out = tmp_path / "ev"
+    assert main(["evaluate", str(root), "--global", str(pair["global"]), "--palm", str(pair["palm"]),
+                 "--out", str(ev_out), "--pictures", "0"]) == 0
+    report = json.loads((ev_out / "evaluation.json").read_text())
+    assert set(report) >= {"global", "fused", "calibrated", "calibration"}
+    assert (ev_out / "calibrated.csv").read_bytes() == auto and (ev_out / "fused.csv").read_bytes() == default
+    assert "calibrated" in (ev_out / "table.txt").read_text().splitlines()[0]
+
+
+def test_calibration_of_another_global_model_is_a_warning_not_a_silent_use(setup, pair, tmp_path, caplog,
+                                                                          make_tiny_checkpoint):
+    calibrate(setup["root"], pair["global"], pair["palm"])
+    other = make_tiny_checkpoint(tmp_path / "other.pt", "global", seed=7)
+    args = ["infer", str(setup["root"]), "--split", "train", "--palm", str(pair["palm"]), "--fuse"]
+    assert main([*args, "--global", str(other), "--out", str(tmp_path / "a.csv")]) == 0
+    assert "calibrated against another global checkpoint" in caplog.text
+    assert main([*args, "--global", str(other), "--out", str(tmp_path / "b.csv"), "--calibration", "none"]) == 0
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()  # defaults used
+
+
+def test_calibration_refuses_images_both_models_trained_on(setup, tmp_path, make_tiny_checkpoint, capsys):
+    ids = _ids(setup["root"])
+    g = make_tiny_checkpoint(tmp_path / "g" / "best.pt", "global", train_ids=ids)
+    p = make_tiny_checkpoint(tmp_path / "p" / "best.pt", "palm", classes=PALM_CLASSES, train_ids=ids[:1])
+    args = ["calibrate", str(setup["root"]), "--global", str(g), "--palm", str(p)]
+    assert main(args) == 2
+    assert "trained on by the global or palm model" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "calibration").exists()
+    assert main([*args, "--all-images"]) == 0
+    assert (tmp_path / "p" / "calibration" / "calibration.json").is_file()
+    with pytest.raises(TwostageError, match="no calibration.json"):
+        infer(setup["root"], g, tmp_path / "x.csv", palm_ckpt=p, fuse=True, split="train",
+              calibration=tmp_path / "nowhere")

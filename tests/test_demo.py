@@ -18,12 +18,16 @@ def test_demo_quick_end_to_end(tmp_path):
     assert "bicubic" in proc.stdout + proc.stderr  # no weights here: said plainly
     assert "carpal mean" in proc.stdout and "overall" in proc.stdout
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
-    for run in ("global", "fused"):
+    for run in ("global", "fused", "calibrated"):
         assert set(report[run]["per_class"]) == set(CLASSES)
         assert 0.0 <= report[run]["overall"] <= 1.0
-    assert report["carpal_gain"] == pytest.approx(report["fused"]["carpal_mean"] - report["global"]["carpal_mean"])
+    # the demo calibrates on the validation fold, and infer's default (calibrated) fusion is the claim
+    assert report["carpal_gain"] == pytest.approx(report["calibrated"]["carpal_mean"] - report["global"]["carpal_mean"])
+    cal = json.loads((out / "runs" / "palm" / "calibration" / "calibration.json").read_text())
+    assert report["calibration"].endswith("calibration.json") and cal["images"]
+    assert "calibrated" in proc.stdout
     assert len(report["boxes"]) == report["fused"]["n_images"]
-    for csv in ("global.csv", "fused.csv"):
+    for csv in ("global.csv", "fused.csv", "calibrated.csv"):
         lines = (out / "evaluation" / csv).read_text().splitlines()
         assert lines[0] == "image_name,class,rle" and len(lines) == 1 + 29 * report["fused"]["n_images"]
     pictures = sorted((out / "evaluation" / "pictures").glob("*.png"))

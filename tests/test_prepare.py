@@ -224,3 +224,31 @@ def test_prepare_sr_cli_checks_the_palm_stage_input_size(data, tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         assert cli_main(["prepare-sr", str(data), "--out", str(tmp_path / "P"), "--input-size", "64"]) == 0
     assert "palm input 64 px" in caplog.text
+
+
+def test_palm_folds_follow_the_global_folds_when_an_image_has_no_carpals(tmp_path):
+    """An image without carpal annotations has no palm crop; the palm run must still hold out
+    the IDs the global run holds out (folds drawn over the palm set's `split_ids`)."""
+    from twostage.config import load_config
+    from twostage.train.distributed import Dist
+    from twostage.train.loop import _fold_indices, _samples_with_masks
+
+    root = synthesize(tmp_path / "D", n=12, size=128, seed=3)
+    lone = find_samples(root, "train")[0]
+    anns = [a for a in read_annotations(lone.json_path) if a.label not in PALM_CLASSES]
+    write_annotations(lone.json_path, anns, lone.image_path.name, read_image(lone.image_path).shape)
+    prepare_sr(root, tmp_path / "P", scale=2)
+    record = load_palm_set(tmp_path / "P")
+    assert record["split_ids"] == [s.id for s in find_samples(root, "train")]  # the lone image's ID too
+
+    def held_out(stage: str, data: Path, run: Path) -> set[str]:
+        cfg = load_config(stage, data=str(data), overrides=["data.folds=3", "data.fold=1"])
+        samples = _samples_with_masks(data, None)
+        split_ids = load_palm_set(data)["split_ids"] if stage == "palm" else None
+        _, va = _fold_indices(cfg, run, samples, Dist(), split_ids)
+        return {samples[i].id for i in va}
+
+    g, p = held_out("global", root, tmp_path / "rg"), held_out("palm", tmp_path / "P", tmp_path / "rp")
+    assert p and p <= g and g - p <= {lone.id}
+    assert json.loads((tmp_path / "rg" / "split.json").read_text())["folds"] == \
+        json.loads((tmp_path / "rp" / "split.json").read_text())["folds"]

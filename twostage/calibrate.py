@@ -43,6 +43,57 @@ THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 2
 _CHUNK = 1 << 24
 """Elements bucketed at once (bounds the int64 temporaries at 128 MiB)."""
 
+CALIBRATION_DIR = "calibration"
+"""Folder beside the palm checkpoint where `calibrate` writes by default and the chain looks."""
+
+CALIBRATION_FILE = "calibration.json"
+"""The record: chosen weights and thresholds, the checkpoints' sha256, grids, Dice before/after."""
+
+
+def default_dir(palm_ckpt: str | os.PathLike) -> Path:
+    """Where the calibration of a palm checkpoint lives: <palm run>/calibration."""
+    from .checkpoint import checkpoint_file
+
+    return checkpoint_file(palm_ckpt).parent / CALIBRATION_DIR
+
+
+def _checkpoint_sha(path: str | os.PathLike) -> str:
+    from .checkpoint import checkpoint_file
+    from .io import sha256_file
+
+    return sha256_file(checkpoint_file(path))
+
+
+def find_calibration(global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike,
+                     where: str | os.PathLike | None = "auto") -> dict | None:
+    """The calibration record to fuse this checkpoint pair with, or None (defaults).
+
+    `where`: "auto" (beside the palm checkpoint, if there), "none"/None (never), or a folder
+    or calibration.json. A record made for other checkpoints is a warning and is not used:
+    weights chosen against one global model can make a bone worse with another."""
+    if where is None or str(where) == "none":
+        return None
+    path = default_dir(palm_ckpt) if str(where) == "auto" else Path(where)
+    if path.is_dir() or str(where) == "auto":
+        path = path / CALIBRATION_FILE
+    if not path.is_file():
+        if str(where) == "auto":
+            return None
+        raise TwostageError(f"{where}: no {CALIBRATION_FILE} there (write one with `twostage calibrate`)")
+    from .io import read_yaml
+
+    rec = read_yaml(path, "calibration record")  # JSON is YAML
+    if not isinstance(rec, dict) or not isinstance(rec.get("fuse_weights"), dict) \
+            or not isinstance(rec.get("thresholds"), dict):
+        raise TwostageError(f"{path}: not a calibration record (no fuse_weights/thresholds mappings)")
+    for stage, ckpt in (("global", global_ckpt), ("palm", palm_ckpt)):
+        if rec.get(f"{stage}_sha256") != _checkpoint_sha(ckpt):
+            log.warning("%s: calibrated against another %s checkpoint (%s), not %s; fusing with the default "
+                        "weights and thresholds (re-run `twostage calibrate`, or --calibration none)",
+                        path, stage, rec.get(stage), ckpt)
+            return None
+    return {**rec, "path": str(path)}
+
 
 def parse_grid(spec: str | Sequence[float], name: str) -> tuple[float, ...]:
     """A grid from "0,0.1,0.2" or "0:1:0.1" (start:stop:step, stop included) or a sequence;
@@ -222,21 +273,24 @@ class _Sums:
 
 
 def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike,
-              out: str | os.PathLike, *, weight_grid: Sequence[float] = WEIGHT_GRID,
+              out: str | os.PathLike | None = None, *, weight_grid: Sequence[float] = WEIGHT_GRID,
               threshold_grid: Sequence[float] = THRESHOLD_GRID, split: str | None = None, fixes=None,
-              images: Sequence[str] | None = None, **options) -> Calibration:
+              images: Sequence[str] | None = None, holdout: bool = True, **options) -> Calibration:
     """Choose per-class fusion weights a_c and thresholds t_c maximising mean Dice on DATA.
 
-    Writes OUT/fuse_weights.yaml and OUT/thresholds.yaml (read by `twostage infer
-    --fuse-weights / --thresholds`) and OUT/calibration.json (grids, per-class Dice before
-    and after). `options` are the ChainOptions fields (device, tta, feather, palm_resize, ...):
-    give the same as the `infer` run the files are for; thresholds and fuse_weights are what
-    calibration chooses, so they are refused here.
+    Writes OUT/calibration.json (the chosen values, the sha256 of both checkpoints, grids,
+    per-class Dice before and after), which `infer --fuse` (and evaluate, visualize) use by
+    default when OUT is the default, <palm run>/calibration; and OUT/fuse_weights.yaml and
+    OUT/thresholds.yaml for `--fuse-weights / --thresholds`. `options` are the ChainOptions
+    fields (device, tta, feather, palm_resize, ...): give the same as the `infer` run the
+    files are for; thresholds and fuse_weights are what calibration chooses, so they are refused.
 
     Args:
-        data: annotated validation images (dataset root, split folder or image folder with
-            outputs_json beside it); `images` restricts to these names or stems.
+        data: annotated images (dataset root, split folder or image folder with outputs_json
+            beside it); `images` restricts to these names or stems.
         global_ckpt, palm_ckpt: the two stages, as for `infer --fuse`.
+        holdout: use only the images whose ID neither checkpoint trained on (their
+            `train_ids`): on the training dataset, its validation fold.
         weight_grid, threshold_grid: candidate values; the defaults are always added.
     """
     from tqdm import tqdm
@@ -252,11 +306,13 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     a_grid = _grid_with(weight_grid, DEFAULT_PALM_WEIGHT)
     t_grid = _grid_with(threshold_grid, DEFAULT_THRESHOLD)
     samples, fixes = select_samples(data, split, fixes, images)
+    if holdout:
+        samples = _held_out(samples, data, global_ckpt, palm_ckpt)
     unannotated = [s.rel for s in samples if s.json_path is None]
     if unannotated:
         raise TwostageError(f"{data}: {len(unannotated)} image(s) without annotation JSON "
                             f"({', '.join(unannotated[:3])}); calibration needs ground truth")
-    chain = TwoStage.build(global_ckpt, palm_ckpt, **options)
+    chain = TwoStage.build(global_ckpt, palm_ckpt, **{**options, "calibration": "none"})
     sums = _Sums(chain, a_grid, t_grid)
     for sample in tqdm(samples, desc="calibrate", unit="img", disable=None):
         image = read_image(sample.image_path)
@@ -270,22 +326,46 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
                          thresholds=thresholds, default_dice=before, calibrated_dice=after, n_images=sums.n,
                          weight_grid=list(a_grid), threshold_grid=list(t_grid))
     result.seconds = time.perf_counter() - t_start
-    _write(result, Path(out), data, global_ckpt, palm_ckpt, chain.options)
+    _write(result, Path(out) if out is not None else default_dir(palm_ckpt), data, global_ckpt, palm_ckpt,
+           chain.options, [s.name for s in samples])
     return result
 
 
-def _write(result: Calibration, out: Path, data, global_ckpt, palm_ckpt, options) -> None:
-    """OUT/fuse_weights.yaml, OUT/thresholds.yaml (for infer) and OUT/calibration.json."""
+def _held_out(samples: list, data, global_ckpt, palm_ckpt) -> list:
+    """The samples whose ID neither checkpoint trained on (checkpoint meta `train_ids`)."""
+    from .checkpoint import load_checkpoint
+
+    trained: set[str] = set()
+    for stage, ckpt in (("global", global_ckpt), ("palm", palm_ckpt)):
+        ids = load_checkpoint(ckpt, expect_stage=stage)["meta"].get("train_ids")
+        if ids is None:
+            log.warning("%s: records no training IDs (trained by an older twostage); calibrating on every "
+                        "image given, which must be images it did not train on", ckpt)
+            continue
+        trained |= set(ids)
+    kept = [s for s in samples if s.id not in trained]
+    if not kept:
+        raise TwostageError(f"{data}: every image's ID was trained on by the global or palm model; calibrate "
+                            "on their validation fold (train with data.fold >= 0) or other annotated data, "
+                            "or pass --all-images to calibrate on these anyway")
+    log.info("calibrate: %d of %d image(s) held out from both models' training", len(kept), len(samples))
+    return kept
+
+
+def _write(result: Calibration, out: Path, data, global_ckpt, palm_ckpt, options, names: list[str]) -> None:
+    """OUT/fuse_weights.yaml, OUT/thresholds.yaml (for infer) and OUT/calibration.json (the record
+    the chain finds, with the sha256 of the checkpoints it is valid for)."""
     import yaml
 
     from .io import write_json_atomic, write_text_atomic
 
     head = (f"# written by `twostage calibrate` on {result.n_images} image(s) of {data}\n"
             f"# global: {global_ckpt}\n# palm: {palm_ckpt}\n")
-    files = [out / "fuse_weights.yaml", out / "thresholds.yaml", out / "calibration.json"]
+    files = [out / "fuse_weights.yaml", out / "thresholds.yaml", out / CALIBRATION_FILE]
     write_text_atomic(files[0], head + yaml.safe_dump({"fuse_weights": result.fuse_weights}, sort_keys=False))
     write_text_atomic(files[1], head + yaml.safe_dump({"thresholds": result.thresholds}, sort_keys=False))
     result.files = [str(f) for f in files]
-    write_json_atomic(files[2], {**result.to_dict(), "data": str(data), "global": str(global_ckpt),
-                                 "palm": str(palm_ckpt), "tta": options.tta, "feather": options.feather,
-                                 "palm_resize": options.palm_resize})
+    write_json_atomic(files[2], {**result.to_dict(), "data": str(data), "images": names,
+                                 "global": str(global_ckpt), "global_sha256": _checkpoint_sha(global_ckpt),
+                                 "palm": str(palm_ckpt), "palm_sha256": _checkpoint_sha(palm_ckpt),
+                                 "tta": options.tta, "feather": options.feather, "palm_resize": options.palm_resize})

@@ -18,6 +18,7 @@ fed bicubic crops).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import NamedTuple, Sequence
 
@@ -33,6 +34,8 @@ from .errors import TwostageError
 from .fusion import DEFAULT_FEATHER, PerClassSpec
 from .models import Predictor, resize_images
 from .upsample import threshold_upsample, upsample_region
+
+log = logging.getLogger(__name__)
 
 BOX_ROWS = 64
 """Rows of the palm box upsampled and blended per step."""
@@ -57,6 +60,10 @@ class ChainOptions:
     palm_resize: "bilinear" or "area", palm probabilities to the box size.
     upscaler_tile, upscaler_tile_pad, upscaler_pre_pad, weights_dir: how the recorded upscaler
         runs (tiling saves memory; the result is the same).
+    calibration: the per-class weights and thresholds `twostage calibrate` chose for this
+        checkpoint pair: "auto" (from <palm run>/calibration when it is there and was made for
+        these two checkpoints), "none", or a folder / calibration.json. Explicit `thresholds`
+        or `fuse_weights` win over it.
     """
 
     device: str = "cpu"
@@ -70,6 +77,7 @@ class ChainOptions:
     upscaler_tile_pad: int = 10
     upscaler_pre_pad: int = 0
     weights_dir: str | os.PathLike | None = None
+    calibration: str | os.PathLike | None = "auto"
 
     def __post_init__(self) -> None:
         if self.tta not in (None, "none", *TTA_MODES):
@@ -194,8 +202,10 @@ class TwoStage:
     global model's masks alone (evaluate compares both from one chain).
     """
 
-    def __init__(self, glob: Predictor, palm: PalmStage | None, options: ChainOptions, device: torch.device):
+    def __init__(self, glob: Predictor, palm: PalmStage | None, options: ChainOptions, device: torch.device,
+                 calibrated_by: str | None = None):
         self.glob, self.palm, self.options, self.device = glob, palm, options, device
+        self.calibrated_by = calibrated_by  # the calibration.json whose values `options` carry, if any
         self.thr = fusion.thresholds(options.thresholds).to(device)
         self.weights = None if palm is None else fusion.fuse_weights(options.fuse_weights, palm.classes).to(device)
 
@@ -212,14 +222,21 @@ class TwoStage:
             raise TwostageError(f"{global_ckpt}: the global model predicts {len(glob.classes)} classes "
                                 f"({', '.join(glob.classes[:3])}, ...); the chain needs all {len(CLASSES)} "
                                 "in the CSV's order")
-        palm = PalmStage(palm_ckpt, device, options) if palm_ckpt is not None else None
-        return cls(glob, palm, options, device)
+        if palm_ckpt is None:
+            return cls(glob, None, options, device)
+        palm = PalmStage(palm_ckpt, device, options)
+        options, used = _with_calibration(options, global_ckpt, palm_ckpt)
+        return cls(glob, palm, options, device, used)
 
     @classmethod
     def build(cls, global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike | None = None,
               **options) -> "TwoStage":
         """`TwoStage.load(global_ckpt, palm_ckpt, ChainOptions(**options))`."""
         return cls.load(global_ckpt, palm_ckpt, ChainOptions(**options))
+
+    def with_options(self, **changes) -> "TwoStage":
+        """The same networks with other per-class options (thresholds, fuse_weights): no reload."""
+        return TwoStage(self.glob, self.palm, dataclasses.replace(self.options, **changes), self.device)
 
     def native(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, H, W) uint8 → (B, C, h, w) global probabilities at the network's size, on the device."""
@@ -274,3 +291,23 @@ class TwoStage:
             rows, cols = seg.box.slices
             probs[:, rows, cols].index_copy_(0, torch.as_tensor(self.palm.channels, device=probs.device), seg.region)
         return probs
+
+
+def _with_calibration(options: ChainOptions, global_ckpt, palm_ckpt) -> tuple[ChainOptions, str | None]:
+    """`options` with the thresholds / fusion weights of the pair's calibration where they are
+    not given explicitly, and the calibration file used (None: defaults)."""
+    from .calibrate import find_calibration
+
+    if options.thresholds is not None and options.fuse_weights is not None:
+        return options, None
+    found = find_calibration(global_ckpt, palm_ckpt, options.calibration)
+    if found is None:
+        return options, None
+    for key in ("tta", "feather", "palm_resize"):
+        if found.get(key) != getattr(options, key):
+            log.warning("%s: calibrated with %s=%r, this run uses %r", found["path"], key, found.get(key),
+                        getattr(options, key))
+    log.info("fusion weights and thresholds calibrated by %s", found["path"])
+    return dataclasses.replace(
+        options, thresholds=found["thresholds"] if options.thresholds is None else options.thresholds,
+        fuse_weights=found["fuse_weights"] if options.fuse_weights is None else options.fuse_weights), found["path"]

@@ -74,6 +74,12 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
     return path
 
 
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file of a file or run folder path (a run folder means its best.pt)."""
+    path = Path(path)
+    return path / "best.pt" if path.is_dir() else path
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     expect_stage: str | None = None) -> dict:
     """Load a checkpoint with torch.load(weights_only=True): a file that would run code is refused.
@@ -82,9 +88,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         TwostageError naming the file if it is missing, not a twostage checkpoint, unsafe, or
         of another stage than `expect_stage`.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
+    path = checkpoint_file(path)
     if not path.is_file():
         raise TwostageError(f"{path}: no such checkpoint file")
     try:

@@ -1,7 +1,9 @@
 """`twostage demo`: the whole product on synthetic data, in minutes, on a laptop CPU.
 
 synth (train + a held-out set with another seed) → prepare-sr → train global → train palm →
-evaluate (infer global-only and fused on the held-out set, score both, pictures).
+calibrate (per-class fusion weights and thresholds on the validation fold, which neither model
+trained on) → evaluate (the held-out set global-only, fused with the default weights and with
+the calibrated ones; pictures).
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: b
     An OUT folder that already holds files is an error unless `overwrite`, which replaces the
     demo's own sub-folders (data, heldout, palm-data, runs, evaluation) and nothing else.
     """
+    from .calibrate import calibrate
     from .evaluate import evaluate
     from .prepare import prepare_sr
     from .synth import synthesize
@@ -105,11 +108,16 @@ def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: b
                                   out=str(out / "runs" / stage))
         done(f"train {stage}")
 
+    step("calibrate")  # on the validation fold: the IDs neither model trained on
+    calibration = calibrate(data, runs["global"] / "best.pt", runs["palm"] / "best.pt", device=device,
+                            weights_dir=weights_dir)
+    done("calibrate")
+
     step("evaluate")
     ev = evaluate(heldout, runs["global"] / "best.pt", runs["palm"] / "best.pt", out / "evaluation",
                   device=device)
     done("evaluate")
-    return {"evaluation": ev, "times": times, "upscaler": upscaler, "runs": runs, "plan": plan,
+    return {"evaluation": ev, "calibration": calibration, "times": times, "upscaler": upscaler, "runs": runs, "plan": plan,
             "size": size, "seed": seed, "data": data, "heldout": heldout, "palm_data": palm_data,
             "out": out}
 
@@ -129,6 +137,8 @@ def hand_commands(result: dict) -> str:
         f"{epochs(plan.global_epochs)}",
         f"twostage train --stage demo-palm --data {result['palm_data']} --out {result['runs']['palm']}"
         f"{epochs(plan.palm_epochs)}",
+        f"twostage calibrate {result['data']} --global {result['runs']['global']}/best.pt "
+        f"--palm {result['runs']['palm']}/best.pt",
         f"twostage infer {result['heldout']} --global {result['runs']['global']}/best.pt "
         f"--palm {result['runs']['palm']}/best.pt --fuse --out {o}/fused.csv --split train",
         f"twostage score {o}/fused.csv --gt {result['heldout']}",

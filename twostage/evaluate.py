@@ -1,7 +1,9 @@
 """Global-only vs fused on any dataset with ground truth: the product's claim, checkable.
 
-Runs `infer` twice (global alone, then with the palm model fused), scores both CSVs, writes
-the side-by-side table, a JSON report, a per-class Dice bar chart and comparison pictures.
+Runs one chain (`chain.TwoStage`) unfused, fused with the default weights and thresholds, and
+— when `twostage calibrate` wrote a calibration for this checkpoint pair — fused with the
+calibrated ones; scores the CSVs and writes the side-by-side table, a JSON report, a
+per-class Dice bar chart and comparison pictures.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 from .classes import CLASSES
 from .data import Fixes, load_masks, select_samples
 from .io import read_image, write_json_atomic, write_text_atomic
-from .metrics import ScoreReport, score_csv
+from .metrics import ScoreReport, score_csv, side_by_side
 from .rle import decode, read_csv
 
 log = logging.getLogger(__name__)
@@ -26,19 +28,29 @@ class Evaluation:
     """Scores of both runs and the files written."""
 
     global_report: ScoreReport
-    fused_report: ScoreReport
+    fused_report: ScoreReport          # default fusion weights and thresholds (or the explicit ones)
+    calibrated_report: ScoreReport | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
     @property
     def carpal_gain(self) -> float:
-        return float(self.fused_report.carpal_mean - self.global_report.carpal_mean)
+        """Carpal mean of the default-run fusion (`best`) minus the global model's."""
+        return float(self.best.carpal_mean - self.global_report.carpal_mean)
 
     @property
     def overall_gain(self) -> float:
-        return float(self.fused_report.overall - self.global_report.overall)
+        return float(self.best.overall - self.global_report.overall)
+
+    @property
+    def best(self) -> ScoreReport:
+        """The fusion `infer --fuse` runs by default: calibrated when a calibration applies."""
+        return self.calibrated_report or self.fused_report
 
     def table(self) -> str:
-        return self.global_report.table(self.fused_report, names=("global", "fused"))
+        if self.calibrated_report is None:
+            return self.global_report.table(self.fused_report, names=("global", "fused"))
+        return side_by_side([self.global_report, self.fused_report, self.calibrated_report],
+                            ["global", "fused", "calibrated"])
 
 
 def _masks_from_csv(rows: dict[str, str], shape: tuple[int, int]) -> np.ndarray:
@@ -73,9 +85,10 @@ def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt:
     """Score global-only and fused predictions of DATA (which must have GT) and write the evidence.
 
     One `chain.TwoStage` (built with `options`, the ChainOptions fields, exactly as `infer`
-    takes them) runs both: the global model alone, then fused. Writes OUT/global.csv,
-    OUT/fused.csv, OUT/evaluation.json, OUT/table.txt, OUT/dice_per_class.png and
-    OUT/pictures/*.png.
+    takes them) runs the global model alone, fused with the default (or explicitly given)
+    weights and thresholds, and, where a calibration applies, fused with the calibrated ones.
+    Writes OUT/global.csv, OUT/fused.csv, OUT/calibrated.csv, OUT/evaluation.json,
+    OUT/table.txt, OUT/dice_per_class.png and OUT/pictures/*.png.
     """
     from .chain import TwoStage
     from .infer import find_images, run
@@ -88,26 +101,33 @@ def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt:
         split = "train"  # the annotated split of a dataset root (infer alone would predict test/)
     samples = find_images(data, split)
     chain = TwoStage.build(global_ckpt, palm_ckpt, **options)
+    default = chain.with_options(thresholds=options.get("thresholds"), fuse_weights=options.get("fuse_weights"))
     out.mkdir(parents=True, exist_ok=True)
-    g_csv, f_csv = out / "global.csv", out / "fused.csv"
+    g_csv, f_csv, c_csv = out / "global.csv", out / "fused.csv", out / "calibrated.csv"
     log.info("infer: global model alone")
-    run(chain, samples, g_csv, fuse=False)
-    log.info("infer: global + palm, fused")
-    fused = run(chain, samples, f_csv, fuse=True)
+    run(default, samples, g_csv, fuse=False)
+    log.info("infer: global + palm, fused with the default weights and thresholds")
+    fused = run(default, samples, f_csv, fuse=True)
     g_rep, f_rep = score_csv(g_csv, data, fixes), score_csv(f_csv, data, fixes)
-    ev = Evaluation(g_rep, f_rep, {"global_csv": g_csv, "fused_csv": f_csv})
-    report = {"global": g_rep.to_dict(), "fused": f_rep.to_dict(),
-              "carpal_gain": ev.carpal_gain, "overall_gain": ev.overall_gain,
-              "boxes": fused.boxes}
+    ev = Evaluation(g_rep, f_rep, files={"global_csv": g_csv, "fused_csv": f_csv})
+    report = {"global": g_rep.to_dict(), "fused": f_rep.to_dict(), "boxes": fused.boxes}
+    if chain.calibrated_by is not None:
+        log.info("infer: global + palm, fused with %s", chain.calibrated_by)
+        run(chain, samples, c_csv, fuse=True)
+        ev.calibrated_report = score_csv(c_csv, data, fixes)
+        ev.files["calibrated_csv"] = c_csv
+        report.update(calibrated=ev.calibrated_report.to_dict(), calibration=chain.calibrated_by)
+    report.update(carpal_gain=ev.carpal_gain, overall_gain=ev.overall_gain)
     ev.files["json"] = out / "evaluation.json"
     write_json_atomic(ev.files["json"], report)
     ev.files["table"] = out / "table.txt"
     write_text_atomic(ev.files["table"], ev.table() + "\n")
     ev.files["chart"] = out / "dice_per_class.png"
     dice_bar_chart(ev.files["chart"], list(CLASSES),
-                   {"global": [report["global"]["per_class"][c] for c in CLASSES],
-                    "fused": [report["fused"]["per_class"][c] for c in CLASSES]})
+                   {k: [report[k]["per_class"][c] for c in CLASSES] for k in ("global", "fused", "calibrated")
+                    if k in report})
     if pictures:
-        pics = write_pictures(data, g_csv, f_csv, fused.boxes, out / "pictures", pictures, fixes, split)
+        pics = write_pictures(data, g_csv, ev.files.get("calibrated_csv", f_csv), fused.boxes, out / "pictures",
+                              pictures, fixes, split)
         ev.files.update({f"picture_{i}": p for i, p in enumerate(pics)})
     return ev

@@ -87,37 +87,44 @@ class ScoreReport:
         With `other`, the two reports side by side (columns `names`) and `other − self`;
         classes present in only one report show "-".
         """
-        def fmt(v: float | None) -> str:
-            return "-" if v is None else f"{v:.4f}"
+        if other is None:
+            return side_by_side([self], ["dice"])
+        return side_by_side([self, other], names)
 
-        def diff(a: float | None, b: float | None) -> str:
-            return "-" if a is None or b is None else f"{b - a:+.4f}"
 
-        reports = [self] if other is None else [self, other]
-        classes = list(self.classes) + [c for c in (other.classes if other else ()) if c not in self.classes]
-        header = ["class"] + (["dice"] if other is None else [*names, "diff"])
-        rows = []
-        for label, values in (
-            *((c, [r.value(c) for r in reports]) for c in classes),
-            (None, None),
-            ("carpal mean", [r.carpal_mean for r in reports]),
-            ("overall", [r.overall for r in reports]),
-        ):
-            if label is None:
-                rows.append(None)
-                continue
-            row = [label] + [fmt(v) for v in values]
-            if other is not None:
-                row.append(diff(*values))
-            rows.append(row)
-        rows.append(["images"] + [str(r.n_images) for r in reports] + ([""] if other else []))
-        widths = [max(len(r[i]) for r in [header] + [r for r in rows if r]) for i in range(len(header))]
+def side_by_side(reports: Sequence[ScoreReport], names: Sequence[str]) -> str:
+    """Reports as columns `names`, then each later report minus the first ("diff" when there are
+    two, "<name>-<first>" otherwise); classes missing from a report show "-"."""
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
 
-        def line(r: list[str]) -> str:
-            return "  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]).rstrip()
+    def diff(a: float | None, b: float | None) -> str:
+        return "-" if a is None or b is None else f"{b - a:+.4f}"
 
-        rule = "-" * len(line(header))
-        return "\n".join([line(header), rule] + [rule if r is None else line(r) for r in rows])
+    first = reports[0]
+    classes = list(first.classes) + [c for r in reports[1:] for c in r.classes if c not in first.classes]
+    classes = list(dict.fromkeys(classes))
+    diffs = ["diff"] if len(reports) == 2 else [f"{n}-{names[0]}" for n in names[1:]]
+    header = ["class", *names, *diffs]
+    rows: list[list[str] | None] = []
+    for label, values in (
+        *((c, [r.value(c) for r in reports]) for c in classes),
+        (None, None),
+        ("carpal mean", [r.carpal_mean for r in reports]),
+        ("overall", [r.overall for r in reports]),
+    ):
+        if label is None:
+            rows.append(None)
+            continue
+        rows.append([label] + [fmt(v) for v in values] + [diff(values[0], v) for v in values[1:]])
+    rows.append(["images"] + [str(r.n_images) for r in reports] + [""] * (len(reports) - 1))
+    widths = [max(len(r[i]) for r in [header] + [r for r in rows if r]) for i in range(len(header))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join([r[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(r[1:], widths[1:])]).rstrip()
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule] + [rule if r is None else line(r) for r in rows])
 
 
 def summarize(per_image: dict[str, np.ndarray], classes: Sequence[str] = CLASSES) -> ScoreReport:

@@ -126,7 +126,7 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     rule = boxes.BoxRule(margin=margin)  # validates the margin
     up = make_upscaler(upscaler, scale=scale, tile=tile, device=device, weights_dir=weights_dir,
                        trust_unpinned=trust_unpinned)
-    items, counts = _plan(data, rule, fixes)
+    items, counts, split_ids = _plan(data, rule, fixes)
     found, shapes = [b for *_, b in items], [shape for _, _, shape, _ in items]
     if palm_input is not None:
         warning = boxes.palm_input_warning([b.side for b in found], palm_input)
@@ -137,7 +137,8 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     full_rule = boxes.BoxRule(margin=margin, side_min=side_min, side_max=side_max,
                               fallback=boxes.fallback_from_boxes(found, shapes))
     record = {"format": FORMAT, **up.record(), "margin": float(margin), "context": float(context),
-              "box_rule": full_rule.to_dict(), "source": str(data.resolve()), "count": len(items)}
+              "box_rule": full_rule.to_dict(), "source": str(data.resolve()), "count": len(items),
+              "split_ids": split_ids}
     settings = {k: record[k] for k in SETTING_KEYS}
     old = out / PALMSET
     if old.is_file() and not overwrite:
@@ -156,17 +157,19 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     return counts
 
 
-def _plan(data: Path, rule: boxes.BoxRule, fixes) -> tuple[list, dict]:
+def _plan(data: Path, rule: boxes.BoxRule, fixes) -> tuple[list, dict, list[str]]:
     """Pass 1 (cheap: JSON + PNG headers): (sample, annotations, shape, box) of every annotated
-    training image with carpals, and the counts of those left out."""
+    training image with carpals, the counts of those left out, and the ID of every annotated
+    image (the IDs palm training draws its folds over, as the global run does)."""
     split = "train" if (data / "train").is_dir() else None
     samples, fx = select_samples(data, split, fixes)
     counts = {"done": 0, "skipped": 0, "no_carpals": 0, "dropped": len(find_samples(data, split)) - len(samples)}
-    items = []
+    items, split_ids = [], []  # split_ids: every annotated image's ID, as the global run draws its folds over
     for s in samples:
         if s.json_path is None:
             log.warning("%s: no annotation JSON; skipped", s.rel)
             continue
+        split_ids.append(s.id)
         anns = load_annotations(s, fx)
         shape = png_size(s.image_path)
         b = boxes.box_from_annotations(anns, shape, rule)
@@ -177,7 +180,7 @@ def _plan(data: Path, rule: boxes.BoxRule, fixes) -> tuple[list, dict]:
         items.append((s, anns, shape, b))
     if not items:
         raise TwostageError(f"{data}: no training image with carpal annotations")
-    return items, counts
+    return items, counts, split_ids
 
 
 def _write_item(out: Path, item: tuple, up, context: float, settings: dict) -> bool:

@@ -36,9 +36,11 @@ def handler(args: argparse.Namespace) -> int:
     print()
     print(f"held-out set: {result['heldout']}  (upscaler: {result['upscaler']})")
     print(ev.table())
-    print(f"\ncarpal mean Dice: global {ev.global_report.carpal_mean:.4f} -> fused "
-          f"{ev.fused_report.carpal_mean:.4f} ({ev.carpal_gain:+.4f}); overall "
-          f"{ev.global_report.overall:.4f} -> {ev.fused_report.overall:.4f} ({ev.overall_gain:+.4f})")
+    which = "calibrated" if ev.calibrated_report is not None else "fused"
+    print(f"\ncarpal mean Dice: global {ev.global_report.carpal_mean:.4f} -> {which} "
+          f"{ev.best.carpal_mean:.4f} ({ev.carpal_gain:+.4f}); overall "
+          f"{ev.global_report.overall:.4f} -> {ev.best.overall:.4f} ({ev.overall_gain:+.4f})")
+    print(f"calibrated on {result['calibration'].n_images} validation image(s): {result['calibration'].files[-1]}")
     print("\ntime per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"; total {sum(times.values()) / 60:.1f} min")
     print("\nwritten:")

@@ -34,6 +34,10 @@ def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True) -> Non
     p.add_argument("--fp16", action="store_true", help="float16 autocast for the networks (CUDA only; an error on CPU)")
     p.add_argument("--tta", choices=("hflip",), help="test-time augmentation: average with the horizontal flip")
     if per_class:
+        p.add_argument("--calibration", default="auto", metavar="DIR|none",
+                       help="fusion weights and thresholds from `twostage calibrate`: 'auto' (default) uses "
+                            "<palm run>/calibration when it was made for these two checkpoints; 'none' the "
+                            "defaults; or a folder. --thresholds / --fuse-weights override it")
         add_thresholds(p)
         p.add_argument("--fuse-weights", default=None, metavar="A|FILE.yaml",
                        help="per-class fusion weights a_c for the palm classes (YAML mapping class: weight, "
@@ -55,5 +59,5 @@ def chain_options(args: argparse.Namespace) -> dict:
                "feather": DEFAULT_FEATHER if args.feather is None else args.feather,
                "palm_resize": args.palm_resize, "upscaler_tile": args.tile, "weights_dir": args.weights_dir}
     if hasattr(args, "fuse_weights"):
-        options.update(thresholds=args.thresholds, fuse_weights=args.fuse_weights)
+        options.update(thresholds=args.thresholds, fuse_weights=args.fuse_weights, calibration=args.calibration)
     return options

@@ -147,12 +147,17 @@ def _palm_setup(cfg: StageConfig, root: Path, samples: list) -> tuple[list[PalmI
     return items, {"palm_set": record, "box_rule": record["box_rule"]}
 
 
-def _fold_indices(cfg: StageConfig, run: Path, samples: list, dist: Dist) -> tuple[list[int], list[int]]:
+def _fold_indices(cfg: StageConfig, run: Path, samples: list, dist: Dist,
+                  split_ids: list[str] | None = None) -> tuple[list[int], list[int]]:
     """(train, validation) sample indices of fold data.fold (-1: no validation); rank 0 reads
-    or writes the split file, the other ranks receive it."""
+    or writes the split file, the other ranks receive it. `split_ids` (one per image) are the
+    IDs the folds are drawn over: a palm set's source images, so that the palm and global runs
+    of one dataset (same folds and seed) hold out the same IDs even where some images have no
+    carpal crop."""
     split_path = Path(cfg.data.split_file) if cfg.data.split_file else run / "split.json"
     if dist.main:
-        assign = load_or_create_split(split_path, [s.id for s in samples], cfg.data.folds, cfg.train.seed)
+        ids = split_ids if split_ids else [s.id for s in samples]
+        assign = load_or_create_split(split_path, ids, cfg.data.folds, cfg.train.seed)
     assign = _broadcast(assign if dist.main else None, dist)
     is_val = [cfg.data.fold >= 0 and assign[s.id] == cfg.data.fold for s in samples]
     tr_idx = [i for i, v in enumerate(is_val) if not v]
@@ -172,7 +177,9 @@ def _datasets(cfg: StageConfig, root: Path, run: Path, dist: Dist,
     palm_items = None
     if cfg.stage == "palm":
         palm_items, extra_meta = _palm_setup(cfg, root, samples)
-    tr_idx, va_idx = _fold_indices(cfg, run, samples, dist)
+    tr_idx, va_idx = _fold_indices(cfg, run, samples, dist, extra_meta.get("palm_set", {}).get("split_ids"))
+    # which IDs trained this model: calibration uses only IDs that neither stage trained on
+    extra_meta["train_ids"] = sorted({samples[i].id for i in tr_idx})
     (log.info if dist.main else log.debug)("%s stage: %d train / %d val images (fold %d), device %s, world %d",
              cfg.stage, len(tr_idx), len(va_idx), cfg.data.fold, device, dist.world)
     val = [samples[i] for i in va_idx]
