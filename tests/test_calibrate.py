@@ -159,3 +159,18 @@ def test_calibration_refuses_images_both_models_trained_on(setup, tmp_path, make
     with pytest.raises(TwostageError, match="no calibration.json"):
         infer(setup["root"], g, tmp_path / "x.csv", palm_ckpt=p, fuse=True, split="train",
               calibration=tmp_path / "nowhere")
+
+
+def test_min_gain_keeps_the_defaults_unless_the_gain_is_larger(setup, tmp_path):
+    free = calibrate(setup["root"], setup["global"], setup["palm"], tmp_path / "a")
+    gains = {c: free.calibrated_dice[c] - free.default_dice[c] for c in CLASSES}
+    cut = sorted(gains.values())[len(CLASSES) // 2]  # about half the classes gain less than this
+    strict = calibrate(setup["root"], setup["global"], setup["palm"], tmp_path / "b", min_gain=cut)
+    for c in CLASSES:
+        if gains[c] <= cut:  # not enough gain: the default pair stays
+            assert strict.thresholds[c] == 0.5 and strict.fuse_weights.get(c, 0.7) == 0.7
+            assert strict.calibrated_dice[c] == strict.default_dice[c]
+        else:
+            assert strict.calibrated_dice[c] == pytest.approx(free.calibrated_dice[c])
+    with pytest.raises(TwostageError, match="min-gain"):
+        calibrate(setup["root"], setup["global"], setup["palm"], tmp_path / "c", min_gain=1.5)

@@ -198,18 +198,20 @@ class Calibration:
         return "\n".join(lines)
 
 
-def _pick(scores: torch.Tensor, default_index: int) -> int:
-    """Index of the best score of a flat grid; the default wins ties (no change without gain)."""
+def _pick(scores: torch.Tensor, default_index: int, min_gain: float = 0.0) -> int:
+    """Index of the best score of a flat grid; the default stays unless the best beats it by
+    more than `min_gain` (no change without gain: on a few validation images, a smaller gain
+    is as likely noise as signal)."""
     best = int(torch.argmax(scores))
-    return default_index if scores[default_index] >= scores[best] else best
+    return default_index if scores[default_index] + min_gain >= scores[best] else best
 
 
 class _Sums:
     """Per-image Dice summed over the calibration images, for every grid point at once."""
 
-    def __init__(self, chain, a_grid: Sequence[float], t_grid: Sequence[float]):
+    def __init__(self, chain, a_grid: Sequence[float], t_grid: Sequence[float], min_gain: float = 0.0):
         dev, palm = chain.device, chain.palm
-        self.chain, self.a_grid, self.t_grid = chain, tuple(a_grid), tuple(t_grid)
+        self.chain, self.a_grid, self.t_grid, self.min_gain = chain, tuple(a_grid), tuple(t_grid), min_gain
         self.channels = torch.as_tensor(palm.channels, device=dev)
         self.thr = torch.tensor(self.t_grid, dtype=torch.float32, device=dev)
         C, K, A, T = len(CLASSES), len(palm.channels), len(self.a_grid), len(self.t_grid)
@@ -261,12 +263,12 @@ class _Sums:
         for c_idx, c in enumerate(CLASSES):
             if c_idx in palm_row:
                 scores = dice_fused[palm_row[c_idx]].reshape(-1)
-                best = _pick(scores, a0 * T + t0)
+                best = _pick(scores, a0 * T + t0, self.min_gain)
                 weights[c], thresholds[c] = self.a_grid[best // T], self.t_grid[best % T]
                 before[c], after[c] = float(scores[a0 * T + t0]), float(scores[best])
             else:
                 scores = dice_global[c_idx]
-                best = _pick(scores, t0)
+                best = _pick(scores, t0, self.min_gain)
                 thresholds[c] = self.t_grid[best]
                 before[c], after[c] = float(scores[t0]), float(scores[best])
         return weights, thresholds, before, after
@@ -275,7 +277,8 @@ class _Sums:
 def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike,
               out: str | os.PathLike | None = None, *, weight_grid: Sequence[float] = WEIGHT_GRID,
               threshold_grid: Sequence[float] = THRESHOLD_GRID, split: str | None = None, fixes=None,
-              images: Sequence[str] | None = None, holdout: bool = True, **options) -> Calibration:
+              images: Sequence[str] | None = None, holdout: bool = True, min_gain: float = 0.0,
+              **options) -> Calibration:
     """Choose per-class fusion weights a_c and thresholds t_c maximising mean Dice on DATA.
 
     Writes OUT/calibration.json (the chosen values, the sha256 of both checkpoints, grids,
@@ -292,6 +295,8 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
         holdout: use only the images whose ID neither checkpoint trained on (their
             `train_ids`): on the training dataset, its validation fold.
         weight_grid, threshold_grid: candidate values; the defaults are always added.
+        min_gain: a class keeps the default pair unless another beats it by more than this
+            mean Dice on the calibration images.
     """
     from tqdm import tqdm
 
@@ -300,6 +305,8 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     from .io import read_image
 
     t_start = time.perf_counter()
+    if not 0.0 <= min_gain < 1.0:
+        raise TwostageError(f"--min-gain {min_gain}: must be in [0, 1)")
     for chosen in ("thresholds", "fuse_weights"):
         if options.get(chosen) is not None:
             raise TwostageError(f"calibrate chooses the {chosen.replace('_', ' ')}; leave --{chosen.replace('_', '-')} out")
@@ -313,7 +320,7 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
         raise TwostageError(f"{data}: {len(unannotated)} image(s) without annotation JSON "
                             f"({', '.join(unannotated[:3])}); calibration needs ground truth")
     chain = TwoStage.build(global_ckpt, palm_ckpt, **{**options, "calibration": "none"})
-    sums = _Sums(chain, a_grid, t_grid)
+    sums = _Sums(chain, a_grid, t_grid, min_gain)
     for sample in tqdm(samples, desc="calibrate", unit="img", disable=None):
         image = read_image(sample.image_path)
         gt = torch.from_numpy(load_masks(sample, CLASSES, fixes)).to(chain.device) != 0  # (C, H, W)

@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_checkpoints(p)
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="folder for the files (default: <palm run>/calibration, used by infer --fuse)")
+    p.add_argument("--min-gain", type=float, default=0.0, metavar="D",
+                   help="a class keeps the defaults unless another pair gains more than D mean Dice on the "
+                        "calibration images (default 0)")
     p.add_argument("--all-images", action="store_true",
                    help="use every image of DATA, also those whose ID a model trained on (default: only "
                         "IDs neither model trained on, as recorded in the checkpoints)")
@@ -48,7 +51,7 @@ def handler(args: argparse.Namespace) -> int:
     result = calibrate(
         args.data, args.global_ckpt, args.palm_ckpt, args.out,
         weight_grid=parse_grid(args.grid, "grid"), threshold_grid=parse_grid(args.thresholds_grid, "thresholds-grid"),
-        split=args.split, fixes=args.fixes, images=args.image, holdout=not args.all_images, **chain_options(args),
+        split=args.split, fixes=args.fixes, images=args.image, holdout=not args.all_images, min_gain=args.min_gain, **chain_options(args),
     )
     print(result.table())
     print(f"wrote {', '.join(result.files)} ({result.seconds:.1f} s)")
