@@ -197,3 +197,26 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
     ckpt = load_checkpoint(out / "last.pt", expect_stage="global")
     assert ckpt["meta"]["epoch"] == 2
     assert Predictor.from_checkpoint(out / "best.pt").classes[0] == "finger-1"
+
+
+def test_class_weights_reweight_both_loss_terms():
+    from twostage.train.loop import loss_weights
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 16, 16, generator=g)
+    target = (torch.rand(2, 3, 16, 16, generator=g) > 0.7).float()
+    target[:, 2] = 0  # channel 2 all wrong-ish: its loss is the largest
+    logits[:, 2] = 3.0
+    plain = bce_dice_loss(logits, target, 1.0, 1.0)
+    torch.testing.assert_close(bce_dice_loss(logits, target, 1.0, 1.0, torch.ones(3)), plain)
+    torch.testing.assert_close(bce_dice_loss(logits, target, 1.0, 1.0, torch.full((3,), 5.0)), plain)  # ratios only
+    assert bce_dice_loss(logits, target, 1.0, 1.0, torch.tensor([1.0, 1.0, 4.0])) > plain
+    assert bce_dice_loss(logits, target, 1.0, 1.0, torch.tensor([1.0, 1.0, 0.0])) < plain
+
+    cfg = load_config("demo-palm", overrides=["loss.class_weights={Pisiform: 3}"])
+    w = loss_weights(cfg)
+    assert w[cfg.classes.index("Pisiform")] == 3 and w.sum() == len(cfg.classes) + 2
+    assert loss_weights(load_config("demo-palm")) is None
+    for bad, match in (("{Radius: 2}", "not among this stage's classes"), ("{Pisiform: -1}", "finite weights")):
+        with pytest.raises(TwostageError, match=match):
+            load_config("demo-palm", overrides=[f"loss.class_weights={bad}"])

@@ -83,6 +83,8 @@ class AugConfig:
 class LossConfig:
     bce: float = _f(1.0, "weight of binary cross-entropy (per sigmoid channel)")
     dice: float = _f(1.0, "weight of soft Dice loss (per channel, averaged)")
+    class_weights: dict = _f({}, "relative loss weight per class, e.g. {Pisiform: 2, Triquetrum: 2} (others 1; "
+                                 "the weights are normalised to mean 1, so only their ratios matter)")
 
 
 @dataclass
@@ -367,6 +369,13 @@ def validate(cfg: StageConfig) -> None:
         class_indices(cfg.data.classes)
         if len(set(cfg.data.classes)) != len(cfg.data.classes):
             raise TwostageError(f"data.classes: duplicate names in {cfg.data.classes}")
+    unknown = sorted(set(cfg.loss.class_weights) - set(cfg.classes))
+    if unknown:
+        raise TwostageError(f"loss.class_weights: {', '.join(unknown)} not among this stage's classes "
+                            f"({', '.join(cfg.classes)})")
+    if any(not isinstance(w, (int, float)) or not 0 <= w < float("inf") for w in cfg.loss.class_weights.values()) \
+            or (cfg.loss.class_weights and not any(cfg.loss.class_weights.get(c, 1) > 0 for c in cfg.classes)):
+        raise TwostageError(f"loss.class_weights {cfg.loss.class_weights}: need finite weights >= 0, not all 0")
     if cfg.data.folds < 2:
         raise TwostageError(f"data.folds={cfg.data.folds}: need at least 2")
     if not -1 <= cfg.data.fold < cfg.data.folds:

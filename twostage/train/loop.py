@@ -40,18 +40,32 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- loss, schedule, head init
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, w_bce: float, w_dice: float) -> torch.Tensor:
-    """BCE + soft Dice over independent sigmoid channels; (B, C, H, W) logits and 0..1 targets."""
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, w_bce: float, w_dice: float,
+                  class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """BCE + soft Dice over independent sigmoid channels; (B, C, H, W) logits and 0..1 targets.
+    `class_weights` (C,): per-channel weights of both terms, normalised to mean 1."""
     logits = logits.float()
     loss = logits.new_zeros(())
+    w = None if class_weights is None else (class_weights / class_weights.mean()).to(logits.device)
     if w_bce:
-        loss = loss + w_bce * F.binary_cross_entropy_with_logits(logits, target)
+        if w is None:
+            loss = loss + w_bce * F.binary_cross_entropy_with_logits(logits, target)
+        else:
+            per_class = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((0, 2, 3))
+            loss = loss + w_bce * (per_class * w).mean()
     if w_dice:
         p = torch.sigmoid(logits).flatten(2)
         t = target.flatten(2)
         dice = (2 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
-        loss = loss + w_dice * (1 - dice).mean()
+        loss = loss + w_dice * ((1 - dice).mean() if w is None else ((1 - dice).mean(0) * w).mean())
     return loss
+
+
+def loss_weights(cfg: StageConfig) -> torch.Tensor | None:
+    """(C,) per-class loss weights of `loss.class_weights` (1 where not given), or None."""
+    if not cfg.loss.class_weights:
+        return None
+    return torch.tensor([float(cfg.loss.class_weights.get(c, 1.0)) for c in cfg.classes])
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -206,6 +220,7 @@ class _Fit:
     scaler: torch.amp.GradScaler
     amp: bool
     channels_last: bool
+    class_weights: torch.Tensor | None  # (C,) loss weights, or None: all classes alike
 
 
 @dataclass
@@ -259,7 +274,7 @@ def _build(cfg: StageConfig, train_ds: _StageDataset, device: torch.device, dist
         cfg.schedule.min_lr_ratio))
     amp = cfg.train.amp and cuda
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    return _Fit(model, net, device, sampler, loader, opt, sched, scaler, amp, channels_last)
+    return _Fit(model, net, device, sampler, loader, opt, sched, scaler, amp, channels_last, loss_weights(cfg))
 
 
 def _restore(fit: _Fit, last: dict, best: _Best) -> int:
@@ -285,7 +300,7 @@ def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fit.amp):
         logits = fit.net(x)
-    loss = bce_dice_loss(logits, masks, cfg.loss.bce, cfg.loss.dice)
+    loss = bce_dice_loss(logits, masks, cfg.loss.bce, cfg.loss.dice, fit.class_weights)
     fit.opt.zero_grad(set_to_none=True)
     fit.scaler.scale(loss).backward()
     if cfg.optim.grad_clip > 0:
