@@ -216,7 +216,9 @@ def test_class_weights_reweight_both_loss_terms():
     cfg = load_config("demo-palm", overrides=["loss.class_weights={Pisiform: 3}"])
     w = loss_weights(cfg)
     assert w[cfg.classes.index("Pisiform")] == 3 and w.sum() == len(cfg.classes) + 2
-    assert loss_weights(load_config("demo-palm")) is None
+    assert loss_weights(load_config("palm")) is None  # the real palm config: all classes alike
+    shipped = loss_weights(load_config("demo-palm"))  # the demo's: the two overlapping carpals doubled
+    assert [c for c, v in zip(load_config("demo-palm").classes, shipped) if v == 2] == ["Triquetrum", "Pisiform"]
     for bad, match in (("{Radius: 2}", "not among this stage's classes"), ("{Pisiform: -1}", "finite weights")):
         with pytest.raises(TwostageError, match=match):
             load_config("demo-palm", overrides=[f"loss.class_weights={bad}"])
