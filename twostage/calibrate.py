@@ -313,13 +313,13 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     a_grid = _grid_with(weight_grid, DEFAULT_PALM_WEIGHT)
     t_grid = _grid_with(threshold_grid, DEFAULT_THRESHOLD)
     samples, fixes = select_samples(data, split, fixes, images)
+    chain = TwoStage.build(global_ckpt, palm_ckpt, **{**options, "calibration": "none"})
     if holdout:
-        samples = _held_out(samples, data, global_ckpt, palm_ckpt)
+        samples = _held_out(samples, data, [(global_ckpt, chain.glob.meta), (palm_ckpt, chain.palm.predictor.meta)])
     unannotated = [s.rel for s in samples if s.json_path is None]
     if unannotated:
         raise TwostageError(f"{data}: {len(unannotated)} image(s) without annotation JSON "
                             f"({', '.join(unannotated[:3])}); calibration needs ground truth")
-    chain = TwoStage.build(global_ckpt, palm_ckpt, **{**options, "calibration": "none"})
     sums = _Sums(chain, a_grid, t_grid, min_gain)
     for sample in tqdm(samples, desc="calibrate", unit="img", disable=None):
         image = read_image(sample.image_path)
@@ -338,13 +338,12 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     return result
 
 
-def _held_out(samples: list, data, global_ckpt, palm_ckpt) -> list:
-    """The samples whose ID neither checkpoint trained on (checkpoint meta `train_ids`)."""
-    from .checkpoint import load_checkpoint
-
+def _held_out(samples: list, data, metas: Sequence[tuple]) -> list:
+    """The samples whose ID neither checkpoint trained on (`train_ids` of each (checkpoint, meta),
+    the metas of the chain's loaded checkpoints: no second load)."""
     trained: set[str] = set()
-    for stage, ckpt in (("global", global_ckpt), ("palm", palm_ckpt)):
-        ids = load_checkpoint(ckpt, expect_stage=stage)["meta"].get("train_ids")
+    for ckpt, meta in metas:
+        ids = meta.get("train_ids")
         if ids is None:
             log.warning("%s: records no training IDs (trained by an older twostage); calibrating on every "
                         "image given, which must be images it did not train on", ckpt)
