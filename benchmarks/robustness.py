@@ -6,7 +6,8 @@ noise, hand pose and scale; image size with NAME@SIZE), the product runs exactly
 
     synth DATA (n=32, --size, seed S)          synth HELDOUT (n=16, seed S+1000)
     prepare-sr DATA (bicubic x4)               train --stage demo-global, then demo-palm
-    calibrate DATA (only if the installed calibrate has a validation-fold mode)
+    calibrate DATA (only if the installed calibrate has a validation-fold mode; fusion weights
+                    only, as the demo calibrates; --calibrate-thresholds also chooses thresholds)
     evaluate HELDOUT --pictures 0              -> evaluation.json
 
 and reads the held-out scores: global vs fused (and calibrated, when evaluate reports it)
@@ -209,7 +210,7 @@ def run_variant(a, label: str, name: str, size: int, work: Path, env: dict, cali
     run = Runner(root / "logs" / a.tag, env)
     record = {"variant": name, "style": asdict(VARIANTS[name]), "size": size, "seed": a.seed,
               "n_train": a.n_train, "n_heldout": a.n_heldout, "tag": a.tag, "global_set": a.global_set,
-              "palm_set": a.palm_set, "upscaler": a.upscaler, "times": run.times, "commands": run.commands,
+              "palm_set": a.palm_set, "upscaler": a.upscaler, "calibrate_thresholds": a.calibrate_thresholds, "times": run.times, "commands": run.commands,
               "folders": {"data": str(data), "heldout": str(heldout), "palm_data": str(palm_data),
                           "global": str(g_run), "palm": str(p_run), "evaluation": str(e_dir)}}
     t0 = time.perf_counter()
@@ -261,6 +262,7 @@ def run_variant(a, label: str, name: str, size: int, work: Path, env: dict, cali
     else:
         run("calibrate", ["calibrate", str(data), "--global", str(g_run / "best.pt"), "--palm", str(p_run / "best.pt"),
                           "--device", a.device, *flags,
+                          *([] if a.calibrate_thresholds else ["--thresholds-grid", "0.5"]),
                           *(["--out", str(p_run / "calibration")] if out_required else [])])
     run("evaluate", ["evaluate", str(heldout), "--global", str(g_run / "best.pt"), "--palm", str(p_run / "best.pt"),
                      "--out", str(e_dir), "--pictures", "0", "--device", a.device])
@@ -301,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra --set for palm training (repeatable)")
     p.add_argument("--global-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set for global training (repeatable; the global run then lives in runs/TAG/global)")
+    p.add_argument("--calibrate-thresholds", action="store_true",
+                   help="calibrate thresholds too (calibrate's default); without it, fusion weights only, as the demo")
     p.add_argument("--upscaler", default="bicubic", help="prepare-sr upscaler (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device of every step (default: %(default)s)")
     p.add_argument("--json", type=Path, help="results (default: WORK/robustness.json, WORK/robustness-TAG.json "
