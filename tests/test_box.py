@@ -186,6 +186,18 @@ def test_fallback_side_range_jitter():
         assert abs(j.center[0] - b.center[0]) <= 5.5
 
 
+def test_box_error_measures_what_jitter_draws():
+    true = B.Box(100, 100, 50)
+    assert B.box_error(true, true) == (0.0, 0.0)
+    assert B.box_error(B.Box(105, 98, 50), true) == pytest.approx((0.1, 0.0))  # larger axis offset
+    assert B.box_error(B.Box(95, 95, 60), true) == pytest.approx((0.0, 0.2))  # same centre, 1.2x side
+    rng = np.random.default_rng(1)
+    errors = np.array([B.box_error(B.jitter_box(true, rng, 0.05, 0.1, (512, 512)), true) for _ in range(300)])
+    # rounding to whole pixels adds at most 1 px (0.02 of the side) to what jitter_box draws
+    assert errors[:, 0].max() <= 0.05 + 0.02 and errors[:, 1].max() <= 0.1 + 0.02
+    assert errors[:, 0].max() > 0.03 and errors[:, 1].max() > 0.07
+
+
 def test_context_box_and_relative():
     b = B.Box(80, 80, 40)
     ctx = b.grown(1.5, (128, 128))

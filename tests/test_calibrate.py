@@ -54,6 +54,27 @@ def test_calibrated_files_never_score_worse_than_defaults(setup, tmp_path, capsy
         assert after.value(c) == pytest.approx(report["calibrated_dice"][c], abs=1e-9)
 
 
+def test_calibrate_reports_the_global_models_box_errors(setup, tmp_path):
+    """The box error in the record is the chain's predicted box against the annotations' box."""
+    from twostage.box import box_error, box_from_annotations
+    from twostage.chain import TwoStage
+    from twostage.data import find_samples, load_annotations
+    from twostage.io import read_image
+
+    r = calibrate(setup["root"], setup["global"], setup["palm"], tmp_path, threshold_grid=[0.5], holdout=False)
+    chain = TwoStage.build(setup["global"], setup["palm"], calibration="none")
+    expected = []
+    for s in find_samples(setup["root"]):
+        image = read_image(s.image_path)
+        box = chain.boxes(chain.native(image[None]), [s.name], image.shape)[0]
+        expected.append(box_error(box, box_from_annotations(load_annotations(s), image.shape, chain.palm.rule)))
+    e = r.box_error
+    assert e["n"] == 3 and e["shift_max"] == pytest.approx(max(x for x, _ in expected))
+    assert e["side_mean"] == pytest.approx(sum(y for _, y in expected) / 3)
+    assert json.loads((tmp_path / "calibration.json").read_text())["box_error"] == pytest.approx(e)
+    assert "palm box of the global model" in r.table()
+
+
 def test_grid_without_defaults_still_contains_them(setup, tmp_path):
     r = calibrate(setup["root"], setup["global"], setup["palm"], tmp_path, weight_grid=[0.0, 1.0],
                   threshold_grid=[0.3], images=[Path(p).name for p in sorted((setup["root"] / "train" / "DCM").rglob("*.png"))][:1])

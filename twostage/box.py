@@ -250,6 +250,15 @@ def jitter_box(box: Box, rng: np.random.Generator, shift: float = 0.1, scale: fl
     return Box.around(cx + dx, cy + dy, side, image_shape)
 
 
+def box_error(predicted: Box, true: Box) -> tuple[float, float]:
+    """(centre shift, side change) of a predicted box against the true one, in the units
+    `jitter_box` draws them: the larger per-axis centre offset and |side ratio - 1|, both as
+    fractions of the true side. `calibrate` reports them so the training jitter can be set
+    to cover the global model's real box errors and no more."""
+    (px, py), (tx, ty) = predicted.center, true.center
+    return max(abs(px - tx), abs(py - ty)) / true.side, abs(predicted.side / true.side - 1.0)
+
+
 # ---------------------------------------------------------------------------- inference
 
 _CORE_Q = (0.1, 0.9)

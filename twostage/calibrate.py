@@ -26,6 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .box import box_error, box_from_annotations
 from .classes import CLASSES, PALM_CLASSES
 from .errors import TwostageError
 from . import fusion
@@ -168,6 +169,7 @@ class Calibration:
     n_images: int
     weight_grid: list[float]
     threshold_grid: list[float]
+    box_error: dict = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -195,7 +197,32 @@ class Calibration:
             lines.append(f"{label:<24} {d0:>8.4f} {d1:>10.4f} {d1 - d0:>+8.4f}")
         lines.append(f"images: {self.n_images}; defaults: a={DEFAULT_PALM_WEIGHT} (palm classes), "
                      f"threshold {DEFAULT_THRESHOLD}")
+        if self.box_error:
+            lines.append(box_error_line(self.box_error))
         return "\n".join(lines)
+
+
+def summarize_box_errors(errors: Sequence[tuple[float, float]], palm_meta: dict) -> dict:
+    """Mean and max centre shift / side change of the predicted palm boxes, beside the palm
+    model's training jitter (which should cover the max: larger jitter only spends training
+    on boxes inference never sees, smaller leaves real errors untrained)."""
+    if not errors:
+        return {}
+    e = np.asarray(errors, dtype=np.float64)
+    box_cfg = (palm_meta.get("config") or {}).get("box") or {}
+    return {"n": len(e), "shift_mean": float(e[:, 0].mean()), "shift_max": float(e[:, 0].max()),
+            "side_mean": float(e[:, 1].mean()), "side_max": float(e[:, 1].max()),
+            "jitter_shift": box_cfg.get("jitter_shift"), "jitter_scale": box_cfg.get("jitter_scale")}
+
+
+def box_error_line(d: dict) -> str:
+    """One line: the global model's palm box errors and the palm training jitter."""
+    line = (f"palm box of the global model vs the annotations ({d['n']} image(s)): centre shift mean "
+            f"{d['shift_mean']:.3f} / max {d['shift_max']:.3f} of the side, side change mean "
+            f"{d['side_mean']:.3f} / max {d['side_max']:.3f}")
+    if d.get("jitter_shift") is not None:
+        line += f"; palm training jitter: shift {d['jitter_shift']:g}, scale {d['jitter_scale']:g}"
+    return line
 
 
 def _pick(scores: torch.Tensor, default_index: int, min_gain: float = 0.0) -> int:
@@ -220,9 +247,11 @@ class _Sums:
         self.weight_rows = torch.zeros((A, C), dtype=torch.float32)
         self.weight_rows[:, palm.channels] = torch.tensor(self.a_grid, dtype=torch.float32)[:, None]
         self.n = 0
+        self.box_errors: list[tuple[float, float]] = []
 
-    def add(self, image: np.ndarray, gt: torch.Tensor, name: str) -> None:
-        """One image: (H, W) uint8 and its (C, H, W) bool ground truth on the chain's device."""
+    def add(self, image: np.ndarray, gt: torch.Tensor, name: str, true_box=None) -> None:
+        """One image: (H, W) uint8, its (C, H, W) bool ground truth on the chain's device and
+        its true palm box (from the annotations, by the palm set's rule; None: not measured)."""
         from .models import resize_images
 
         chain, palm, channels, thr = self.chain, self.chain.palm, self.channels, self.thr
@@ -230,6 +259,8 @@ class _Sums:
         native = chain.native(image[None])
         probs = resize_images(native, image.shape)[0]  # (C, H, W)
         box = chain.boxes(native, [name], image.shape)[0]
+        if true_box is not None:
+            self.box_errors.append(box_error(box, true_box))
         palm_probs = palm.probs(palm.crop_upscaled(image, box), box, chain.device)  # (K, s, s)
 
         inter, pred = threshold_counts(probs.reshape(C, -1), gt.reshape(C, -1), thr)
@@ -301,7 +332,7 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
     from tqdm import tqdm
 
     from .chain import TwoStage
-    from .data import load_masks, select_samples
+    from .data import load_annotations, load_masks, select_samples
     from .io import read_image
 
     t_start = time.perf_counter()
@@ -326,16 +357,29 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
         gt = torch.from_numpy(load_masks(sample, CLASSES, fixes)).to(chain.device) != 0  # (C, H, W)
         if tuple(gt.shape[1:]) != image.shape:
             raise TwostageError(f"{sample.image_path}: image is {image.shape}, its masks {tuple(gt.shape[1:])}")
-        sums.add(image, gt, sample.name)
+        sums.add(image, gt, sample.name, box_from_annotations(load_annotations(sample, fixes), image.shape,
+                                                              chain.palm.rule))
         del gt
     weights, thresholds, before, after = sums.choose()
     result = Calibration(classes=list(CLASSES), palm_classes=list(chain.palm.classes), fuse_weights=weights,
                          thresholds=thresholds, default_dice=before, calibrated_dice=after, n_images=sums.n,
-                         weight_grid=list(a_grid), threshold_grid=list(t_grid))
+                         weight_grid=list(a_grid), threshold_grid=list(t_grid),
+                         box_error=summarize_box_errors(sums.box_errors, chain.palm.predictor.meta))
+    _warn_jitter(result.box_error, palm_ckpt)
     result.seconds = time.perf_counter() - t_start
     _write(result, Path(out) if out is not None else default_dir(palm_ckpt), data, global_ckpt, palm_ckpt,
            chain.options, [s.name for s in samples])
     return result
+
+
+def _warn_jitter(d: dict, palm_ckpt) -> None:
+    """A warning when the global model's box errors exceed what the palm model trained on."""
+    if d and d.get("jitter_shift") is not None and (d["shift_max"] > d["jitter_shift"]
+                                                     or d["side_max"] > d["jitter_scale"]):
+        log.warning("%s: the global model's palm boxes are off by up to %.3f (centre) / %.3f (side) of the side, "
+                    "more than the palm training jitter (box.jitter_shift %g, box.jitter_scale %g); retrain the "
+                    "palm stage with a larger jitter", palm_ckpt, d["shift_max"], d["side_max"],
+                    d["jitter_shift"], d["jitter_scale"])
 
 
 def _held_out(samples: list, data, metas: Sequence[tuple]) -> list:
