@@ -41,6 +41,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from twostage.box import DEFAULT_MARGIN
 from twostage.classes import PALM_CLASSES
 from twostage.synth import VARIANTS
 
@@ -210,7 +211,8 @@ def run_variant(a, label: str, name: str, size: int, work: Path, env: dict, cali
     run = Runner(root / "logs" / a.tag, env)
     record = {"variant": name, "style": asdict(VARIANTS[name]), "size": size, "seed": a.seed,
               "n_train": a.n_train, "n_heldout": a.n_heldout, "tag": a.tag, "global_set": a.global_set,
-              "palm_set": a.palm_set, "upscaler": a.upscaler, "calibrate_thresholds": a.calibrate_thresholds, "times": run.times, "commands": run.commands,
+              "palm_set": a.palm_set, "upscaler": a.upscaler, "margin": a.margin,
+              "calibrate_thresholds": a.calibrate_thresholds, "times": run.times, "commands": run.commands,
               "folders": {"data": str(data), "heldout": str(heldout), "palm_data": str(palm_data),
                           "global": str(g_run), "palm": str(p_run), "evaluation": str(e_dir)}}
     t0 = time.perf_counter()
@@ -218,26 +220,30 @@ def run_variant(a, label: str, name: str, size: int, work: Path, env: dict, cali
           f"{a.n_train} train / {a.n_heldout} held-out, tag {a.tag} ==", flush=True)
     data_args = {k: record[k] for k in ("variant", "style", "size", "seed", "n_train", "n_heldout")}
     data_args = json.loads(json.dumps({**data_args, "upscaler": a.upscaler}))  # as the marker reads back
-    marker = root / MARKER
-    kept = a.keep and read_marker(marker) == data_args and data.is_dir() and heldout.is_dir() \
-        and (palm_data / "palmset.json").is_file()
+    marker, palm_marker = root / MARKER, root / ("palm-data." + MARKER)
+    palm_args = {"upscaler": a.upscaler, "margin": a.margin}
+    kept = a.keep and read_marker(marker) == data_args and data.is_dir() and heldout.is_dir()
     if kept:
         run.skip("synth", f"--keep: {data} and {heldout} made with the same arguments")
-        run.skip("prepare-sr", f"--keep: {palm_data}")
     else:
         if a.keep and marker.exists():
             print(f"  (--keep: {root} was made with other arguments; making the data anew)")
-        for d in (data, heldout, palm_data):
+        for d in (data, heldout):
             remove(d)
         marker.unlink(missing_ok=True)
         common = ["--size", str(size), "--variant", name]
         run("synth", ["synth", "--out", str(data), "--n", str(a.n_train), "--seed", str(a.seed), *common])
         run("synth heldout", ["synth", "--out", str(heldout), "--n", str(a.n_heldout), "--seed",
                               str(a.seed + 1000), *common])
-        run("prepare-sr", ["prepare-sr", str(data), "--out", str(palm_data), "--upscaler", a.upscaler,
-                           "--stage", "demo-palm", "--device", a.device])
         root.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(data_args, indent=1))
+    if kept and (palm_data / "palmset.json").is_file() and read_marker(palm_marker) == palm_args:
+        run.skip("prepare-sr", f"--keep: {palm_data} made with the same arguments")
+    else:
+        remove(palm_data)
+        run("prepare-sr", ["prepare-sr", str(data), "--out", str(palm_data), "--upscaler", a.upscaler,
+                           "--margin", str(a.margin), "--stage", "demo-palm", "--device", a.device])
+        palm_marker.write_text(json.dumps(palm_args, indent=1))
 
     base = ["--device", a.device, "--set", f"train.seed={a.seed}"] + \
         (["--set", f"train.epochs={a.epochs}"] if a.epochs else [])
@@ -305,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="extra --set for global training (repeatable; the global run then lives in runs/TAG/global)")
     p.add_argument("--calibrate-thresholds", action="store_true",
                    help="calibrate thresholds too (calibrate's default); without it, fusion weights only, as the demo")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help="prepare-sr --margin of the palm boxes (default: %(default)s, prepare-sr's)")
     p.add_argument("--upscaler", default="bicubic", help="prepare-sr upscaler (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device of every step (default: %(default)s)")
     p.add_argument("--json", type=Path, help="results (default: WORK/robustness.json, WORK/robustness-TAG.json "

@@ -86,7 +86,7 @@ def test_palm_set_record(data, palm):
     rec = load_palm_set(palm)
     assert (rec["upscaler"], rec["scale"], rec["weight_sha256"], rec["context"]) == ("bicubic", 4, None, 1.5)
     rule = B.BoxRule.from_dict(rec["box_rule"])
-    assert rule.margin == 0.15 and rule.fallback is not None and 0 < rule.side_min <= rule.side_max
+    assert rule.margin == B.DEFAULT_MARGIN and rule.fallback is not None and 0 < rule.side_min <= rule.side_max
     boxes = [B.Box.from_dict(json.loads(p.read_text())["box"]) for p in sorted((palm / "manifest").rglob("*.json"))]
     assert rule.side_min == pytest.approx(min(b.side for b in boxes) / SIZE)
     with pytest.raises(TwostageError, match="not a prepare-sr output"):

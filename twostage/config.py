@@ -102,8 +102,9 @@ class ScheduleConfig:
 
 @dataclass
 class BoxConfig:
-    jitter_shift: float = _f(0.1, "max box centre shift as a fraction of the side (palm training)")
-    jitter_scale: float = _f(0.15, "max relative change of the box side (palm training)")
+    jitter_shift: float = _f(0.05, "max box centre shift as a fraction of the side (palm training; cover the "
+                                   "global model's box errors, which `twostage calibrate` reports)")
+    jitter_scale: float = _f(0.1, "max relative change of the box side (palm training)")
 
 
 @dataclass

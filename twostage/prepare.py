@@ -94,7 +94,7 @@ def map_annotations(annotations: list[Annotation], crop: boxes.Box, scale: int) 
 
 
 def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = "bicubic", scale: int | None = None,
-               margin: float = 0.15, context: float = 1.5, tile: int = 0, device: str = "cpu",
+               margin: float = boxes.DEFAULT_MARGIN, context: float = 1.5, tile: int = 0, device: str = "cpu",
                shard: str | tuple[int, int] = (0, 1), overwrite: bool = False, fixes: str | os.PathLike | None = None,
                weights_dir: str | os.PathLike | None = None, trust_unpinned: bool = False,
                palm_input: int | list[int] | None = None) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..box import DEFAULT_MARGIN
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -24,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "RealESRGAN_x2plus, realesr-general-x4v3 (default: bicubic)")
     p.add_argument("--scale", type=int, help="upscaling factor (bicubic: any integer, default 4; "
                                              "networks: their own)")
-    p.add_argument("--margin", type=float, default=0.15,
-                   help="box margin: fraction of the carpal extent added on each side (default 0.15)")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help="box margin: fraction of the carpal extent added on each side (default %(default)s)")
     p.add_argument("--context", type=float, default=1.5,
                    help="crop side / box side, room for box jitter in training (default 1.5)")
     p.add_argument("--tile", type=int, default=0, help="Real-ESRGAN tile size, 0 = whole crop (default 0)")
