@@ -34,7 +34,7 @@ from . import box as boxes
 from .data import (Annotation, Sample, find_samples, load_annotations, parse_shard, select_samples, shard_slice,
                    write_annotations)
 from .errors import TwostageError
-from .io import png_size, read_image, sha256_file, write_json_atomic, write_png_atomic
+from .io import png_size, read_image, read_json, sha256_file, write_json_atomic, write_png_atomic
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,7 @@ def load_palm_set(root: str | os.PathLike) -> dict:
     p = Path(root) / PALMSET
     if not p.is_file():
         raise TwostageError(f"{root}: not a prepare-sr output (no {PALMSET}); run `twostage prepare-sr DATA --out {root}`")
-    try:
-        rec = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise TwostageError(f"{p}: unreadable palm-set record ({e})") from None
+    rec = read_json(p, "palm-set record")
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
         raise TwostageError(f"{p}: not a {FORMAT} record")
     return rec
@@ -75,10 +72,10 @@ def _finished(manifest: Path, png: Path, js: Path, expect: dict) -> bool:
     if not (manifest.is_file() and png.is_file() and js.is_file()):
         return False
     try:
-        got = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        got = read_json(manifest, "item manifest")
+    except TwostageError:  # unreadable: redo the item
         return False
-    return all(got.get(k) == v for k, v in expect.items())
+    return isinstance(got, dict) and all(got.get(k) == v for k, v in expect.items())
 
 
 def map_annotations(annotations: list[Annotation], crop: boxes.Box, scale: int) -> list[Annotation]:
@@ -209,6 +206,9 @@ def read_item_manifest(palm_root: str | os.PathLike, sample: Sample) -> dict:
     """The per-item manifest of a palm-set sample (boxes in source px, hashes, upscaler record)."""
     p = Path(palm_root) / MANIFEST_DIR / Path(sample.rel).with_suffix(".json")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise TwostageError(f"{p}: missing or unreadable palm-set item manifest ({e}); re-run prepare-sr") from None
+        rec = read_json(p, "palm-set item manifest")
+    except TwostageError as e:
+        raise TwostageError(f"{e}; re-run prepare-sr") from None
+    if not isinstance(rec, dict):
+        raise TwostageError(f"{p}: not a palm-set item manifest; re-run prepare-sr")
+    return rec
