@@ -105,7 +105,8 @@ def make_dir(path: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------- run locks
 
 def _lock_file(target: Path, tag: str) -> Path:
-    return target.parent / f".{target.name}{tag}.lock"
+    """`.<name>.lock` beside `target`, `.<name>.lock.<tag>` for one of several locks of it."""
+    return target.parent / (f".{target.name}.lock" + (f".{tag}" if tag else ""))
 
 
 def lock_holder(lock: str | os.PathLike) -> dict | None:
@@ -141,7 +142,7 @@ def describe_holder(info: dict) -> str:
 
 @contextlib.contextmanager
 def run_lock(target: str | os.PathLike, command: str, tag: str = "", info: dict | None = None) -> Iterator[Path]:
-    """Hold the lock file `.<name><tag>.lock` beside `target` while `command` writes it.
+    """Hold the lock file `.<name>.lock[.<tag>]` beside `target` while `command` writes it.
 
     A second run asking for the same lock is refused with one error naming the first run's
     pid, instead of both writing at once. The lock is an flock, so the kernel releases it
@@ -190,7 +191,7 @@ def other_holders(target: str | os.PathLike, own: Path) -> list[dict]:
     import glob
 
     target = Path(target)
-    locks = sorted(target.parent.glob(f".{glob.escape(target.name)}*.lock"))
+    locks = sorted(target.parent.glob(f".{glob.escape(target.name)}.lock*"))
     return [h for h in (lock_holder(p) for p in locks if p != own) if h is not None]
 
 
