@@ -81,6 +81,17 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path / "best.pt" if path.is_dir() else path
 
 
+def load_weights_only(path: str | os.PathLike, what: str, map_location: str | torch.device = "cpu") -> Any:
+    """`torch.load(path, weights_only=True)`: a file that would run code, or any damage (the
+    unpickler and the zip reader raise many types: struct.error, KeyError, ...), is one
+    TwostageError naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling raises many types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TwostageError(f"{path}: not a safe {what} (weights_only load refused: {first})") from None
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     expect_stage: str | None = None) -> dict:
     """Load a checkpoint with torch.load(weights_only=True): a file that would run code is refused.
@@ -92,11 +103,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = checkpoint_file(path)
     if not path.is_file():
         raise TwostageError(f"{path}: no such checkpoint file")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - unpickling raises many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TwostageError(f"{path}: not a safe twostage checkpoint (weights_only load refused: {first})") from None
+    obj = load_weights_only(path, "twostage checkpoint", map_location)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise TwostageError(f"{path}: not a twostage checkpoint (format tag {FORMAT!r} missing)")
     meta = obj.get("meta")

@@ -343,20 +343,25 @@ def load_config(stage: str | None = None, config_file: str | os.PathLike | None 
         **flags: FLAG_KEYS shortcuts (None values are ignored).
     """
     cfg = StageConfig()
-    if config_file is not None:
-        merge(cfg, read_config_yaml(config_file), str(config_file))
-    elif stage is not None:
-        path = stage_file(stage)
+    sources = []  # where the values came from: errors across keys name them
+    if config_file is not None or stage is not None:
+        path = Path(config_file) if config_file is not None else stage_file(stage)
         merge(cfg, read_config_yaml(path), str(path))
+        sources.append(str(path))
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, key, value, "--set")
+    sources += ["--set"] * bool(overrides)
     for name, value in flags.items():
         if name not in FLAG_KEYS:
             raise TypeError(f"load_config: unknown flag {name}")
         if value is not None:
             _apply(cfg, FLAG_KEYS[name], value, f"--{name.replace('_', '-')}")
-    validate(cfg)
+            sources.append(f"--{name.replace('_', '-')}")
+    try:
+        validate(cfg)
+    except TwostageError as e:
+        raise TwostageError(f"{' + '.join(sources) or 'config'}: {e}") from None
     return cfg
 
 

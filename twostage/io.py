@@ -159,7 +159,7 @@ def run_lock(target: str | os.PathLike, command: str, tag: str = "", info: dict 
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise write_error(lock, e) from None
+            raise write_error(target, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -177,8 +177,11 @@ def run_lock(target: str | os.PathLike, command: str, tag: str = "", info: dict 
     record = {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), **(info or {})}
     try:
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(record) + "\n").encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        except OSError as e:  # a full disk: nothing can be written there anyway
+            raise write_error(target, e) from None
         yield lock
     finally:
         with contextlib.suppress(OSError):
@@ -202,11 +205,11 @@ MAX_TREE_VALUES = 1_000_000
 bytes stand for billions of them ("billion laughs"); JSON cannot, its size bounds it."""
 
 
-def _parse_error(path: str | os.PathLike, what: str, e: Exception) -> TwostageError:
+def _parse_error(path: str | os.PathLike, language: str, what: str, e: Exception) -> TwostageError:
     if isinstance(e, RecursionError):
-        return TwostageError(f"{path}: {what} is nested too deeply")
+        return TwostageError(f"{path}: {language} of {what} nested too deeply")
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return TwostageError(f"{path}: invalid {what} ({first})")
+    return TwostageError(f"{path}: invalid {language} in {what} ({first})")
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -226,7 +229,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, and Python's int digit limit
-        raise _parse_error(path, f"JSON in {what}", e) from None
+        raise _parse_error(path, "JSON", what, e) from None
 
 
 def _check_tree_size(obj: Any, path: str | os.PathLike, what: str) -> None:
@@ -256,7 +259,7 @@ def parse_yaml(text: str, where: str | os.PathLike, what: str = "YAML") -> Any:
         obj = yaml.safe_load(text)
     except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
         # ValueError/TypeError/OverflowError: the constructors of !!timestamp, !!int, !!float, ...
-        raise _parse_error(where, f"YAML in {what}", e) from None
+        raise _parse_error(where, "YAML", what, e) from None
     _check_tree_size(obj, where, what)
     return obj
 

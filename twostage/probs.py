@@ -49,7 +49,8 @@ def _open(path: str | os.PathLike, read):
             return read(z)
     except TwostageError:
         raise
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError, RuntimeError) as e:  # zipfile: unknown compression, "encrypted" flag
         raise TwostageError(f"{path}: not a saved-probabilities file ({type(e).__name__}: {e})") from None
 
 

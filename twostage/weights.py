@@ -182,20 +182,16 @@ def resolve(name: str, weights_dir_: str | os.PathLike | None = None, manifest: 
 
 def load_state_dict(path: str | os.PathLike) -> dict:
     """Tensors of a weight file via torch.load(weights_only=True): 'params_ema', else 'params', else the raw dict."""
-    import pickle
-
     import torch
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
-        raise TwostageError(f"{path}: not a loadable weights file ({str(e).splitlines()[0] if str(e) else e})") from None
-    if not isinstance(obj, dict):
-        raise TwostageError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    for key in ("params_ema", "params"):
-        if key in obj:
-            return obj[key]
-    return obj
+    from .checkpoint import load_weights_only
+
+    obj = load_weights_only(path, "weights file")
+    state = next((obj[k] for k in ("params_ema", "params") if k in obj), obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise TwostageError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
 
 
 def build_model(spec: WeightSpec):

@@ -344,22 +344,24 @@ def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dic
     fit.net.train()
     total, count, skipped = torch.zeros((), device=fit.device), 0, 0
     steps = len(fit.loader)
+    where = f"epoch {epoch + 1}/{cfg.train.epochs}, step 1/{steps}"
+    size = "x".join(map(str, input_hw(cfg.model.input_size)))
     bar = tqdm(fit.loader, desc=f"{cfg.stage} {epoch + 1}/{cfg.train.epochs}", unit="step",
                disable=None if dist.main else True, leave=False)
-    for step, (images, masks) in enumerate(bar, start=1):
-        where = f"epoch {epoch + 1}/{cfg.train.epochs}, step {step}/{steps}"
-        with out_of_memory_as_error(
-                f"training ({where}: a batch of {len(images)} at {'x'.join(map(str, input_hw(cfg.model.input_size)))} "
-                f"on {fit.device})", f"--batch-size (now {cfg.train.batch_size}) or --input-size "
-                f"(now {cfg.model.input_size})"):
+    # the loader too: a batch is made (resized, augmented) as it is fetched
+    with out_of_memory_as_error(lambda: f"training ({where}: batches of {cfg.train.batch_size} at {size} on {fit.device})",
+                                f"--batch-size (now {cfg.train.batch_size}) or --input-size (now {cfg.model.input_size})"):
+        for step, (images, masks) in enumerate(bar, start=1):
+            where = f"epoch {epoch + 1}/{cfg.train.epochs}, step {step}/{steps}"
             loss, did = _train_step(cfg, fit, images, masks, meta, dist)
-        if did == NON_FINITE:
-            raise TwostageError(f"training stopped: non-finite loss ({loss.item()}) at {where}, before its update; "
-                                f"last good checkpoint: {_last_good(run, epoch)}. Lower optim.lr or check the data")
-        skipped += did == SKIPPED
-        total += loss.detach()
-        count += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+            if did == NON_FINITE:
+                raise TwostageError(f"training stopped: non-finite loss ({loss.item()}) at {where}, before its "
+                                    f"update; last good checkpoint: {_last_good(run, epoch)}. Lower optim.lr or "
+                                    "check the data")
+            skipped += did == SKIPPED
+            total += loss.detach()
+            count += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     if dist.world > 1:
         stats = torch.stack([total, torch.tensor(float(count), device=fit.device),
                              torch.tensor(float(skipped), device=fit.device)])
@@ -442,7 +444,9 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
     root = _data_root(cfg)
     run, last = _prepare_run(cfg, resume)
     _open_run(cfg, run, last, dist)
-    train_ds, validator, extra_meta = _datasets(cfg, root, run, dist, device)
+    with out_of_memory_as_error(f"loading the training set (data.preload={cfg.data.preload}, at input size "
+                                f"{cfg.model.input_size})", "--input-size, or set data.preload=false"):
+        train_ds, validator, extra_meta = _datasets(cfg, root, run, dist, device)
     _seed_everything(cfg.train.seed)
     fit = _build(cfg, train_ds, device, dist)
     meta = _meta(cfg, extra_meta)
