@@ -67,6 +67,11 @@ def read_only_mkstemp(monkeypatch):
     monkeypatch.setattr(twostage.io.tempfile, "mkstemp", mkstemp)
 
 
+def error_lines(capfd) -> list[str]:
+    """stderr lines of the command that just ran (fd level: native libraries included)."""
+    return [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.rglob("*") if ".tmp" in p.name)
 
@@ -101,13 +106,13 @@ def test_failed_write_leaves_the_old_file(tmp_path, kind, failure, request):
     assert path.read_bytes() == b"the previous version" and leftovers(tmp_path) == []
 
 
-def test_infer_on_a_full_disk(world, tmp_path, full_disk, capsys):
+def test_infer_on_a_full_disk(world, tmp_path, full_disk, capfd):
     """The CLI: one error line, exit 2, no CSV, no temporary file left."""
     out = tmp_path / "out.csv"
     assert main(["infer", str(world["data"]), "--split", "train", "--global", str(world["global"]),
                  "--out", str(out)]) == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
-    assert err == [f"error: {out}: cannot write (No space left on device); nothing was written under this name"]
+    assert error_lines(capfd) == [f"error: {out}: cannot write (No space left on device); "
+                                  "nothing was written under this name"]
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -142,23 +147,21 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
 
 
-def test_infer_into_a_real_full_file_system(world, tmp_path, tmpfs):
+def test_infer_into_a_real_full_file_system(world, tmpfs, capfd):
     """A 16 KiB tmpfs: the CSV does not fit; one line, no partial CSV, the earlier CSV intact."""
     fs = tmpfs("size=16k")
     out = fs / "out.csv"
     out.write_text("image_name,class,rle\nkeep-me,finger-1,1 2\n")
     before = out.read_bytes()
     (fs / "filler").write_bytes(b"x" * 8192)
-    res = subprocess.run([sys.executable, "-m", "twostage", "infer", str(world["data"]), "--split", "train",
-                          "--global", str(world["global"]), "--out", str(out)],
-                         capture_output=True, text=True, env=ENV, timeout=300)
-    lines = [line for line in res.stderr.splitlines() if line.strip() and "%|" not in line]
-    assert res.returncode == 2 and lines[-1] == (f"error: {out}: cannot write (No space left on device); "
-                                                 "nothing was written under this name"), res.stderr
-    assert sum("error" in line for line in lines) == 1 and out.read_bytes() == before and leftovers(fs) == []
+    assert main(["infer", str(world["data"]), "--split", "train", "--global", str(world["global"]),
+                 "--out", str(out)]) == 2
+    assert error_lines(capfd) == [f"error: {out}: cannot write (No space left on device); "
+                                  "nothing was written under this name"]
+    assert out.read_bytes() == before and leftovers(fs) == []
 
 
-def test_outputs_in_a_real_read_only_folder(world, tmpfs):
+def test_outputs_in_a_real_read_only_folder(world, tmpfs, capfd):
     """A read-only mount: infer, prepare-sr and train each stop with one line naming what they could not write."""
     ro = tmpfs("ro,size=64k")
     for args, name in [(["infer", world["data"], "--split", "train", "--global", world["global"], "--out", ro / "o.csv"],
@@ -166,12 +169,10 @@ def test_outputs_in_a_real_read_only_folder(world, tmpfs):
                        (["prepare-sr", world["data"], "--out", ro / "PALM", "--input-size", "64"], ro / "PALM"),
                        (["train", "--stage", "demo-global", "--data", world["data"], "--out", ro / "run", "--epochs", "1"],
                         ro / "run")]:
-        res = subprocess.run([sys.executable, "-m", "twostage", *map(str, args)], capture_output=True, text=True,
-                             env=ENV, timeout=300)
-        lines = [line for line in res.stderr.splitlines() if line.strip() and "%|" not in line]
-        assert res.returncode == 2 and lines[-1].startswith(f"error: {name}") and "Read-only file system" in lines[-1], \
-            res.stderr
-        assert sum("error" in line for line in lines) == 1 and list(ro.iterdir()) == []
+        assert main(list(map(str, args))) == 2
+        lines = error_lines(capfd)
+        assert len(lines) == 1 and lines[0].startswith(f"error: {name}: cannot ") and "Read-only file system" in lines[0]
+        assert list(ro.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- concurrent runs

@@ -101,7 +101,8 @@ def documents(structured: st.SearchStrategy, nasty: list[str]) -> st.SearchStrat
 
 
 YAML_NASTY = [
-    "a: 2001-02-30", "a: !!int 'x'", "a: !!float 'abc'", "? [1, 2]\n: 3", "a: &a [*a]",
+    "a: 2001-02-30", "a: 0000-01-01", "a: !!int 'x'", "a: !!int", "a: !!int 08", "a: !!float 'abc'", "a: !!float",
+    "a: !!timestamp", "a: !!binary 1", "? [1, 2]\n: 3", "a: &a [*a]",
     "a: " + "9" * 5000, "a: !!set {1, 2}", "a: !!binary AAAA", "\x00", "a: !!python/name:os.system", "- " * 3000 + "x",
     "{" * 3000, "a: .nan", "a: 190:20:30", "---\na: 1\n---\nb: 2",
     # billion laughs: 9 levels of 9 aliases
@@ -200,6 +201,20 @@ def test_png(folder, data):
     assert raw.shape[:2] == img.shape and raw.dtype in (np.uint8, np.uint16)
 
 
+@budget(60)
+@given(data=encoded_png())
+def test_valid_png_is_read(folder, data):
+    """Every PNG OpenCV writes within the limit is read, as its first channel scaled to 8 bits."""
+    import cv2
+
+    from twostage.io import read_image, to_gray8
+
+    path = folder / "valid.png"
+    path.write_bytes(data)
+    expected = to_gray8(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED))
+    assert np.array_equal(read_image(path), expected)
+
+
 # --------------------------------------------------------------------------- annotation JSON
 
 COORD = _numbers()
@@ -236,6 +251,20 @@ def test_annotation_json(folder, data):
         if box is not None:
             for a in map_annotations(anns, box.grown(1.5, (24, 32)), 4):
                 assert a.points.dtype == np.int32
+
+
+@budget(60)
+@given(anns=st.lists(st.tuples(st.sampled_from(CLASSES), st.lists(st.tuples(st.integers(-2**31 + 1, 2**31 - 1),
+                                                                            st.integers(-2**31 + 1, 2**31 - 1)),
+                                                                  max_size=5)), max_size=4))
+def test_valid_annotations_are_read(folder, anns):
+    """Any integer points within int32 (also far outside the image) are read exactly."""
+    from twostage.data import read_annotations
+
+    path = folder / "valid.json"
+    path.write_text(json.dumps({"annotations": [{"label": c, "points": [list(p) for p in pts]} for c, pts in anns]}))
+    got = read_annotations(path)
+    assert [(a.label, a.points.tolist()) for a in got] == [(c, [list(p) for p in pts]) for c, pts in anns]
 
 
 # --------------------------------------------------------------------------- YAML files
@@ -294,6 +323,7 @@ def test_config_yaml(folder, data):
 
 @budget(100)
 @given(text=st.text(max_size=30) | st.sampled_from(YAML_NASTY).map(lambda t: "train.seed=" + t))
+@example(text="=!!int")
 def test_config_override(text):
     """--set KEY=VALUE: a config or one error naming the flag."""
     from twostage.config import load_config
@@ -399,6 +429,29 @@ def test_submission_csv(folder, data):
                 pass
 
 
+@budget(60)
+@given(rows=st.lists(st.tuples(NAMES, st.sampled_from(CLASSES), RLES), max_size=5, unique_by=lambda r: r[:2]))
+def test_valid_csv_is_read_back(folder, rows):
+    """What `rle.write_csv` writes (any image name without a line break, RLEs of any length) both
+    readers read back exactly."""
+    from twostage.ensemble import CsvIndex
+    from twostage.rle import read_csv, write_csv
+
+    path = folder / "valid.csv"
+    table: dict[str, dict[str, str]] = {}
+    for name, cls, rle in rows:
+        table.setdefault(name, {c: "" for c in CLASSES})[cls] = rle
+    if any("\r" in name for name in table):  # a row csv cannot quote: refused when written
+        with pytest.raises(TwostageError, match="line break"):
+            write_csv(path, [(name, [per[c] for c in CLASSES]) for name, per in table.items()])
+        return
+    write_csv(path, [(name, [per[c] for c in CLASSES]) for name, per in table.items()])
+    assert read_csv(path) == table
+    if table:
+        index = CsvIndex(path)
+        assert {name: index.rows(name) for name in index.order} == table
+
+
 # --------------------------------------------------------------------------- saved probabilities
 
 @st.composite
@@ -447,6 +500,19 @@ def test_saved_probabilities(folder, data):
     classes, probs = got
     assert names == classes and probs.dtype == np.float32 and probs.shape[0] == len(classes)
     assert probs.shape[1] * probs.shape[2] <= LIMIT and probs.min() >= 0 and probs.max() <= 1
+
+
+@budget(40)
+@given(c=st.sampled_from([1, 8, 29]), h=st.integers(1, 64), w=st.integers(1, 64), seed=st.integers(0, 99))
+def test_valid_probabilities_are_read(folder, c, h, w, seed):
+    """What `write_probs` writes (H·W within the limit) reads back within 1/510."""
+    from twostage.probs import read_probs, write_probs
+
+    probs = torch.rand((c, h, w), generator=torch.Generator().manual_seed(seed))
+    path = folder / "valid.npz"
+    write_probs(path, probs, CLASSES[:c])
+    classes, got = read_probs(path)
+    assert classes == list(CLASSES[:c]) and np.abs(got - probs.numpy()).max() <= 1 / 510 + 1e-6
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -130,7 +130,7 @@ def _meta_problem(meta: dict) -> str | None:
     """What in a loaded meta a Predictor (and a palm stage) could not use, or None: every field
     they read, with its type, so a crafted or damaged meta fails here and not deep inside."""
     from .box import BoxRule
-    from .config import STAGES
+    from .config import MAX_IN_CHANNELS, STAGES
 
     model, norm, size = meta["model"], meta["normalization"], meta["input_size"]
     classes = meta["classes"]
@@ -139,9 +139,9 @@ def _meta_problem(meta: dict) -> str | None:
         (isinstance(classes, list) and bool(classes) and all(isinstance(c, str) for c in classes)
          and len(set(classes)) == len(classes), "classes must be a list of distinct names"),
         (isinstance(model, dict) and isinstance(model.get("arch"), str) and isinstance(model.get("encoder"), str)
-         and _is_int(model.get("in_channels")) and isinstance(model.get("kwargs", {}), dict)
-         and all(isinstance(k, str) for k in model.get("kwargs", {})),
-         "model must hold arch and encoder names, in_channels >= 1 and a kwargs mapping"),
+         and _is_int(model.get("in_channels")) and model["in_channels"] <= MAX_IN_CHANNELS
+         and isinstance(model.get("kwargs", {}), dict) and all(isinstance(k, str) for k in model.get("kwargs", {})),
+         f"model must hold arch and encoder names, in_channels 1 to {MAX_IN_CHANNELS} and a kwargs mapping"),
         (_is_int(size) or isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size),
          f"input_size {size!r} must be an integer or [h, w]"),
         (isinstance(norm, dict) and _numbers(norm.get("mean")) and _numbers(norm.get("std"))

@@ -30,6 +30,10 @@ from .io import parse_yaml, read_yaml, write_text_atomic
 STAGES = ("global", "palm")
 """Stage kinds: `global` segments all 29 classes on the whole image; `palm` the carpals on SR crops."""
 
+MAX_IN_CHANNELS = 16
+"""Most network input channels: the grey image is replicated, so more channels only cost memory
+(and a checkpoint claiming a million would allocate gigabytes before failing)."""
+
 BEST_METRICS = ("auto", "overall", "carpal_mean")
 """Metrics the best checkpoint can be chosen by (`auto`: carpal_mean for palm, overall for global)."""
 
@@ -412,8 +416,8 @@ def validate(cfg: StageConfig) -> None:
         raise TwostageError(f"optim.lr={cfg.optim.lr}: must be positive")
     if cfg.optim.weight_decay < 0:
         raise TwostageError(f"optim.weight_decay={cfg.optim.weight_decay}: must be 0 or more")
-    if cfg.model.in_channels < 1:
-        raise TwostageError(f"model.in_channels={cfg.model.in_channels}: must be at least 1")
+    if not 1 <= cfg.model.in_channels <= MAX_IN_CHANNELS:
+        raise TwostageError(f"model.in_channels={cfg.model.in_channels}: must be 1 to {MAX_IN_CHANNELS}")
     if cfg.model.std is not None and 0 in cfg.model.std:
         raise TwostageError(f"model.std={cfg.model.std}: a normalisation std of 0 divides by zero")
     for name in ("mean", "std"):

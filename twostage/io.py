@@ -34,7 +34,8 @@ except ImportError:  # Windows: runs are not locked
 
 # --------------------------------------------------------------------------- writing
 
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+_WRITE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.EFBIG, errno.EIO}
 """OSErrors of a failed write: full disk or quota, read-only or forbidden folder, file too large."""
 
 
@@ -257,8 +258,8 @@ def parse_yaml(text: str, where: str | os.PathLike, what: str = "YAML") -> Any:
 
     try:
         obj = yaml.safe_load(text)
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as e:
-        # ValueError/TypeError/OverflowError: the constructors of !!timestamp, !!int, !!float, ...
+    except Exception as e:  # noqa: BLE001 - besides YAMLError, the constructors raise ValueError,
+        # IndexError, OverflowError (`a: !!int`, `a: 2001-02-30`, `a: !!int 08`) and deep nesting RecursionError
         raise _parse_error(where, "YAML", what, e) from None
     _check_tree_size(obj, where, what)
     return obj

@@ -267,6 +267,8 @@ class CsvWriter:
             raise RuntimeError("CsvWriter.add called outside its `with` block")
         if image_name in self._seen:
             raise TwostageError(f"{self.path}: image {image_name!r} added twice (image names must be unique)")
+        if "\r" in image_name or "\n" in image_name:  # csv quotes neither with our "\n" line end: unreadable rows
+            raise TwostageError(f"{self.path}: image name {image_name!r} holds a line break; rename that file")
         if len(rles) != len(self.classes):
             raise TwostageError(f"{self.path}: image {image_name!r} has {len(rles)} RLEs, "
                                 f"expected one per class ({len(self.classes)})")
