@@ -164,3 +164,22 @@ def http_dir(tmp_path: Path):
     yield srv, f"http://127.0.0.1:{server.server_address[1]}/"
     server.shutdown()
     server.server_close()
+
+
+# --- fuzz helper: hypothesis profiles (tests/test_fuzz.py) ----------------------------------
+
+def _register_hypothesis_profiles() -> None:
+    """`ci` (the default): each fuzz test's fixed budget, derandomized (the same examples on every
+    run: a fixed seed), no example database. `long`: 100× the examples, random seeds, for a
+    local search (`pytest tests/test_fuzz.py --hypothesis-profile=long`)."""
+    from hypothesis import HealthCheck, settings
+
+    common = dict(deadline=None, print_blob=True,
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                         HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
+    settings.register_profile("ci", max_examples=100, derandomize=True, database=None, **common)
+    settings.register_profile("long", max_examples=10_000, **common)
+    settings.load_profile("ci")
+
+
+_register_hypothesis_profiles()

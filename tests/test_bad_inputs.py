@@ -100,6 +100,18 @@ def spoil(data: Path, kind: str, index: int) -> Path:
     if kind == "not-a-png":
         png.write_bytes(b"GIF89a this is not a png at all" * 10)
         return png
+    if kind in ("huge-header", "bit-flip"):  # a 100000x100000 IHDR (CRC right), or a flipped IDAT bit
+        import struct
+        import zlib
+
+        b = bytearray(png.read_bytes())
+        if kind == "huge-header":
+            b[16:24] = struct.pack(">II", 100_000, 100_000)
+            b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])) & 0xFFFFFFFF)
+        else:
+            b[45] ^= 0x10
+        png.write_bytes(bytes(b))
+        return png
     if kind == "16-bit":
         cv2.imwrite(str(png), img.astype(np.uint16) * 257)
         return png
@@ -224,6 +236,30 @@ def test_infer_bad_image(world, tmp_path, existing_csv, kind):
     res = twostage("infer", data, "--split", "train", "--global", world["global"], "--out", existing_csv)
     assert_one_line_error(res, bad.name)
     assert snapshot(existing_csv) == before
+
+
+def test_oversized_and_damaged_png(world, tmp_path, capfd):
+    """A PNG header declaring an image beyond OpenCV's limit used to stop `check` and
+    `infer --skip-bad` with an OpenCV traceback, and a flipped bit left libpng's own
+    `libpng error:` line beside ours. Now: listed by check, skipped by --skip-bad, one line
+    without it; libpng's messages only inside our error."""
+    from twostage.cli import main
+
+    data, (huge, flipped) = bad_copy(world, tmp_path, "huge-header", "bit-flip")
+    assert main(["check", str(data)]) == 1
+    out = capfd.readouterr()
+    assert "100000x100000 image (10000000000 pixels), over the limit" in out.out and "corrupt or truncated PNG: IDAT" in out.out
+    assert "libpng" not in out.err and "Traceback" not in out.err
+    csv = tmp_path / "out.csv"
+    args = ["infer", str(data), "--split", "train", "--global", str(world["global"]), "--out", str(csv)]
+    assert main([*args, "--skip-bad"]) == 0
+    out = capfd.readouterr()
+    assert f"  {huge}" in out.out and f"  {flipped}" in out.out and "libpng" not in out.err
+    assert len(csv.read_text().splitlines()) == 1 + 4 * len(CLASSES)
+    csv.unlink()
+    assert main(args) == 2
+    err = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"error: {huge}: the PNG header declares") and not csv.exists()
 
 
 def test_infer_accepts_rgba_and_any_size(world, tmp_path):

@@ -22,7 +22,7 @@ from twostage.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
-TEMP = re.compile(r"^\..+\.tmp.*$")
+TEMP = re.compile(r"^\..+\.(tmp.*|lock(\..+)?)$")  # temporary files; lock files of killed runs
 TINY = ["--set", "model.arch=Unet", "--set", "model.encoder=resnet18", "--set", "model.encoder_weights=none",
         "--set", "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}",
         "--set", "data.folds=4", "--set", "data.preload=true",

@@ -142,7 +142,10 @@ class BoxRule:
         if self.side_min is not None and self.side_max is not None and self.side_min > self.side_max:
             raise TwostageError(f"box side_min {self.side_min} > side_max {self.side_max}")
         if self.fallback is not None:
-            fb = tuple(float(v) for v in self.fallback)
+            try:
+                fb = tuple(float(v) for v in self.fallback)
+            except (TypeError, ValueError, OverflowError):
+                fb = ()
             if len(fb) != 3 or not all(math.isfinite(v) and v > 0 for v in fb):
                 raise TwostageError(f"box fallback {self.fallback!r}: expected positive normalised (cx, cy, side)")
             object.__setattr__(self, "fallback", fb)
@@ -173,10 +176,10 @@ class BoxRule:
             raise TwostageError(f"box rule {d!r}: expected a mapping")
         unknown = set(d) - {"margin", "side_min", "side_max", "fallback"}
         if unknown:
-            raise TwostageError(f"box rule: unknown key(s) {sorted(unknown)}; valid: margin, side_min, side_max, fallback")
+            raise TwostageError(f"box rule: unknown key(s) {sorted(map(str, unknown))}; valid: margin, side_min, side_max, fallback")
         fb = d.get("fallback")
         return cls(margin=d.get("margin", DEFAULT_MARGIN), side_min=d.get("side_min"), side_max=d.get("side_max"),
-                   fallback=tuple(fb) if fb is not None else None)
+                   fallback=tuple(fb) if isinstance(fb, (list, tuple)) else fb)
 
 
 # ----------------------------------------------------------------------------- training

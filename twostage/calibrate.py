@@ -87,6 +87,11 @@ def find_calibration(global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLik
     if not isinstance(rec, dict) or not isinstance(rec.get("fuse_weights"), dict) \
             or not isinstance(rec.get("thresholds"), dict):
         raise TwostageError(f"{path}: not a calibration record (no fuse_weights/thresholds mappings)")
+    try:  # the values, checked where the file is named (the chain checks them again, per palm model)
+        fusion.thresholds(rec["thresholds"])
+        fusion.fuse_weights(rec["fuse_weights"])
+    except TwostageError as e:
+        raise TwostageError(f"{path}: {e}") from None
     for stage, ckpt in (("global", global_ckpt), ("palm", palm_ckpt)):
         if rec.get(f"{stage}_sha256") != _checkpoint_sha(ckpt):
             log.warning("%s: calibrated against another %s checkpoint (%s), not %s; fusing with the default "

@@ -9,9 +9,12 @@ saved as `config.yaml` in the run folder.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import json
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,10 +25,14 @@ import yaml
 
 from .classes import CLASSES, PALM_CLASSES, class_indices
 from .errors import TwostageError
-from .io import read_yaml, write_text_atomic
+from .io import parse_yaml, read_yaml, write_text_atomic
 
 STAGES = ("global", "palm")
 """Stage kinds: `global` segments all 29 classes on the whole image; `palm` the carpals on SR crops."""
+
+MAX_IN_CHANNELS = 16
+"""Most network input channels: the grey image is replicated, so more channels only cost memory
+(and a checkpoint claiming a million would allocate gigabytes before failing)."""
 
 BEST_METRICS = ("auto", "overall", "carpal_mean")
 """Metrics the best checkpoint can be chosen by (`auto`: carpal_mean for palm, overall for global)."""
@@ -209,6 +216,9 @@ def _unknown(key: str, where: str) -> TwostageError:
     return TwostageError(f"{where}: unknown config key '{key}'{hint}")
 
 
+_FLOAT_MAX = sys.float_info.max
+
+
 def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
     """`value` if it fits type hint `tp` (ints accepted for floats), else a TwostageError."""
     origin = typing.get_origin(tp)
@@ -228,6 +238,11 @@ def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
             return [_check_type(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value)] if args else list(value)
     elif tp is dict or origin is dict:
         if isinstance(value, dict):
+            try:  # the resolved config goes into every checkpoint's JSON-safe meta
+                json.dumps(value, allow_nan=False)
+            except (TypeError, ValueError):
+                raise TwostageError(f"{where}: {key}={value!r} holds values JSON cannot store (keys must be "
+                                    "strings; values numbers, strings, booleans, null, lists or mappings)") from None
             return dict(value)
     elif tp is bool:
         if isinstance(value, bool):
@@ -236,13 +251,14 @@ def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value
         if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            if not -_FLOAT_MAX <= number <= _FLOAT_MAX:  # also NaN (and ints beyond float64)
+                raise TwostageError(f"{where}: {key}={value!r} is not a finite number")
+            return float(number)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -283,11 +299,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise TwostageError(f"--set {text!r}: expected key=value, e.g. model.encoder=resnet34")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise TwostageError(f"--set {text!r}: cannot parse the value ({str(e).splitlines()[0]})") from None
-    return key.strip(), value
+    return key.strip(), parse_yaml(raw, f"--set {text!r}", "the value") if raw.strip() else ""
 
 
 def stages_dir() -> Path:
@@ -336,20 +348,25 @@ def load_config(stage: str | None = None, config_file: str | os.PathLike | None 
         **flags: FLAG_KEYS shortcuts (None values are ignored).
     """
     cfg = StageConfig()
-    if config_file is not None:
-        merge(cfg, read_config_yaml(config_file), str(config_file))
-    elif stage is not None:
-        path = stage_file(stage)
+    sources = []  # where the values came from: errors across keys name them
+    if config_file is not None or stage is not None:
+        path = Path(config_file) if config_file is not None else stage_file(stage)
         merge(cfg, read_config_yaml(path), str(path))
+        sources.append(str(path))
     for text in overrides:
         key, value = parse_override(text)
         _apply(cfg, key, value, "--set")
+    sources += ["--set"] * bool(overrides)
     for name, value in flags.items():
         if name not in FLAG_KEYS:
             raise TypeError(f"load_config: unknown flag {name}")
         if value is not None:
             _apply(cfg, FLAG_KEYS[name], value, f"--{name.replace('_', '-')}")
-    validate(cfg)
+            sources.append(f"--{name.replace('_', '-')}")
+    try:
+        validate(cfg)
+    except TwostageError as e:
+        raise TwostageError(f"{' + '.join(sources) or 'config'}: {e}") from None
     return cfg
 
 
@@ -398,6 +415,12 @@ def validate(cfg: StageConfig) -> None:
         raise TwostageError(f"model.head_prior={cfg.model.head_prior}: must be in (0, 1) or null")
     if cfg.optim.lr <= 0:
         raise TwostageError(f"optim.lr={cfg.optim.lr}: must be positive")
+    if cfg.optim.weight_decay < 0:
+        raise TwostageError(f"optim.weight_decay={cfg.optim.weight_decay}: must be 0 or more")
+    if not 1 <= cfg.model.in_channels <= MAX_IN_CHANNELS:
+        raise TwostageError(f"model.in_channels={cfg.model.in_channels}: must be 1 to {MAX_IN_CHANNELS}")
+    if cfg.model.std is not None and 0 in cfg.model.std:
+        raise TwostageError(f"model.std={cfg.model.std}: a normalisation std of 0 divides by zero")
     for name in ("mean", "std"):
         v = getattr(cfg.model, name)
         if v is not None and len(v) not in (1, cfg.model.in_channels):

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,10 +20,12 @@ import numpy as np
 
 from .classes import CLASSES
 from .errors import TwostageError
-from .io import png_size, read_yaml, sha256_file, write_bytes_atomic, write_json_atomic
+from .io import png_size, read_json, read_yaml, sha256_file, write_bytes_atomic, write_json_atomic
 
 IMAGE_DIR = "DCM"
 JSON_DIR = "outputs_json"
+MAX_COORDINATE = 2**31 - 1
+"""Largest |x| or |y| of a polygon point: points are stored as int32 (beyond it they would wrap)."""
 
 log = logging.getLogger(__name__)
 
@@ -109,28 +111,25 @@ def parse_annotations(obj: object, source: str = "<json>") -> list[Annotation]:
     for k, a in enumerate(obj["annotations"]):
         if not isinstance(a, dict) or "label" not in a or "points" not in a:
             raise TwostageError(f"{source}: annotation {k} lacks 'label' or 'points'")
+        label = str(a["label"])
         try:
             pts = np.asarray(a["points"], dtype=np.float64).reshape(-1, 2)
-        except (TypeError, ValueError):
-            raise TwostageError(f"{source}: annotation {k} ({a['label']}) has non-numeric points") from None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float64
+            raise TwostageError(f"{source}: annotation {k} ({label}) has non-numeric points") from None
         if pts.size and not np.isfinite(pts).all():
-            raise TwostageError(f"{source}: annotation {k} ({a['label']}) has NaN/infinite points")
+            raise TwostageError(f"{source}: annotation {k} ({label}) has NaN/infinite points")
+        pts = np.rint(pts)
+        if pts.size and np.abs(pts).max() > MAX_COORDINATE:
+            raise TwostageError(f"{source}: annotation {k} ({label}) has a point beyond ±{MAX_COORDINATE} "
+                                f"({np.abs(pts).max():.6g}); points are pixel coordinates")
         ann_id = a.get("id")
-        out.append(Annotation(str(a["label"]), np.rint(pts).astype(np.int32),
-                              None if ann_id is None else str(ann_id)))
+        out.append(Annotation(label, pts.astype(np.int32), None if ann_id is None else str(ann_id)))
     return out
 
 
 def read_annotations(json_path: str | os.PathLike) -> list[Annotation]:
     """Read one §1 JSON file (label fixes are applied by the caller, see `load_annotations`)."""
-    json_path = Path(json_path)
-    try:
-        obj = json.loads(json_path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TwostageError(f"{json_path}: cannot read ({e.strerror or e})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TwostageError(f"{json_path}: invalid JSON ({e})") from None
-    return parse_annotations(obj, str(json_path))
+    return parse_annotations(read_json(json_path, "annotation file"), str(json_path))
 
 
 def annotations_to_json(annotations: Iterable[Annotation], filename: str, shape: tuple[int, int]) -> dict:
@@ -232,7 +231,7 @@ class Fixes:
 
     def __init__(self, entries: dict[str, dict], source: str = "<fixes>") -> None:
         self.source = source
-        self._raw: dict[str, dict] = {}
+        self._raw: dict[str, str] = {}  # image key -> its parsed entry, canonical JSON
         self._rules: dict[str, list[_Rule]] = {}
         self._drop_image: set[str] = set()
         for key, entry in entries.items():
@@ -272,7 +271,8 @@ class Fixes:
             raise TwostageError(f"{where}.drop_image: expected true or false, got {drop_image!r}")
         if drop_image:
             self._drop_image.add(norm)
-        self._raw[norm] = entry
+        # the entry as parsed (not as written: YAML may hold any value, even a self-referencing one)
+        self._raw[norm] = json.dumps([drop_image, [astuple(r) for r in rules]])
         self._rules[norm] = rules
 
     @staticmethod
@@ -327,7 +327,7 @@ class Fixes:
         key = self._key_for(sample)
         if key is None:
             return ""
-        return hashlib.sha256(json.dumps(self._raw[key], sort_keys=True, default=str).encode()).hexdigest()
+        return hashlib.sha256(self._raw[key].encode()).hexdigest()
 
     def resolve(self, sample: Sample, annotations: Sequence[Annotation]) -> tuple[list[Annotation], list[str]]:
         """Apply this image's rules to annotations as read from its JSON (file order).
@@ -468,7 +468,7 @@ def load_metadata(root: str | os.PathLike) -> dict[str, dict]:
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:
                 rows = [r for r in csv.reader(f)]
-        except (OSError, UnicodeDecodeError) as e:
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
             raise TwostageError(f"{path}: cannot read metadata ({e})") from None
     else:
         try:

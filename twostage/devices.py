@@ -1,5 +1,9 @@
-"""The one place a user's device string becomes a torch device (docs/DESIGN.md §6)."""
+"""The one place a user's device string becomes a torch device, and an allocation failure on
+it a user error (docs/DESIGN.md §6)."""
 from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 
@@ -22,3 +26,36 @@ def torch_device(name: str | torch.device, option: str = "--device", allow_auto:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TwostageError(f"{option} {name}: CUDA is not available on this machine")
     return dev
+
+
+_OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory", "failed to allocate")
+"""How torch words an allocation failure that is not a torch.cuda.OutOfMemoryError (the CPU
+allocator's RuntimeError, MPS, ROCm, cuDNN / cuBLAS workspaces)."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is an allocation failure: CUDA's OutOfMemoryError, Python's MemoryError
+    (numpy, OpenCV), or a RuntimeError worded as one."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and any(t in str(e).lower() for t in _OOM_TEXT)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(step: str | Callable[[], str], lower: str | Callable[[], str]) -> Iterator[None]:
+    """Turn an allocation failure inside the block into one TwostageError naming `step` (what
+    ran out, on which device, at what size) and `lower` (the option that needs less memory);
+    either may be a function, asked only after a failure (when the step is known). The cached
+    CUDA blocks are released first, so the process can report and exit cleanly."""
+    try:
+        yield
+        return
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e):
+            raise
+    # outside the except clause: the failed allocation's traceback (and the tensors its frames
+    # hold) is gone, so the cache can really be released
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    step, lower = (v() if callable(v) else v for v in (step, lower))
+    raise TwostageError(f"out of memory in {step}; lower {lower}")

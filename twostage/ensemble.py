@@ -27,6 +27,7 @@ import torch
 from .classes import CLASS_TO_INDEX, CLASSES
 from .devices import torch_device
 from .errors import TwostageError
+from .rle import CSV_HEADER, csv_reader
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ class CsvIndex:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from .rle import CSV_HEADER
 
         self.path = Path(path)
         self.spans: dict[str, tuple[int, int]] = {}
@@ -142,7 +142,7 @@ class CsvIndex:
             raise TwostageError(f"{self.path}:{line_no}: not UTF-8 text ({e.reason})") from None
         if '"' in text:
             try:
-                row = next(csv.reader([text]))
+                row = next(csv_reader([text]))
             except csv.Error as e:
                 raise TwostageError(f"{self.path}:{line_no}: malformed CSV ({e})") from None
         else:
@@ -156,8 +156,9 @@ class CsvIndex:
         start, end = self.spans[name]
         with open(self.path, "rb") as f:
             f.seek(start)
-            block = f.read(end - start).decode("utf-8")
-        return {cls: rle for _, cls, rle in csv.reader(block.splitlines())}
+            block = f.read(end - start)
+        # split as the index was read (at b"\n" only: str.splitlines also splits at \x0c, \u2028, ...)
+        return {cls: rle for _, cls, rle in (self._fields(line, 0) for line in block.split(b"\n") if line.strip())}
 
 
 def _rle_end(rle: str) -> int:

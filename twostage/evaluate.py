@@ -16,7 +16,7 @@ import numpy as np
 
 from .classes import CLASSES
 from .data import Fixes, load_masks, select_samples
-from .io import read_image, write_json_atomic, write_text_atomic
+from .io import make_dir, read_image, write_json_atomic, write_text_atomic
 from .metrics import ScoreReport, score_csv, side_by_side
 from .rle import decode, read_csv
 
@@ -102,7 +102,7 @@ def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt:
     samples = find_images(data, split)
     chain = TwoStage.build(global_ckpt, palm_ckpt, **options)
     default = chain.with_options(thresholds=options.get("thresholds"), fuse_weights=options.get("fuse_weights"))
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     g_csv, f_csv, c_csv = out / "global.csv", out / "fused.csv", out / "calibrated.csv"
     log.info("infer: global model alone")
     run(default, samples, g_csv, fuse=False)

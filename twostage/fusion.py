@@ -162,16 +162,17 @@ def fuse(global_probs: torch.Tensor, palm_probs: torch.Tensor | Sequence[torch.T
     return global_probs
 
 
-def _load_mapping(spec: PerClassSpec, section: str) -> float | dict:
-    """A number or {class: value} from a number, a mapping, or a YAML file path."""
+def _load_mapping(spec: PerClassSpec, section: str) -> tuple[float | dict | None, str]:
+    """(a number or {class: value}, the name errors use) from a number, a mapping, or a YAML
+    file path (whose errors name the file)."""
     if spec is None or isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return spec
+        return spec, section
     if isinstance(spec, Mapping):
-        return dict(spec)
+        return dict(spec), section
     if isinstance(spec, (str, os.PathLike)):
         if isinstance(spec, str):
             try:
-                return float(spec)  # "0.4" from the command line
+                return float(spec), section  # "0.4" from the command line
             except ValueError:
                 pass
         path = Path(spec)
@@ -180,11 +181,9 @@ def _load_mapping(spec: PerClassSpec, section: str) -> float | dict:
         obj = read_yaml(path, f"{section} file")
         if isinstance(obj, dict) and isinstance(obj.get(section), (dict, int, float)):
             obj = obj[section]
-        if isinstance(obj, (int, float)) and not isinstance(obj, bool):
-            return float(obj)
-        if not isinstance(obj, dict):
+        if not isinstance(obj, (dict, int, float)) or isinstance(obj, bool):
             raise TwostageError(f"{path}: expected a mapping class name -> {section} value")
-        return obj
+        return obj, f"{path}: {section}"
     raise TwostageError(f"{section}: expected a number, a mapping or a YAML file, got {spec!r}")
 
 
@@ -193,16 +192,15 @@ def _per_class(spec: PerClassSpec, section: str, default: float, allowed: Sequen
     """(len(classes),) float32 values in [0, 1]: `default` for `allowed` classes, 0 for the others,
     overridden by `spec`. A class outside `allowed`, an unknown name or a value outside [0, 1]
     is an error naming it."""
-    values = _load_mapping(spec, section)
-    if isinstance(spec, (str, os.PathLike)) and not isinstance(values, float):
-        section = f"{spec}: {section}"  # values came from a YAML file: errors name it
+    values, section = _load_mapping(spec, section)
     if values is None:
         values = {}
     elif not isinstance(values, dict):
         values = {"default": values}
     index = {c: i for i, c in enumerate(classes)}
     for name, v in values.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+        # compared as they are: float() of a huge integer would overflow; NaN fails both
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
             raise TwostageError(f"{section} {name}: {v!r} is not a number in [0, 1]")
         if name == "default":
             continue
@@ -210,7 +208,7 @@ def _per_class(spec: PerClassSpec, section: str, default: float, allowed: Sequen
             close = difflib.get_close_matches(str(name), list(index) + ["default"], n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise TwostageError(f"{section}: unknown class {name!r}{hint}")
-        if name not in allowed and float(v) != 0.0:
+        if name not in allowed and v != 0:
             raise TwostageError(f"{section} {name}: the palm model does not predict this class; "
                                 f"its weight must be 0")
     base = float(values.get("default", default))

@@ -10,6 +10,7 @@ succeeded.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -24,9 +25,11 @@ import torch
 from .chain import TwoStage
 from .classes import CLASSES
 from .data import Sample, find_samples, shard_slice
+from .devices import out_of_memory_as_error
 from .errors import TwostageError
-from .io import read_image
+from .io import read_image, run_lock
 from .probs import probs_file_name, write_probs
+from .sr import tile_hint
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +38,14 @@ STAGES = ("read", "global", "box_crop", "masks", "upscale", "palm", "fusion", "s
 
 @dataclass
 class InferSummary:
-    """What an `infer` run did: the CSV, counts, unreadable images and where the time went."""
+    """What an `infer` run did: the CSV, counts, skipped images and where the time went."""
 
     out: str
     images: int
     fused: bool
     device: str
     seconds: float
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # --skip-bad: images written as empty masks
     boxes: dict[str, list[int]] = field(default_factory=dict)  # fused runs: name -> [x0, y0, side]
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -57,28 +60,28 @@ class _Clock:
         self.cuda = device.type == "cuda"
         self.totals = dict.fromkeys(STAGES, 0.0)
         self._t = time.perf_counter()
+        self.last = "read"  # the step that finished last
 
     def lap(self, stage: str) -> None:
         if self.cuda:
             torch.cuda.synchronize()
         now = time.perf_counter()
         self.totals[stage] += now - self._t
-        self._t = now
+        self._t, self.last = now, stage
 
 
 def _read_batches(samples: list[Sample], batch_size: int, skip_bad: bool
-                  ) -> Iterator[list[tuple[Sample, np.ndarray | None]]]:
+                  ) -> Iterator[list[tuple[Sample, np.ndarray | TwostageError]]]:
     """Batches of (sample, image) with one batch read ahead in a thread (IO overlaps compute).
-    A batch never mixes image sizes; an unreadable image is None with `skip_bad`, else raises."""
+    A batch never mixes image sizes; an unreadable image is its error with `skip_bad`, else raises."""
 
-    def read(s: Sample) -> tuple[Sample, np.ndarray | None]:
+    def read(s: Sample) -> tuple[Sample, np.ndarray | TwostageError]:
         try:
             return s, read_image(s.image_path)
-        except TwostageError:
+        except TwostageError as e:
             if not skip_bad:
                 raise
-            log.warning("%s: unreadable, writing empty masks (--skip-bad)", s.image_path)
-            return s, None
+            return s, e
 
     def groups() -> Iterator[list[Sample]]:
         for k in range(0, len(samples), batch_size):
@@ -95,12 +98,13 @@ def _read_batches(samples: list[Sample], batch_size: int, skip_bad: bool
             yield from _split_by_shape(pending.result())
 
 
-def _split_by_shape(items: list[tuple[Sample, np.ndarray | None]]
-                    ) -> Iterator[list[tuple[Sample, np.ndarray | None]]]:
-    """Consecutive runs of equal image shape (bad images alone), order kept."""
+def _split_by_shape(items: list[tuple[Sample, np.ndarray | TwostageError]]
+                    ) -> Iterator[list[tuple[Sample, np.ndarray | TwostageError]]]:
+    """Consecutive runs of equal image shape (unreadable images alone), order kept."""
     run: list = []
     for s, img in items:
-        if run and (img is None or run[0][1] is None or run[0][1].shape != img.shape):
+        if run and (not isinstance(img, np.ndarray) or not isinstance(run[0][1], np.ndarray)
+                    or run[0][1].shape != img.shape):
             yield run
             run = []
         run.append((s, img))
@@ -138,8 +142,8 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
         batch_size: images per global forward pass (same-size images only).
         save_probs: folder; also write per-image uint8 probabilities (`probs.write_probs`).
         shard: "i/n": process only the i-th of n contiguous slices of the sorted images.
-        skip_bad: write empty masks for unreadable images (listed in the summary) instead of
-            stopping the run.
+        skip_bad: write empty masks for images that are unreadable or fail inside the chain
+            (out of memory on that image, say; listed in the summary) instead of stopping the run.
         options: `chain.ChainOptions` fields (device, fp16, tta, thresholds, fuse_weights,
             feather, palm_resize, upscaler_tile, ...).
     """
@@ -160,10 +164,84 @@ def _check_run(out: str | os.PathLike, batch_size: int) -> None:
         raise TwostageError(f"{out}: is a folder; --out takes the CSV file to write")
 
 
+_NEXT_STEP = {"masks": "upscale", "upscale": "palm", "palm": "fusion"}
+"""The step of `TwoStage.segment` running after the last one the clock saw finish."""
+
+
+def _lower(step: str, chain: TwoStage, size: tuple[int, int]) -> str:
+    """What to lower when `step` runs out of memory."""
+    tta = ", or leave out --tta" if chain.options.hflip else ""
+    if step == "upscale":
+        return tile_hint(chain.options.upscaler_tile)
+    if step == "palm":
+        return f"the palm model's input size (model.input_size, set when training it){tta}"
+    return f"the image size ({size[1]}x{size[0]}: its source-size masks are made on the device) or use --device cpu"
+
+
+class _Skipper:
+    """--skip-bad: an image that fails (unreadable, or failing inside the chain) gets empty masks
+    and is listed in the summary; without --skip-bad the error stops the run."""
+
+    def __init__(self, enabled: bool, writer, summary: InferSummary, bar):
+        self.enabled, self.writer, self.summary, self.bar = enabled, writer, summary, bar
+
+    def skip(self, sample: Sample, what: str, error: TwostageError) -> None:
+        reason = str(error).removeprefix(f"{sample.image_path}: ")
+        log.warning("%s: %s (%s); writing empty masks (--skip-bad)", sample.image_path, what, reason)
+        self.writer.add(sample.name, [""] * len(CLASSES))
+        self.summary.skipped.append(str(sample.image_path))
+        self.bar.update(1)
+
+
+def _predict(chain: TwoStage, batch: list[tuple[Sample, np.ndarray]], fused: bool, clock: _Clock,
+             summary: InferSummary, skipper: _Skipper, write) -> None:
+    """The global model on one batch of same-size images, then the rest of the chain per image;
+    `write(sample, seg, native)` stores each result. An allocation failure is an error naming
+    the step; with --skip-bad a failing batch is retried image by image and only the images
+    that fail alone are skipped."""
+    names, size = [s.name for s, _ in batch], batch[0][1].shape
+    tta = ", or leave out --tta" if chain.options.hflip else ""
+    try:
+        with out_of_memory_as_error(f"infer: the global model ({len(batch)} image(s) of {size[1]}x{size[0]} "
+                                    f"on {chain.device})", f"--batch-size (now {len(batch)}){tta}"):
+            native = chain.native(np.stack([img for _, img in batch]))  # (B, C, h, w) at the network's size
+            clock.lap("global")
+            boxes = chain.boxes(native, names, size) if fused else [None] * len(batch)
+    except TwostageError as e:
+        if not skipper.enabled:
+            raise
+        if len(batch) == 1:
+            skipper.skip(batch[0][0], "failed in the global model", e)
+        else:
+            for item in batch:
+                _predict(chain, [item], fused, clock, summary, skipper, write)
+        return
+    if fused:
+        summary.boxes.update({n: [int(b.x0), int(b.y0), int(b.side)] for n, b in zip(names, boxes)})
+        clock.lap("box_crop")
+    for b, ((sample, image), box) in enumerate(zip(batch, boxes)):
+        def step() -> str:
+            return _NEXT_STEP.get(clock.last, "masks")
+
+        try:
+            with out_of_memory_as_error(lambda: f"infer: the {step()} step of {sample.name} ({size[1]}x{size[0]}) "
+                                                f"on {chain.device}", lambda: _lower(step(), chain, size)):
+                seg = chain.segment(native[b], image, box, fused, clock.lap)
+        except TwostageError as e:
+            if not skipper.enabled:
+                raise
+            skipper.skip(sample, "failed in the chain", e)
+            continue
+        write(sample, seg, native[b])
+        del seg
+    del native
+
+
 def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse: bool = True,
         batch_size: int = 1, save_probs: str | os.PathLike | None = None, skip_bad: bool = False) -> InferSummary:
     """`infer` with a built chain on chosen samples (evaluate runs one chain twice: fused and not).
-    `fuse` applies when the chain has a palm stage."""
+    `fuse` applies when the chain has a palm stage. The CSV (and the `save_probs` folder) is
+    locked while the run writes it: a second run into the same output is refused."""
     from tqdm import tqdm
 
     from .rle import CsvWriter, encode_masks
@@ -173,37 +251,33 @@ def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse:
     fused = fuse and chain.palm is not None
     summary = InferSummary(out=str(out), images=len(samples), fused=fused, device=str(chain.device), seconds=0.0)
     clock = _Clock(chain.device)
-    bar = tqdm(total=len(samples), desc="infer", unit="img", disable=None)
-    with CsvWriter(out) as writer:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(run_lock(out, "twostage infer"))
+        if save_probs is not None:
+            stack.enter_context(run_lock(save_probs, "twostage infer --save-probs"))
+        bar = stack.enter_context(tqdm(total=len(samples), desc="infer", unit="img", disable=None))
+        writer = stack.enter_context(CsvWriter(out))
+        skipper = _Skipper(skip_bad, writer, summary, bar)
+
+        def write(sample: Sample, seg, native: torch.Tensor) -> None:
+            if save_probs is not None:
+                write_probs(Path(save_probs) / probs_file_name(sample.name),
+                            chain.full_probs(native, tuple(seg.masks.shape[-2:]), seg))
+                clock.lap("save_probs")
+            writer.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
+            clock.lap("rle_write")
+            bar.update(1)
+
         for batch in _read_batches(samples, batch_size, skip_bad):
             clock.lap("read")
-            if batch[0][1] is None:
-                writer.add(batch[0][0].name, [""] * len(CLASSES))
-                summary.skipped.append(str(batch[0][0].image_path))
-                bar.update(1)
+            if isinstance(batch[0][1], TwostageError):
+                skipper.skip(batch[0][0], "unreadable", batch[0][1])
                 continue
-            names, size = [s.name for s, _ in batch], batch[0][1].shape
-            native = chain.native(np.stack([img for _, img in batch]))  # (B, C, h, w) at the network's size
-            clock.lap("global")
-            boxes = chain.boxes(native, names, size) if fused else [None] * len(batch)
-            if fused:
-                summary.boxes.update({n: [int(b.x0), int(b.y0), int(b.side)] for n, b in zip(names, boxes)})
-                clock.lap("box_crop")
-            for b, ((sample, image), box) in enumerate(zip(batch, boxes)):
-                seg = chain.segment(native[b], image, box, fused, clock.lap)
-                if save_probs is not None:
-                    write_probs(Path(save_probs) / probs_file_name(sample.name), chain.full_probs(native[b], size, seg))
-                    clock.lap("save_probs")
-                writer.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
-                del seg
-                clock.lap("rle_write")
-            del native
-            bar.update(len(batch))
-    bar.close()
+            _predict(chain, batch, fused, clock, summary, skipper, write)
     summary.timings, summary.seconds = clock.totals, time.perf_counter() - t_start
     log.info("seconds per image by step: %s",
              {k: round(v / max(1, len(samples)), 4) for k, v in summary.timings.items() if v})
     if summary.skipped:
-        log.warning("%d unreadable image(s) written as empty masks: %s", len(summary.skipped),
-                    ", ".join(summary.skipped))
+        log.warning("%d image(s) unreadable or failing in the chain, written as empty masks: %s",
+                    len(summary.skipped), ", ".join(summary.skipped))
     return summary

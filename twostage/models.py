@@ -423,13 +423,23 @@ class Predictor:
         ckpt = load_checkpoint(path, map_location="cpu", expect_stage=expect_stage)
         meta = ckpt["meta"]
         m = meta["model"]
-        model = build_model(m["arch"], m["encoder"], len(meta["classes"]), m["in_channels"],
-                            encoder_weights=None, **m.get("kwargs", {}))
-        try:
-            model.load_state_dict(ckpt["state_dict"])
-        except RuntimeError as e:
-            raise TwostageError(f"{path}: weights do not fit {m['arch']}/{m['encoder']} "
-                                f"({str(e).splitlines()[0]})") from None
+
+        def build() -> SegmentationNet:
+            try:
+                return build_model(m["arch"], m["encoder"], len(meta["classes"]), m["in_channels"],
+                                   encoder_weights=None, **m.get("kwargs", {}))
+            except TwostageError as e:
+                raise TwostageError(f"{path}: {e}") from None
+
+        # the shapes first, on the meta device (nothing allocated): a meta describing a network
+        # other than its tensors (a damaged or crafted file) fails before memory is spent on it
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}:
+            raise TwostageError(f"{path}: weights do not fit {m['arch']}/{m['encoder']} (the tensors' names or "
+                                "shapes differ from the network its meta describes)")
+        model = build()
+        model.load_state_dict(ckpt["state_dict"])
         return cls(model, meta, device)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

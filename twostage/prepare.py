@@ -18,7 +18,9 @@ atomically. Images without carpal annotations are SKIPPED with a warning: their 
 almost surely unannotated rather than absent, and training on them would teach the palm
 model to miss carpals. `shard=(i, n)` processes the i-th of n contiguous slices of the
 sorted items (the `--shard` of every command); every shard writes the same palmset.json
-(computed from all boxes).
+(computed from all boxes). Shards of one setting may run in parallel into one folder; a run
+of a shard already running there, or with other settings than a running one, is refused
+(`io.run_lock`).
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ from . import box as boxes
 from .data import (Annotation, Sample, find_samples, load_annotations, parse_shard, select_samples, shard_slice,
                    write_annotations)
 from .errors import TwostageError
-from .io import png_size, read_image, sha256_file, write_json_atomic, write_png_atomic
+from .io import (describe_holder, other_holders, png_size, read_image, read_json, run_lock, sha256_file,
+                 write_json_atomic, write_png_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,7 @@ def load_palm_set(root: str | os.PathLike) -> dict:
     p = Path(root) / PALMSET
     if not p.is_file():
         raise TwostageError(f"{root}: not a prepare-sr output (no {PALMSET}); run `twostage prepare-sr DATA --out {root}`")
-    try:
-        rec = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise TwostageError(f"{p}: unreadable palm-set record ({e})") from None
+    rec = read_json(p, "palm-set record")
     if not isinstance(rec, dict) or rec.get("format") != FORMAT:
         raise TwostageError(f"{p}: not a {FORMAT} record")
     return rec
@@ -75,10 +75,10 @@ def _finished(manifest: Path, png: Path, js: Path, expect: dict) -> bool:
     if not (manifest.is_file() and png.is_file() and js.is_file()):
         return False
     try:
-        got = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        got = read_json(manifest, "item manifest")
+    except TwostageError:  # unreadable: redo the item
         return False
-    return all(got.get(k) == v for k, v in expect.items())
+    return isinstance(got, dict) and all(got.get(k) == v for k, v in expect.items())
 
 
 def map_annotations(annotations: list[Annotation], crop: boxes.Box, scale: int) -> list[Annotation]:
@@ -140,18 +140,24 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
               "box_rule": full_rule.to_dict(), "source": str(data.resolve()), "count": len(items),
               "split_ids": split_ids}
     settings = {k: record[k] for k in SETTING_KEYS}
-    old = out / PALMSET
-    if old.is_file() and not overwrite:
-        prev = load_palm_set(out)
-        diff = [f"{k}: {prev.get(k)!r} -> {settings[k]!r}" for k in SETTING_KEYS if prev.get(k) != settings[k]]
-        if diff:
-            raise TwostageError(f"{out}: holds a palm set made with other settings ({'; '.join(diff)}); "
-                                f"use another --out or pass --overwrite")
-    write_json_atomic(old, record)
+    # shards run in parallel into one folder; the same shard twice, or other settings, is refused
+    with run_lock(out, "twostage prepare-sr", tag=f"shard-{i}-of-{n}", info={"settings": settings}) as lock:
+        clash = [h for h in other_holders(out, lock) if h.get("settings") != settings]
+        if clash:
+            raise TwostageError(f"{out}: {describe_holder(clash[0])} is writing a palm set with other settings "
+                                "there; wait for it to end or use another --out")
+        old = out / PALMSET
+        if old.is_file() and not overwrite:
+            prev = load_palm_set(out)
+            diff = [f"{k}: {prev.get(k)!r} -> {settings[k]!r}" for k in SETTING_KEYS if prev.get(k) != settings[k]]
+            if diff:
+                raise TwostageError(f"{out}: holds a palm set made with other settings ({'; '.join(diff)}); "
+                                    f"use another --out or pass --overwrite")
+        write_json_atomic(old, record)
 
-    for item in tqdm(shard_slice(items, (i, n)), desc=f"prepare-sr {i}/{n}" if n > 1 else "prepare-sr",
-                     unit="img", disable=None):
-        counts["done" if _write_item(out, item, up, context, settings) else "skipped"] += 1
+        for item in tqdm(shard_slice(items, (i, n)), desc=f"prepare-sr {i}/{n}" if n > 1 else "prepare-sr",
+                         unit="img", disable=None):
+            counts["done" if _write_item(out, item, up, context, settings) else "skipped"] += 1
     log.debug("prepare-sr: %d written, %d already done, %d without carpals, %d dropped by fixes -> %s",
               counts["done"], counts["skipped"], counts["no_carpals"], counts["dropped"], out)
     return counts
@@ -209,6 +215,9 @@ def read_item_manifest(palm_root: str | os.PathLike, sample: Sample) -> dict:
     """The per-item manifest of a palm-set sample (boxes in source px, hashes, upscaler record)."""
     p = Path(palm_root) / MANIFEST_DIR / Path(sample.rel).with_suffix(".json")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise TwostageError(f"{p}: missing or unreadable palm-set item manifest ({e}); re-run prepare-sr") from None
+        rec = read_json(p, "palm-set item manifest")
+    except TwostageError as e:
+        raise TwostageError(f"{e}; re-run prepare-sr") from None
+    if not isinstance(rec, dict):
+        raise TwostageError(f"{p}: not a palm-set item manifest; re-run prepare-sr")
+    return rec

@@ -7,6 +7,8 @@ smaller than float32 at a worst-case error of 1/510.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from typing import Sequence
 
 import numpy as np
@@ -14,7 +16,7 @@ import torch
 
 from .classes import CLASSES
 from .errors import TwostageError
-from .io import atomic_path
+from .io import ENV_MAX_PIXELS, atomic_path, max_pixels
 
 PROBS_SCALE = 255
 """Saved probabilities are uint8 round(p·255): 1/510 worst-case error, 4× smaller than float32."""
@@ -38,12 +40,45 @@ def write_probs(path: str | os.PathLike, probs: torch.Tensor, classes: Sequence[
 
 
 def _open(path: str | os.PathLike, read):
-    """`read(npz)` on an opened `write_probs` file; anything unreadable is one TwostageError."""
+    """`read(npz)` on an opened `write_probs` file whose arrays were checked from their headers
+    (before anything is decompressed: memory stays within the pixel limit); anything
+    unreadable is one TwostageError naming the file."""
     try:
         with np.load(path, allow_pickle=False) as z:
+            _check_arrays(z, path)
             return read(z)
-    except (OSError, KeyError, ValueError) as e:
-        raise TwostageError(f"{path}: not a saved-probabilities file ({e})") from None
+    except TwostageError:
+        raise
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error,
+            NotImplementedError, RuntimeError) as e:  # zipfile: unknown compression, "encrypted" flag
+        raise TwostageError(f"{path}: not a saved-probabilities file ({type(e).__name__}: {e})") from None
+
+
+def _header(z, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) of array `name` of an npz, read from its .npy header alone."""
+    fmt = np.lib.format
+    with z.zip.open(f"{name}.npy") as f:
+        version = fmt.read_magic(f)
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read is None:
+            raise ValueError(f"array {name}: npy format version {version}")
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _check_arrays(z, path: str | os.PathLike) -> None:
+    """`probs` (C, H, W) uint8 and `classes` (C,) str, C ≤ 29 and H·W within `io.max_pixels()`."""
+    if not isinstance(z, np.lib.npyio.NpzFile) or {"probs", "classes"} - set(z.files):
+        raise TwostageError(f"{path}: not a saved-probabilities file (needs arrays 'probs' and 'classes')")
+    shape, dtype = _header(z, "probs")
+    cshape, cdtype = _header(z, "classes")
+    if len(shape) != 3 or dtype != np.uint8 or cdtype.kind != "U" or cshape != shape[:1] \
+            or not 1 <= shape[0] <= len(CLASSES):
+        raise TwostageError(f"{path}: not a saved-probabilities file (probs {shape} {dtype}, classes {cshape} "
+                            f"{cdtype}; expected (C, H, W) uint8 and (C,) names, C ≤ {len(CLASSES)})")
+    if shape[1] * shape[2] > max_pixels():
+        raise TwostageError(f"{path}: probabilities of a {shape[2]}x{shape[1]} image, over the limit of "
+                            f"{max_pixels()} pixels (${ENV_MAX_PIXELS})")
 
 
 def read_probs(path: str | os.PathLike, out: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:

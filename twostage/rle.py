@@ -22,7 +22,7 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from .errors import TwostageError
 from .io import atomic_path
 
 CSV_HEADER = ("image_name", "class", "rle")
+CSV_FIELD_LIMIT = 2**31 - 1
+"""Longest CSV field read: the RLE of one class of a large or noisy mask is far beyond the
+csv module's default of 128 KiB (a 2048² checkerboard is 26 MB); memory stays bounded by the file."""
 
 _POW10 = 10 ** np.arange(19, dtype=np.int64)  # 1 .. 1e18: digit counts of int64 values ≥ 1
 _INT_TOKEN = re.compile(r"-?[0-9]+")
@@ -196,7 +199,7 @@ def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
         raise TwostageError(f"RLE has an odd number of values ({len(tokens)}); expected start/length pairs")
     try:
         runs = np.array([int(t) for t in tokens], dtype=np.int64).reshape(-1, 2)
-    except OverflowError:
+    except (OverflowError, ValueError):  # beyond int64, or beyond Python's 4300-digit int parsing
         raise TwostageError(f"RLE has a value out of range for a {h}x{w} image") from None
     starts, lengths = runs[:, 0], runs[:, 1]
     ends = starts - 1 + lengths  # exclusive, 0-based
@@ -224,6 +227,12 @@ def decode(rle: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- CSV
+
+def csv_reader(lines: Iterable[str]) -> Iterator[list[str]]:
+    """`csv.reader(lines)` with fields up to CSV_FIELD_LIMIT characters."""
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    return csv.reader(lines)
+
 
 class CsvWriter:
     """Stream the §2 CSV to a temporary file, renamed onto `path` only if the block succeeds.
@@ -258,6 +267,8 @@ class CsvWriter:
             raise RuntimeError("CsvWriter.add called outside its `with` block")
         if image_name in self._seen:
             raise TwostageError(f"{self.path}: image {image_name!r} added twice (image names must be unique)")
+        if "\r" in image_name or "\n" in image_name:  # csv quotes neither with our "\n" line end: unreadable rows
+            raise TwostageError(f"{self.path}: image name {image_name!r} holds a line break; rename that file")
         if len(rles) != len(self.classes):
             raise TwostageError(f"{self.path}: image {image_name!r} has {len(rles)} RLEs, "
                                 f"expected one per class ({len(self.classes)})")
@@ -287,7 +298,7 @@ def read_csv(path: str | os.PathLike) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.reader(f)
+            reader = csv_reader(f)
             header = next(reader, None)
             if header is None:
                 raise TwostageError(f"{path}: empty file, expected the header {','.join(CSV_HEADER)}")

@@ -35,19 +35,30 @@ def _check_image(img: np.ndarray) -> float:
     raise TwostageError(f"upscaler input: unsupported dtype {img.dtype} (expected uint8 or uint16)")
 
 
-class Upscaler:
-    """Callable (h, w) uint8/uint16 -> (h·scale, w·scale) same dtype."""
+def tile_hint(tile: int) -> str:
+    """What to lower when a network upscaler runs out of memory."""
+    return f"--tile (the upscaler's tile size, now {tile if tile else 'off: the whole crop at once'}; e.g. --tile 256)"
 
-    def __init__(self, name: str, scale: int, weight_sha256: str | None, fn: Callable[[np.ndarray, float], np.ndarray]):
+
+class Upscaler:
+    """Callable (h, w) uint8/uint16 -> (h·scale, w·scale) same dtype. `device` and `lower`
+    (what to reduce when it runs out of memory) go into that error."""
+
+    def __init__(self, name: str, scale: int, weight_sha256: str | None, fn: Callable[[np.ndarray, float], np.ndarray],
+                 device: str = "cpu", lower: str = "the crop size (the palm box side × scale)"):
         self.name = name
         self.scale = int(scale)
         self.weight_sha256 = weight_sha256
         self._fn = fn
+        self.device, self.lower = device, lower
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
+        from .devices import out_of_memory_as_error
+
         full = _check_image(img)
         h, w = img.shape
-        out = self._fn(img, full)
+        with out_of_memory_as_error(f"{self.name}: upscaling a {w}x{h} crop x{self.scale} on {self.device}", self.lower):
+            out = self._fn(img, full)
         if out.shape != (h * self.scale, w * self.scale) or out.dtype != img.dtype:
             raise RuntimeError(f"{self.name}: produced {out.shape} {out.dtype}, expected "
                                f"{(h * self.scale, w * self.scale)} {img.dtype}")
@@ -170,4 +181,5 @@ def make_upscaler(name: str, scale: int | None = None, tile: int = 0, tile_pad: 
     if scale is not None and scale != spec.scale:
         raise TwostageError(f"upscaler {name}: scale {scale} requested but the network upscales x{spec.scale}; "
                             f"use --scale {spec.scale} or bicubic")
-    return Upscaler(name, spec.scale, sha, _realesrgan(model, spec.scale, tile, tile_pad, pre_pad, device, name))
+    return Upscaler(name, spec.scale, sha, _realesrgan(model, spec.scale, tile, tile_pad, pre_pad, device, name),
+                    device=device, lower=tile_hint(tile))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -116,10 +117,17 @@ def load_manifest(path: str | os.PathLike) -> dict[str, WeightSpec]:
         if e["arch"] not in ARCHS:
             raise TwostageError(f"{path}: weights.{name}: arch {e['arch']!r} not one of {', '.join(ARCHS)}")
         sha = e.get("sha256")
-        if sha is not None and (not isinstance(sha, str) or len(sha) != 64):
+        if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
             raise TwostageError(f"{path}: weights.{name}: sha256 must be 64 hex digits or null")
-        specs[str(name)] = WeightSpec(str(name), str(e["file"]), e["arch"], int(e["scale"]), str(e["url"]),
-                                      sha.lower() if sha else None, dict(e.get("params") or {}))
+        scale, params = e["scale"], e.get("params") or {}
+        if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 16:
+            raise TwostageError(f"{path}: weights.{name}: scale {scale!r} must be a whole number from 1 to 16")
+        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+            raise TwostageError(f"{path}: weights.{name}: params must be a mapping of argument names")
+        if not isinstance(e["file"], str) or Path(e["file"]).name != e["file"] or e["file"] in ("", ".", ".."):
+            raise TwostageError(f"{path}: weights.{name}: file {e['file']!r} must be a file name in the weights folder")
+        specs[str(name)] = WeightSpec(str(name), e["file"], e["arch"], scale, str(e["url"]),
+                                      sha.lower() if sha else None, dict(params))
     return specs
 
 
@@ -174,20 +182,16 @@ def resolve(name: str, weights_dir_: str | os.PathLike | None = None, manifest: 
 
 def load_state_dict(path: str | os.PathLike) -> dict:
     """Tensors of a weight file via torch.load(weights_only=True): 'params_ema', else 'params', else the raw dict."""
-    import pickle
-
     import torch
 
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError) as e:
-        raise TwostageError(f"{path}: not a loadable weights file ({str(e).splitlines()[0] if str(e) else e})") from None
-    if not isinstance(obj, dict):
-        raise TwostageError(f"{path}: expected a state dict, got {type(obj).__name__}")
-    for key in ("params_ema", "params"):
-        if key in obj:
-            return obj[key]
-    return obj
+    from .checkpoint import load_weights_only
+
+    obj = load_weights_only(path, "weights file")
+    state = next((obj[k] for k in ("params_ema", "params") if k in obj), obj) if isinstance(obj, dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise TwostageError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
 
 
 def build_model(spec: WeightSpec):
@@ -198,7 +202,7 @@ def build_model(spec: WeightSpec):
     cls = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}[spec.arch]
     try:
         return cls(**spec.params)
-    except TypeError as e:
+    except (TypeError, ValueError, RuntimeError, MemoryError) as e:  # wrong names, values, or sizes beyond memory
         raise TwostageError(f"weights {spec.name}: bad params for {spec.arch}: {e}") from None
 
 

@@ -18,7 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "model re-segments it and its probabilities are blended into the global ones "
                     "inside the box: p = (1 - a_c*w)*p_global + a_c*w*p_palm. The CSV is written "
                     "atomically: an unreadable image stops the run and leaves no CSV unless "
-                    "--skip-bad.",
+                    "--skip-bad. A second infer into the same CSV while this one runs is refused.",
     )
     p.add_argument("images", type=Path, metavar="IMAGES",
                    help="a folder of PNGs (recursive) or a dataset root (uses test/DCM, else train/DCM)")
@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default="0/1", metavar="i/n",
                    help="process the i-th of n contiguous slices of the sorted images (default 0/1)")
     p.add_argument("--skip-bad", action="store_true",
-                   help="write empty masks for unreadable images (listed at the end) instead of stopping")
+                   help="write empty masks for images that are unreadable or fail inside the chain (e.g. out "
+                        "of memory on one image; listed at the end) instead of stopping")
     p.set_defaults(func=handler)
 
 
@@ -47,7 +48,7 @@ def handler(args: argparse.Namespace) -> int:
     print(f"wrote {summary.out}: {summary.images} images x 29 classes, {mode}, "
           f"{summary.seconds:.1f} s on {summary.device}")
     if summary.skipped:
-        print(f"{len(summary.skipped)} unreadable image(s) written as empty masks:")
+        print(f"{len(summary.skipped)} image(s) unreadable or failing in the chain, written as empty masks:")
         for path in summary.skipped:
             print(f"  {path}")
     return 0

@@ -23,11 +23,12 @@ from ..box import crop_image, palm_input_warning
 from ..checkpoint import save_checkpoint
 from ..config import StageConfig
 from ..data import Fixes, MaskCache, load_masks, select_samples
+from ..devices import out_of_memory_as_error
 from ..errors import TwostageError
 from ..fusion import binarize, thresholds
 from ..io import read_image, write_json_atomic
 from ..metrics import dice_per_class, summarize
-from ..models import Predictor, SegmentationNet, build_model, normalize
+from ..models import Predictor, SegmentationNet, build_model, input_hw, normalize
 from ..prepare import MANIFEST_DIR, load_palm_set
 from .datasets import GlobalDataset, PalmDataset, PalmItem, _SeededSampler, _StageDataset, load_palm_items
 from .distributed import Dist, _broadcast, _gather, _has_unused_parameters, init_dist
@@ -291,8 +292,15 @@ def _restore(fit: _Fit, last: dict, best: _Best) -> int:
 
 # --------------------------------------------------------------------------- one epoch
 
-def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.Tensor, meta: dict) -> torch.Tensor:
-    """One optimiser step on one batch; returns the loss."""
+NON_FINITE, SKIPPED, UPDATED = "non-finite loss", "skipped by GradScaler", "updated"
+"""What one training step did."""
+
+
+def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.Tensor, meta: dict,
+                dist: Dist) -> tuple[torch.Tensor, str]:
+    """One optimiser step on one batch; returns the loss and what the step did. A non-finite
+    loss (on any rank) returns before the update, so the weights stay those of the last good
+    step; with AMP, GradScaler skips an update whose gradients overflowed and lowers its scale."""
     device = fit.device
     images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
     x = normalize(images, meta["normalization"]["mean"], meta["normalization"]["std"], cfg.model.in_channels)
@@ -301,37 +309,65 @@ def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fit.amp):
         logits = fit.net(x)
     loss = bce_dice_loss(logits, masks, cfg.loss.bce, cfg.loss.dice, fit.class_weights)
+    finite = torch.isfinite(loss.detach()).float()
+    if dist.world > 1:  # every rank stops, or none: the gradients are all-reduced
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not finite.item():  # a sync; the progress bar reads the loss every step anyway
+        return loss, NON_FINITE
     fit.opt.zero_grad(set_to_none=True)
     fit.scaler.scale(loss).backward()
     if cfg.optim.grad_clip > 0:
         fit.scaler.unscale_(fit.opt)
         nn.utils.clip_grad_norm_(fit.model.parameters(), cfg.optim.grad_clip)
+    scale = fit.scaler.get_scale() if fit.scaler.is_enabled() else None
     fit.scaler.step(fit.opt)
     fit.scaler.update()
     fit.sched.step()
-    return loss
+    # GradScaler lowers its scale exactly when it skipped the step
+    return loss, SKIPPED if scale is not None and fit.scaler.get_scale() < scale else UPDATED
 
 
-def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dict, epoch: int, dist: Dist) -> float:
-    """One pass over this rank's share of the training set; returns the mean loss over all ranks."""
+def _last_good(run: Path, epoch: int) -> str:
+    """The checkpoint a run stopped during `epoch` (0-based) can go back to."""
+    return f"{run / 'last.pt'} (after epoch {epoch})" if epoch else "none (no epoch has finished)"
+
+
+def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dict, epoch: int, dist: Dist,
+                 run: Path) -> tuple[float, int]:
+    """One pass over this rank's share of the training set; returns the mean loss over all ranks
+    and the number of updates GradScaler skipped. Out of memory, or a non-finite loss, stops
+    training with one error naming the epoch, the step and what to change."""
     from tqdm import tqdm
 
     train_ds.set_epoch(epoch)
     fit.sampler.set_epoch(epoch)
     fit.net.train()
-    total, count = torch.zeros((), device=fit.device), 0
+    total, count, skipped = torch.zeros((), device=fit.device), 0, 0
+    steps = len(fit.loader)
+    where = f"epoch {epoch + 1}/{cfg.train.epochs}, step 1/{steps}"
+    size = "x".join(map(str, input_hw(cfg.model.input_size)))
     bar = tqdm(fit.loader, desc=f"{cfg.stage} {epoch + 1}/{cfg.train.epochs}", unit="step",
                disable=None if dist.main else True, leave=False)
-    for images, masks in bar:
-        loss = _train_step(cfg, fit, images, masks, meta)
-        total += loss.detach()
-        count += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+    # the loader too: a batch is made (resized, augmented) as it is fetched
+    with out_of_memory_as_error(lambda: f"training ({where}: batches of {cfg.train.batch_size} at {size} on {fit.device})",
+                                f"--batch-size (now {cfg.train.batch_size}) or --input-size (now {cfg.model.input_size})"):
+        for step, (images, masks) in enumerate(bar, start=1):
+            where = f"epoch {epoch + 1}/{cfg.train.epochs}, step {step}/{steps}"
+            loss, did = _train_step(cfg, fit, images, masks, meta, dist)
+            if did == NON_FINITE:
+                raise TwostageError(f"training stopped: non-finite loss ({loss.item()}) at {where}, before its "
+                                    f"update; last good checkpoint: {_last_good(run, epoch)}. Lower optim.lr or "
+                                    "check the data")
+            skipped += did == SKIPPED
+            total += loss.detach()
+            count += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
     if dist.world > 1:
-        stats = torch.stack([total, torch.tensor(float(count), device=fit.device)])
+        stats = torch.stack([total, torch.tensor(float(count), device=fit.device),
+                             torch.tensor(float(skipped), device=fit.device)])
         torch.distributed.all_reduce(stats)
-        total, count = stats[0], int(stats[1].item())
-    return float(total.item()) / max(count, 1)
+        total, count, skipped = stats[0], int(stats[1].item()), int(stats[2].item())
+    return float(total.item()) / max(count, 1), skipped
 
 
 def _report_columns(report, classes: Sequence[str]) -> dict[str, Any]:
@@ -376,13 +412,18 @@ def _log_epoch(cfg: StageConfig, row: dict, train_loss: float, report, improved:
             if k != "epoch" and isinstance(v, (int, float)):
                 writer.add_scalar(k, v, done)
     msg = f"epoch {done}/{cfg.train.epochs}  loss {train_loss:.4f}  {row['seconds']:.1f}s"
+    if row["skipped_steps"]:
+        msg += f"  ({row['skipped_steps']} AMP step(s) skipped)"
     if report is not None:
         carpal = "-" if report.carpal_mean is None else f"{report.carpal_mean:.4f}"
         msg += f"  val overall {report.overall:.4f}  carpal {carpal}" + ("  *best" if improved else "")
     log.info(msg)
 
 
-def _log_end(cfg: StageConfig, stop: int, report, best: _Best) -> None:
+def _log_end(cfg: StageConfig, stop: int, report, best: _Best, skipped: int) -> None:
+    if skipped:
+        log.info("AMP: GradScaler skipped %d update(s) whose gradients overflowed (counted per epoch in "
+                 "metrics.csv, skipped_steps)", skipped)
     if stop < cfg.train.epochs:
         log.info("stopped after epoch %d of %d (train.stop_at_epoch); continue with --resume", stop, cfg.train.epochs)
     if report is not None:
@@ -403,7 +444,9 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
     root = _data_root(cfg)
     run, last = _prepare_run(cfg, resume)
     _open_run(cfg, run, last, dist)
-    train_ds, validator, extra_meta = _datasets(cfg, root, run, dist, device)
+    with out_of_memory_as_error(f"loading the training set (data.preload={cfg.data.preload}, at input size "
+                                f"{cfg.model.input_size})", "--input-size, or set data.preload=false"):
+        train_ds, validator, extra_meta = _datasets(cfg, root, run, dist, device)
     _seed_everything(cfg.train.seed)
     fit = _build(cfg, train_ds, device, dist)
     meta = _meta(cfg, extra_meta)
@@ -414,15 +457,19 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
 
     writer = _tensorboard(run) if dist.main else None
     stop = cfg.train.epochs if cfg.train.stop_at_epoch is None else min(cfg.train.epochs, cfg.train.stop_at_epoch)
-    report = None
+    report, skipped_total = None, 0
     for epoch in range(start, stop):
         t0 = time.time()
-        train_loss = _train_epoch(cfg, fit, train_ds, meta, epoch, dist)
+        train_loss, skipped = _train_epoch(cfg, fit, train_ds, meta, epoch, dist, run)
+        skipped_total += skipped
         done = epoch + 1
-        row: dict[str, Any] = {"epoch": done, "lr": fit.opt.param_groups[0]["lr"], "train_loss": round(train_loss, 6)}
+        row: dict[str, Any] = {"epoch": done, "lr": fit.opt.param_groups[0]["lr"], "train_loss": round(train_loss, 6),
+                               "skipped_steps": skipped}
         epoch_report = None
         if validator.val and (done % cfg.train.val_every == 0 or done == stop):
-            epoch_report = report = summarize(validator(fit.model, meta, device, dist), cfg.classes)
+            with out_of_memory_as_error(f"validation (epoch {done}, one image at a time on {device})",
+                                        f"--input-size (now {cfg.model.input_size})"):
+                epoch_report = report = summarize(validator(fit.model, meta, device, dist), cfg.classes)
             row.update(_report_columns(epoch_report, cfg.classes))
         row["seconds"] = round(time.time() - t0, 2)
         if dist.main:
@@ -433,7 +480,7 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
     if writer is not None:
         writer.close()
     if dist.main:
-        _log_end(cfg, stop, report, best)
+        _log_end(cfg, stop, report, best, skipped_total)
     return run
 
 

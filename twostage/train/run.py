@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..config import StageConfig, config_from_dict, read_config_yaml
 from ..errors import TwostageError
-from ..io import write_text_atomic
+from ..io import make_dir, write_text_atomic
 from ..models import default_normalization, input_hw
 from .distributed import Dist
 
@@ -71,7 +71,7 @@ def _open_run(cfg: StageConfig, run: Path, last: dict | None, dist: Dist) -> Non
     if dist.world > 1:
         torch.distributed.barrier()
     if dist.main:
-        run.mkdir(parents=True, exist_ok=True)
+        make_dir(run)
         if last is None:
             cfg.save(run / "config.yaml")
 
@@ -123,7 +123,7 @@ def _seed_everything(seed: int) -> None:
 
 def metrics_fields(classes: Sequence[str]) -> list[str]:
     """metrics.csv columns: the same every epoch (validation columns empty when not validated)."""
-    return ["epoch", "lr", "train_loss", "overall", "carpal_mean", *(f"dice/{c}" for c in classes), "seconds"]
+    return ["epoch", "lr", "train_loss", "skipped_steps", "overall", "carpal_mean", *(f"dice/{c}" for c in classes), "seconds"]
 
 
 def _append_metrics(path: Path, row: dict, fields: list[str]) -> None:

@@ -1,7 +1,6 @@
 """The cross-validation split: every person ID in one fold, written once to a split file and reused."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -9,7 +8,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TwostageError
-from ..io import write_json_atomic
+from ..io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +34,22 @@ def make_split(ids: Sequence[str], folds: int, seed: int) -> dict[str, int]:
     return dict(sorted(assign.items()))
 
 
+def _fold(value: object) -> int:
+    """A fold number or count of a split file: a JSON integer (not a bool, a float or a string)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not an integer")
+    return value
+
+
 def load_or_create_split(path: Path, ids: Sequence[str], folds: int, seed: int) -> dict[str, int]:
     """The split file at `path` (created on first use, then reused); every ID must be in it."""
     if path.is_file():
+        obj = read_json(path, "split file")
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
-            assign = {str(k): int(v) for k, v in obj["folds"].items()}
-            n = int(obj["n_folds"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise TwostageError(f"{path}: not a readable split file ({e})") from None
+            assign = {str(k): _fold(v) for k, v in obj["folds"].items()}
+            n = _fold(obj["n_folds"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TwostageError(f"{path}: not a readable split file ({type(e).__name__}: {e})") from None
         if n != folds:
             raise TwostageError(f"{path}: made for {n} folds, config data.folds={folds} "
                                 "(use another data.split_file or the same folds)")
