@@ -330,3 +330,40 @@ def test_train_reports_skipped_steps_column(world, tmp_path):
     run = train(tiny(world["data"], tmp_path / "run", epochs=1))
     with open(run / "metrics.csv", newline="") as f:
         assert [r["skipped_steps"] for r in csv.DictReader(f)] == ["0"]
+
+
+# --------------------------------------------------------------------------- on a CUDA machine (benchmarks/gpu_check.py runs `-k cuda`)
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_real_cuda_out_of_memory_in_infer(world, tmp_path, capsys):
+    """The device's own OutOfMemoryError (a 12 TiB input), as one line naming the step."""
+    out = tmp_path / "out.csv"
+    rc = main(["infer", str(world["data"]), "--split", "train", "--global", str(world["huge_global"]),
+               "--out", str(out), "--device", "cuda"])
+    line = one_error_line(capsys)
+    assert rc == 2 and "out of memory in infer: the global model (1 image(s) of 96x96 on cuda" in line
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_skipped_steps(world, tmp_path, monkeypatch):
+    """A real AMP run on CUDA: an update whose gradients overflow is skipped by GradScaler and counted."""
+    import csv
+
+    from twostage.train import loop, train
+
+    real, calls = loop.bce_dice_loss, []
+
+    def overflow_first_gradient(logits, *args):
+        loss = real(logits, *args)
+        calls.append(1)
+        if len(calls) == 1:
+            logits.register_hook(lambda g: g * float("inf"))
+        return loss
+
+    monkeypatch.setattr(loop, "bce_dice_loss", overflow_first_gradient)
+    run = train(load_config("global", overrides=[*TINY, "train.amp=true"], data=str(world["data"]),
+                            out=str(tmp_path / "run"), epochs=1, batch_size=2, input_size=64, workers=0,
+                            device="cuda"))
+    with open(run / "metrics.csv", newline="") as f:
+        assert [r["skipped_steps"] for r in csv.DictReader(f)] == ["1"]

@@ -570,6 +570,24 @@ def test_checkpoint(folder, checkpoint_bytes, data):
     assert probs.shape == (1, len(predictor.classes), 40, 40)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("box_rule", torch.zeros(2)),  # found by the long profile: a tensor's truth value is ambiguous
+    ("palm_set", torch.zeros(2)),
+    ("model", {"arch": "Unet", "encoder": "resnet18", "in_channels": 10**6}),  # would build a 12 GB conv
+    ("normalization", {"mean": [0.5], "std": [0]}),
+    ("input_size", [64, "64"]),
+])
+def test_checkpoint_meta_of_the_wrong_kind(folder, checkpoint_bytes, field, value):
+    from twostage.checkpoint import load_checkpoint
+
+    obj = torch.load(folder / "valid.pt", weights_only=True)
+    obj["meta"][field] = value
+    path = folder / "wrong.pt"
+    torch.save(obj, path)
+    with pytest.raises(TwostageError, match=f"^{path}: not a usable twostage checkpoint"):
+        load_checkpoint(path)
+
+
 @st.composite
 def weight_files(draw, folder: Path) -> bytes:
     """A Real-ESRGAN-style file ({"params_ema": state dict}) holding any values, damaged or not."""

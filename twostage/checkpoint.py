@@ -154,6 +154,9 @@ def _meta_problem(meta: dict) -> str | None:
     if any(len(norm[k]) not in (1, channels) for k in ("mean", "std")):
         return f"normalization has {len(norm['mean'])}/{len(norm['std'])} values for {channels} input channels"
     # a palm meta without them is reported by the chain, which says how to make one
+    for key in ("box_rule", "palm_set"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            return f"{key} must be a mapping"
     record = meta.get("palm_set")
     if record and not (isinstance(record, dict) and isinstance(record.get("upscaler"), str)
                        and (record.get("scale") is None or _is_int(record.get("scale")))):
