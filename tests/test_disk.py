@@ -247,11 +247,12 @@ def test_two_infers_at_once(world, tmp_path):
 def test_prepare_sr_shards(world, tmp_path, holder):
     """The same shard twice is refused; another shard with the same settings runs beside it;
     other settings while a run is live are refused, naming it."""
+    from twostage.box import DEFAULT_MARGIN
     from twostage.prepare import SETTING_KEYS, prepare_sr
     from twostage.sr import make_upscaler
 
     out = tmp_path / "PALM"
-    settings = {**make_upscaler("bicubic", 2).record(), "margin": 0.15, "context": 1.5}
+    settings = {**make_upscaler("bicubic", 2).record(), "margin": DEFAULT_MARGIN, "context": 1.5}
     assert set(settings) == set(SETTING_KEYS)
     other = holder(out, "shard-0-of-2")
     with pytest.raises(TwostageError, match=f"pid {other.pid}"):

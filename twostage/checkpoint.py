@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,8 @@ def load_weights_only(path: str | os.PathLike, what: str, map_location: str | to
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unpickling raises many types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch bolds part of its message
+        first = text.splitlines()[0] if text else type(e).__name__
         raise TwostageError(f"{path}: not a safe {what} (weights_only load refused: {first})") from None
 
 
