@@ -423,4 +423,5 @@ def _write(result: Calibration, out: Path, data, global_ckpt, palm_ckpt, options
     write_json_atomic(files[2], {**result.to_dict(), "data": str(data), "images": names,
                                  "global": str(global_ckpt), "global_sha256": _checkpoint_sha(global_ckpt),
                                  "palm": str(palm_ckpt), "palm_sha256": _checkpoint_sha(palm_ckpt),
-                                 "tta": options.tta, "feather": options.feather, "palm_resize": options.palm_resize})
+                                 "tta": options.tta, "feather": options.feather, "palm_resize": options.palm_resize,
+                                 "scales": list(options.scales)})

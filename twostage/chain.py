@@ -34,6 +34,7 @@ from .errors import TwostageError
 from .fusion import DEFAULT_FEATHER, PerClassSpec
 from .models import Predictor, resize_images
 from .upsample import threshold_upsample, upsample_region
+from .window import DEFAULT_OVERLAP, check_overlap, parse_scales
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ BOX_ROWS = 64
 
 PALM_RESIZE_MODES = ("bilinear", "area")
 """How palm probabilities at the palm model's input size are resized to the box size."""
+
+ACCUMULATE = ("device", "cpu")
+"""Where sliding-window outputs are accumulated (`ChainOptions.accumulate`)."""
 
 TTA_MODES = ("hflip",)
 """Test-time augmentations: hflip averages with the horizontally flipped prediction."""
@@ -60,6 +64,11 @@ class ChainOptions:
     palm_resize: "bilinear" or "area", palm probabilities to the box size.
     upscaler_tile, upscaler_tile_pad, upscaler_pre_pad, weights_dir: how the recorded upscaler
         runs (tiling saves memory; the result is the same).
+    scales: multi-scale TTA: the image scales whose probabilities are averaged (default (1.0,)),
+        for both networks; composable with `tta`.
+    overlap: window overlap of patch-trained checkpoints' sliding-window inference.
+    accumulate: where sliding-window outputs are accumulated: "device" (the compute device) or
+        "cpu" (keeps a huge image's probabilities off the GPU; fusion then runs on the CPU).
     calibration: the per-class weights and thresholds `twostage calibrate` chose for this
         checkpoint pair: "auto" (from <palm run>/calibration when it is there and was made for
         these two checkpoints), "none", or a folder / calibration.json. Explicit `thresholds`
@@ -78,8 +87,15 @@ class ChainOptions:
     upscaler_pre_pad: int = 0
     weights_dir: str | os.PathLike | None = None
     calibration: str | os.PathLike | None = "auto"
+    scales: Sequence[float] | str = (1.0,)
+    overlap: float = DEFAULT_OVERLAP
+    accumulate: str = "device"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", parse_scales(self.scales))
+        object.__setattr__(self, "overlap", check_overlap(self.overlap))
+        if self.accumulate not in ACCUMULATE:
+            raise TwostageError(f"--accumulate {self.accumulate!r}: use one of {', '.join(ACCUMULATE)}")
         if self.tta not in (None, "none", *TTA_MODES):
             raise TwostageError(f"--tta {self.tta!r}: use {', '.join(TTA_MODES)} or leave it out")
         if self.palm_resize not in PALM_RESIZE_MODES:
@@ -155,6 +171,7 @@ class PalmStage:
                     f"upscaler has {key}={have.get(key)!r}. Install the recorded weights (see "
                     f"`twostage weights`); a different upscaler is never substituted")
         self.fp16, self.tta, self.palm_resize = options.fp16, options.hflip, options.palm_resize
+        self.scales, self.overlap = options.scales, options.overlap
 
     def boxes(self, probs: torch.Tensor, names: Sequence[str],
               image_shape: tuple[int, int] | None = None) -> list[Box]:
@@ -178,12 +195,12 @@ class PalmStage:
         preprocessing path); its sigmoid probabilities go straight from the input size to the
         box size (resizing to the upscaled crop size first and then down would only blur).
         """
-        x = torch.from_numpy(np.ascontiguousarray(crop))[None].to(device)
-        p = torch.sigmoid(self.predictor.logits_at(x, tta=self.tta, fp16=self.fp16))
+        x = torch.from_numpy(np.ascontiguousarray(crop))[None]
+        p = self.predictor.native_probs(x, tta=self.tta, fp16=self.fp16, scales=self.scales, overlap=self.overlap)
         side = int(box.side)
         if self.palm_resize == "area":
-            return F.interpolate(p, size=(side, side), mode="area")[0]
-        return F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[0]
+            return F.interpolate(p, size=(side, side), mode="area")[0].to(device)
+        return F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[0].to(device)
 
 
 class Segmentation(NamedTuple):
@@ -239,9 +256,12 @@ class TwoStage:
         return TwoStage(self.glob, self.palm, dataclasses.replace(self.options, **changes), self.device)
 
     def native(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, H, W) uint8 → (B, C, h, w) global probabilities at the network's size, on the device."""
+        """(B, H, W) uint8 → (B, C, h, w) global probabilities at the network's working size
+        (`Predictor.working_shape`), on the device (on the CPU with `accumulate="cpu"`)."""
         x = torch.as_tensor(images).to(self.device)
-        return self.glob.native_probs(x, tta=self.options.hflip, fp16=self.options.fp16)
+        o = self.options
+        return self.glob.native_probs(x, tta=o.hflip, fp16=o.fp16, scales=o.scales, overlap=o.overlap,
+                                      out_device="cpu" if o.accumulate == "cpu" else None)
 
     def boxes(self, native: torch.Tensor, names: Sequence[str], image_shape: tuple[int, int]) -> list[Box | None]:
         """The palm box of each image (None for all without a palm stage)."""
@@ -272,7 +292,7 @@ class TwoStage:
         fuse_box(native, region, palm.channels, box, image.shape, self.weights, self.options.feather)
         channels = torch.as_tensor(palm.channels, device=masks.device)
         ys, xs = box.slices
-        masks[:, ys, xs].index_copy_(0, channels, fusion.binarize(region, self.thr.index_select(0, channels)))
+        masks[:, ys, xs].index_copy_(0, channels, fusion.binarize(region, self.thr.index_select(0, channels.to(self.thr.device))))
         if rows is not None:
             rows[:, ys].index_fill_(0, channels, True)
         tick("fusion")
@@ -303,10 +323,11 @@ def _with_calibration(options: ChainOptions, global_ckpt, palm_ckpt) -> tuple[Ch
     found = find_calibration(global_ckpt, palm_ckpt, options.calibration)
     if found is None:
         return options, None
-    for key in ("tta", "feather", "palm_resize"):
-        if found.get(key) != getattr(options, key):
+    for key in ("tta", "feather", "palm_resize", "scales"):
+        have = list(options.scales) if key == "scales" else getattr(options, key)
+        if found.get(key, [1.0] if key == "scales" else None) != have:
             log.warning("%s: calibrated with %s=%r, this run uses %r", found["path"], key, found.get(key),
-                        getattr(options, key))
+                        have)
     log.info("fusion weights and thresholds calibrated by %s", found["path"])
     return dataclasses.replace(
         options, thresholds=found["thresholds"] if options.thresholds is None else options.thresholds,

@@ -133,6 +133,7 @@ def _meta_problem(meta: dict) -> str | None:
     they read, with its type, so a crafted or damaged meta fails here and not deep inside."""
     from .box import BoxRule
     from .config import MAX_IN_CHANNELS, STAGES
+    from .window import Window
 
     model, norm, size = meta["model"], meta["normalization"], meta["input_size"]
     classes = meta["classes"]
@@ -168,6 +169,10 @@ def _meta_problem(meta: dict) -> str | None:
             BoxRule.from_dict(meta["box_rule"])
         except TwostageError as e:
             return str(e)
+    try:
+        Window.from_meta(meta)
+    except TwostageError as e:
+        return str(e)
     return None
 
 

@@ -55,6 +55,11 @@ class DataConfig:
     fixes: str | None = _f(None, "label fixes YAML applied on read (relabel/drop annotation/drop image)")
     mask_cache: str | None = _f(None, "folder caching rasterised masks (null: <out>/mask-cache)")
     preload: bool = _f(True, "decode and resize all training images once, in memory (fast for small sets)")
+    patch: int | None = _f(None, "train on random P x P windows of the image resized by data.patch_scale instead of "
+                                 "the whole image at model.input_size (null: whole images); inference then slides "
+                                 "P x P windows over the image (docs/DESIGN.md §3)")
+    patch_scale: float = _f(1.0, "image scale the windows are cut at (1.0: native resolution, 0.5: half)")
+    patch_foreground: float = _f(0.5, "share of windows centred on a random bone (the rest are uniform)")
 
 
 @dataclass
@@ -402,6 +407,14 @@ def validate(cfg: StageConfig) -> None:
     sizes = [size] if isinstance(size, int) else size
     if len(sizes) not in (1, 2) or any(s < 16 for s in sizes):
         raise TwostageError(f"model.input_size={size}: an int or [h, w], each at least 16")
+    if cfg.data.patch is not None:
+        from .window import MIN_WINDOW, check_scale
+
+        if cfg.data.patch < MIN_WINDOW:
+            raise TwostageError(f"data.patch={cfg.data.patch}: a window of at least {MIN_WINDOW} pixels, or null")
+        check_scale(cfg.data.patch_scale, "data.patch_scale")
+    if not 0 <= cfg.data.patch_foreground <= 1:
+        raise TwostageError(f"data.patch_foreground={cfg.data.patch_foreground}: a share from 0 to 1")
     for name in ("epochs", "batch_size", "val_every"):
         if getattr(cfg.train, name) < 1:
             raise TwostageError(f"train.{name}={getattr(cfg.train, name)}: must be at least 1")

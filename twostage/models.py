@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TwostageError
+from .window import DEFAULT_OVERLAP, Window, sliding_window
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +402,8 @@ class Predictor:
     """A trained stage ready to run: weights plus the metadata that says how to feed them.
 
     Build with `Predictor.from_checkpoint(path, device)`. Calls are pure (no per-call state).
-    Attributes: `.model` (eval mode, on `.device`), `.meta` (checkpoint meta), `.classes`.
+    Attributes: `.model` (eval mode, on `.device`), `.meta` (checkpoint meta), `.classes`,
+    `.window` (the `window.Window` of a patch-trained checkpoint, or None).
     """
 
     def __init__(self, model: nn.Module, meta: dict, device: str | torch.device = "cpu"):
@@ -413,6 +415,7 @@ class Predictor:
         self.in_channels = int(meta["model"]["in_channels"])
         self.mean = list(meta["normalization"]["mean"])
         self.std = list(meta["normalization"]["std"])
+        self.window = Window.from_meta(meta)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -442,21 +445,16 @@ class Predictor:
         model.load_state_dict(ckpt["state_dict"])
         return cls(model, meta, device)
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) uint8 -> (B, in_channels, h, w) normalised input at the model's input size."""
+    def preprocess(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, H, W) uint8 -> (B, in_channels, h, w) normalised input at `size` (default the
+        model's input size)."""
         if images.ndim != 3:
             raise TwostageError(f"Predictor expects (B, H, W) uint8 images, got shape {tuple(images.shape)}")
-        x = resize_images(images.to(self.device)[:, None].float(), self.input_size)
+        x = resize_images(images.to(self.device)[:, None].float(), size or self.input_size)
         return normalize(x, self.mean, self.std, self.in_channels)
 
-    @torch.no_grad()
-    def logits_at(self, images: torch.Tensor, tta: bool = False, fp16: bool = False) -> torch.Tensor:
-        """(B, H, W) uint8 -> (B, C, h, w) float32 logits at the model's input size.
-
-        With `tta`, the logits of the image and its horizontal flip are averaged. `fp16`
-        (autocast) applies on CUDA only; on other devices it is ignored.
-        """
-        x = self.preprocess(images)
+    def _forward(self, x: torch.Tensor, tta: bool, fp16: bool) -> torch.Tensor:
+        """float32 logits of a normalised input; `tta`: averaged with the horizontal flip's."""
         use_amp = fp16 and self.device.type == "cuda"
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=use_amp):
             out = self.model(x).float()
@@ -465,12 +463,52 @@ class Predictor:
         return out
 
     @torch.no_grad()
-    def native_probs(self, images: torch.Tensor, tta: bool = False, fp16: bool = False) -> torch.Tensor:
-        """(B, H, W) uint8 -> (B, C, h, w) float32 sigmoid probabilities at the model's input size."""
-        return torch.sigmoid(self.logits_at(images, tta=tta, fp16=fp16))
+    def logits_at(self, images: torch.Tensor, tta: bool = False, fp16: bool = False) -> torch.Tensor:
+        """(B, H, W) uint8 -> (B, C, h, w) float32 logits of the whole image at the model's input
+        size (a whole-image model's single-scale forward).
+
+        With `tta`, the logits of the image and its horizontal flip are averaged. `fp16`
+        (autocast) applies on CUDA only; on other devices it is ignored.
+        """
+        return self._forward(self.preprocess(images), tta, fp16)
+
+    def working_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """(h, w) of `native_probs` for images of `shape` (H, W): the input size of a whole-image
+        model, the image resized by the window scale for a patch-trained one."""
+        return self.window.working_shape(shape) if self.window is not None else self.input_size
 
     @torch.no_grad()
-    def probs(self, images: torch.Tensor, tta: bool = False, fp16: bool = False) -> torch.Tensor:
+    def native_probs(self, images: torch.Tensor, tta: bool = False, fp16: bool = False,
+                     scales: Sequence[float] = (1.0,), overlap: float = DEFAULT_OVERLAP,
+                     out_device: str | torch.device | None = None) -> torch.Tensor:
+        """(B, H, W) uint8 -> (B, C, h, w) float32 sigmoid probabilities at `working_shape`.
+
+        A whole-image model sees the image at its input size (times each of `scales`); a
+        patch-trained one (checkpoint `window`) sees it resized by the window scale (times each
+        of `scales`) through `window.sliding_window` with `overlap`, accumulated on
+        `out_device` (default the model's device). Several scales: the probabilities, resized
+        to `working_shape`, are averaged (multi-scale TTA; `tta` flips at every scale).
+        """
+        out_size = self.working_shape(images.shape[-2:])
+        total = None
+        for s in scales:
+            if self.window is None:
+                size = self.input_size if s == 1.0 else tuple(max(1, round(v * s)) for v in self.input_size)
+                p = torch.sigmoid(self._forward(self.preprocess(images, size), tta, fp16))
+                if out_device is not None:
+                    p = p.to(out_device)
+            else:
+                x = self.preprocess(images, self.window.working_shape(images.shape[-2:], s))
+                p = sliding_window(x, lambda w: torch.sigmoid(self._forward(w, tta, fp16)), self.window.size,
+                                   overlap, out_device=out_device)
+            p = resize_images(p, out_size)
+            total = p if total is None else total.add_(p)
+        if total is None:
+            raise TwostageError("--scales: give at least one scale")
+        return total if len(scales) == 1 else total.div_(len(scales))
+
+    @torch.no_grad()
+    def probs(self, images: torch.Tensor, tta: bool = False, fp16: bool = False, **kw) -> torch.Tensor:
         """(B, H, W) uint8 on any device -> (B, C, H, W) float32 sigmoid probabilities at the
-        input's own H, W (bilinear upsampling of the probabilities), on `self.device`."""
-        return resize_images(self.native_probs(images, tta=tta, fp16=fp16), tuple(images.shape[-2:]))
+        input's own H, W (bilinear upsampling of `native_probs`; `kw` go to it)."""
+        return resize_images(self.native_probs(images, tta=tta, fp16=fp16, **kw), tuple(images.shape[-2:]))

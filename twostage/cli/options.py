@@ -33,6 +33,14 @@ def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True) -> Non
     add_device(p)
     p.add_argument("--fp16", action="store_true", help="float16 autocast for the networks (CUDA only; an error on CPU)")
     p.add_argument("--tta", choices=("hflip",), help="test-time augmentation: average with the horizontal flip")
+    p.add_argument("--scales", default=None, metavar="S1,S2,...",
+                   help="multi-scale TTA: average the probabilities of the image at these scales, e.g. "
+                        "0.75,1.0,1.25 (both networks; combines with --tta). Default 1.0")
+    p.add_argument("--overlap", type=float, default=None, metavar="F",
+                   help="sliding-window overlap of patch-trained checkpoints, 0 to <1 (default 0.5)")
+    p.add_argument("--accumulate", choices=("device", "cpu"), default="device",
+                   help="where sliding-window outputs are accumulated: the compute device (default) or "
+                        "the CPU, for images whose probabilities do not fit the GPU")
     if per_class:
         p.add_argument("--calibration", default="auto", metavar="DIR|none",
                        help="fusion weights and thresholds from `twostage calibrate`: 'auto' (default) uses "
@@ -54,10 +62,13 @@ def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True) -> Non
 def chain_options(args: argparse.Namespace) -> dict:
     """The ChainOptions keywords of parsed `add_chain_options` flags."""
     from ..fusion import DEFAULT_FEATHER
+    from ..window import DEFAULT_OVERLAP
 
     options = {"device": args.device, "fp16": args.fp16, "tta": args.tta,
                "feather": DEFAULT_FEATHER if args.feather is None else args.feather,
-               "palm_resize": args.palm_resize, "upscaler_tile": args.tile, "weights_dir": args.weights_dir}
+               "palm_resize": args.palm_resize, "upscaler_tile": args.tile, "weights_dir": args.weights_dir,
+               "scales": args.scales if args.scales is not None else (1.0,),
+               "overlap": DEFAULT_OVERLAP if args.overlap is None else args.overlap, "accumulate": args.accumulate}
     if hasattr(args, "fuse_weights"):
         options.update(thresholds=args.thresholds, fuse_weights=args.fuse_weights, calibration=args.calibration)
     return options

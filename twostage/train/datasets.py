@@ -52,14 +52,53 @@ def _to_input_size(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) 
             msk.round().clamp(0, 255).to(torch.uint8).numpy())
 
 
+def window_origin(shape: tuple[int, int], side: int, masks: np.ndarray, foreground: float,
+                  rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left (y, x) of a `side`-pixel training window in an image of `shape`: with
+    probability `foreground` centred on a random foreground pixel of a random class present in
+    `masks` (C, H, W), else uniform; always inside the image where it fits."""
+    H, W = shape
+    if rng.random() < foreground:
+        present = np.flatnonzero(masks.any(axis=(1, 2)))
+        if present.size:
+            ys, xs = np.nonzero(masks[int(rng.choice(present))])
+            k = int(rng.integers(ys.size))
+            return (int(np.clip(ys[k] - side // 2, 0, max(0, H - side))),
+                    int(np.clip(xs[k] - side // 2, 0, max(0, W - side))))
+    return int(rng.integers(max(0, H - side) + 1)), int(rng.integers(max(0, W - side) + 1))
+
+
+def cut_window(array: np.ndarray, y0: int, x0: int, side: int) -> np.ndarray:
+    """The (..., side, side) window of `array` at (y0, x0), zero-padded past the image border
+    (only where the image is smaller than the window)."""
+    part = array[..., y0:y0 + side, x0:x0 + side]
+    if part.shape[-2:] == (side, side):
+        return part
+    out = np.zeros(array.shape[:-2] + (side, side), dtype=array.dtype)
+    out[..., :part.shape[-2], :part.shape[-1]] = part
+    return out
+
+
 class _StageDataset(torch.utils.data.Dataset):
-    """Items are (image uint8 (h, w), masks float (C, h, w) in 0..1) at the input size."""
+    """Items are (image uint8 (h, w), masks float (C, h, w) in 0..1) at the input size: the
+    whole image (or palm box) resized, or with `data.patch` a random P×P window of it at
+    `data.patch_scale` (`window_origin`, then the same augmentation)."""
 
     def __init__(self, cfg: StageConfig, augment: bool):
-        self.size = input_hw(cfg.model.input_size)
+        self.patch, self.patch_scale, self.foreground = cfg.data.patch, cfg.data.patch_scale, cfg.data.patch_foreground
+        self.size = input_hw(cfg.model.input_size if self.patch is None else self.patch)
         self.seed = cfg.train.seed
         self.epoch = 0
         self.augment = build_augment(cfg) if augment else None
+
+    def _fit(self, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Source-resolution (H, W) image and (C, H, W) masks -> the network input: resized
+        whole, or a window of P / patch_scale source pixels resized to P×P."""
+        if self.patch is None:
+            return _to_input_size(image, masks, self.size)
+        side = max(1, round(self.patch / self.patch_scale))
+        y0, x0 = window_origin(image.shape[-2:], side, masks, self.foreground, rng)
+        return _to_input_size(cut_window(image, y0, x0, side), cut_window(masks, y0, x0, side), self.size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -78,7 +117,8 @@ class _StageDataset(torch.utils.data.Dataset):
 
 
 class GlobalDataset(_StageDataset):
-    """Whole images at the input size (resized once, optionally preloaded)."""
+    """Whole images at the input size (resized once, optionally preloaded); with `data.patch`
+    the preloaded images stay at the source size and every item is a window."""
 
     def __init__(self, cfg: StageConfig, samples: list, fixes, cache, augment: bool):
         super().__init__(cfg, augment)
@@ -92,10 +132,12 @@ class GlobalDataset(_StageDataset):
 
     def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         s = self.samples[index]
-        return _to_input_size(read_image(s.image_path), load_masks(s, self.classes, self.fixes, self.cache), self.size)
+        image, masks = read_image(s.image_path), load_masks(s, self.classes, self.fixes, self.cache)
+        return (image, masks) if self.patch is not None else _to_input_size(image, masks, self.size)
 
     def _source(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        return self.preloaded[index] if self.preloaded is not None else self._load(index)
+        image, masks = self.preloaded[index] if self.preloaded is not None else self._load(index)
+        return self._fit(image, masks, rng) if self.patch is not None else (image, masks)
 
 
 @dataclass
@@ -148,7 +190,7 @@ class PalmDataset(_StageDataset):
         box = item.box
         if self.jitter:
             box = jitter_box(box, rng, self.shift, self.scale, (item.context_side, item.context_side))
-        return _to_input_size(crop_image(image, box, item.scale), crop_image(masks, box, item.scale), self.size)
+        return self._fit(crop_image(image, box, item.scale), crop_image(masks, box, item.scale), rng)
 
 
 class _SeededSampler(torch.utils.data.Sampler):

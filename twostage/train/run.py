@@ -89,7 +89,9 @@ def _meta(cfg: StageConfig, extra: dict) -> dict:
         "classes": cfg.classes,
         "model": {"arch": cfg.model.arch, "encoder": cfg.model.encoder,
                   "in_channels": cfg.model.in_channels, "kwargs": dict(cfg.model.kwargs)},
-        "input_size": list(input_hw(cfg.model.input_size)),
+        "input_size": list(input_hw(cfg.model.input_size if cfg.data.patch is None else cfg.data.patch)),
+        **({} if cfg.data.patch is None else
+           {"window": {"size": [cfg.data.patch] * 2, "scale": cfg.data.patch_scale}}),
         "normalization": norm,
         "config": cfg.to_dict(),
         **extra,
