@@ -118,7 +118,7 @@ def make_sr_weights() -> Callable[..., Path]:
 
 @pytest.fixture(scope="session")
 def make_tiny_checkpoint() -> Callable[..., Path]:
-    """make_tiny_checkpoint(path, stage, classes=CLASSES, seed=0, input_size=64, train_ids=None): a random-init
+    """make_tiny_checkpoint(path, stage, classes=CLASSES, seed=0, input_size=64, train_ids=None, window=None): a random-init
     tiny smp network saved as a real twostage checkpoint (palm: bicubic x4 palm set, box rule)."""
     import torch
 
@@ -131,13 +131,15 @@ def make_tiny_checkpoint() -> Callable[..., Path]:
              "kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}
 
     def _make(path: Path, stage: str, classes=CLASSES, seed: int = 0, input_size: int = 64,
-              train_ids=None) -> Path:
+              train_ids=None, window: dict | None = None) -> Path:
         torch.manual_seed(seed)
         net = build_model(model["arch"], model["encoder"], len(classes), model["in_channels"], **model["kwargs"])
         meta = {"stage": stage, "classes": list(classes), "model": model, "input_size": input_size,
                 "normalization": default_normalization(None)}
         if train_ids is not None:
             meta["train_ids"] = sorted(train_ids)
+        if window is not None:  # a patch-trained checkpoint: {size: [P, P], scale: s}
+            meta["window"] = window
         if stage == "palm":
             rule = BoxRule(margin=0.15, side_min=0.1, side_max=0.6, fallback=(0.5, 0.6, 0.3))
             meta.update(box_rule=rule.to_dict(), palm_set={**make_upscaler("bicubic", 4).record(), "context": 1.5})
