@@ -1,0 +1,116 @@
+"""Benchmark: sliding-window inference vs the sum of its window forwards (the blending
+overhead), and the peak memory of a 2048² image with the output accumulated on the CPU.
+
+Side by side in one run, on the same random-init network (Unet + EfficientNet-Lite0, the demo's,
+29 classes): `window.sliding_window` over a (1, 3, S, S) input with --window windows and
+--overlap, and the same windows' forwards alone (the input cut into the same windows, each
+sent through the network, outputs discarded). The overhead is their ratio − 1 (target ≤ 10 %).
+Then, in a fresh child process each, the peak RSS of one `Predictor.native_probs` at S² with
+the output accumulated on the CPU vs a forward of one window (what the network alone needs).
+
+    .venv/bin/python benchmarks/window.py                      # 2048², windows 512, overlap 0.5
+    .venv/bin/python benchmarks/window.py --size 1024 --window 256 --repeat 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from twostage.models import build_model
+from twostage.window import sliding_window
+
+
+def _net(classes: int = 29) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_model("Unet", "tu-efficientnet_lite0", classes, 3).eval()
+
+
+def _window_slices(size: int, window: int, overlap: float) -> list[tuple[int, int]]:
+    """Window origins as MONAI places them (stride (1 − overlap)·window, last flush with the end)."""
+    import math
+
+    stride = max(1, int(window * (1 - overlap)))
+    n = max(1, math.ceil((size - window) / stride) + 1)
+    starts = sorted({min(i * stride, size - window) for i in range(n)})
+    return [(y, x) for y in starts for x in starts]
+
+
+@torch.no_grad()
+def overhead(size: int, window: int, overlap: float, repeat: int, batch: int) -> None:
+    net = _net()
+    x = torch.randn(1, 3, size, size)
+    origins = _window_slices(size, window, overlap)
+
+    def forwards() -> float:
+        t = time.perf_counter()
+        for k in range(0, len(origins), batch):
+            w = torch.cat([x[..., y:y + window, x0:x0 + window] for y, x0 in origins[k:k + batch]])
+            torch.sigmoid(net(w))
+        return time.perf_counter() - t
+
+    def sliding() -> float:
+        t = time.perf_counter()
+        sliding_window(x, lambda w: torch.sigmoid(net(w)), (window, window), overlap, batch=batch, out_device="cpu")
+        return time.perf_counter() - t
+
+    sliding()  # warm-up: MONAI import, allocator
+    f, s = [], []
+    for _ in range(repeat):  # interleaved: the machine's noise hits both alike
+        f.append(forwards())
+        s.append(sliding())
+    print(f"{size}² image, {len(origins)} windows of {window}² (overlap {overlap}), batch {batch}, {repeat} run(s)")
+    print(f"  window forwards alone: {min(f):.2f} s   sliding_window: {min(s):.2f} s   "
+          f"overhead {min(s) / min(f) - 1:+.1%} (best of each)")
+
+
+CHILD = """
+import resource, sys, torch
+from twostage.window import sliding_window
+from twostage.models import build_model
+size, window, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.manual_seed(0)
+net = build_model("Unet", "tu-efficientnet_lite0", 29, 3).eval()
+x = torch.randn(1, 3, size, size)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    if mode == "window":
+        torch.sigmoid(net(x[..., :window, :window]))
+    else:
+        out = sliding_window(x, lambda w: torch.sigmoid(net(w)), (window, window), 0.5, batch=1, out_device="cpu")
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_memory(size: int, window: int) -> None:
+    out = {}
+    for mode in ("window", "sliding"):
+        r = subprocess.run([sys.executable, "-c", CHILD, str(size), str(window), mode], capture_output=True,
+                           text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        base, peak = (int(v) for v in r.stdout.split()[-2:])
+        out[mode] = (peak - base) / 1024
+    floats = 29 * size * size * 4 / 2**20
+    print(f"peak RSS above the loaded network, {size}² with output on the CPU: one {window}² window forward "
+          f"{out['window']:.0f} MiB; sliding_window over the image {out['sliding']:.0f} MiB (the 29-class "
+          f"float32 output alone is {floats:.0f} MiB)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=2048)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeat", type=int, default=2)
+    a = p.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    overhead(a.size, a.window, a.overlap, a.repeat, a.batch)
+    peak_memory(a.size, a.window)
+
+
+if __name__ == "__main__":
+    main()
