@@ -5,8 +5,8 @@ Side by side in one run, on the same random-init network (Unet + EfficientNet-Li
 29 classes): `window.sliding_window` over a (1, 3, S, S) input with --window windows and
 --overlap, and the same windows' forwards alone (the input cut into the same windows, each
 sent through the network, outputs discarded). The overhead is their ratio − 1 (target ≤ 10 %).
-Then, in a fresh child process each, the peak RSS of one `Predictor.native_probs` at S² with
-the output accumulated on the CPU vs a forward of one window (what the network alone needs).
+Then, in a fresh child process each, the peak RSS of `sliding_window` over S² with the output
+accumulated on the CPU vs a forward of one window of the same input (what the network alone needs).
 
     .venv/bin/python benchmarks/window.py                      # 2048², windows 512, overlap 0.5
     .venv/bin/python benchmarks/window.py --size 1024 --window 256 --repeat 1
@@ -76,13 +76,12 @@ size, window, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(0)
 net = build_model("Unet", "tu-efficientnet_lite0", 29, 3).eval()
 x = torch.randn(1, 3, size, size)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.no_grad():
     if mode == "window":
         torch.sigmoid(net(x[..., :window, :window]))
     else:
         out = sliding_window(x, lambda w: torch.sigmoid(net(w)), (window, window), 0.5, batch=1, out_device="cpu")
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -91,12 +90,11 @@ def peak_memory(size: int, window: int) -> None:
     for mode in ("window", "sliding"):
         r = subprocess.run([sys.executable, "-c", CHILD, str(size), str(window), mode], capture_output=True,
                            text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        base, peak = (int(v) for v in r.stdout.split()[-2:])
-        out[mode] = (peak - base) / 1024
+        out[mode] = int(r.stdout.split()[-1]) / 1024
     floats = 29 * size * size * 4 / 2**20
-    print(f"peak RSS above the loaded network, {size}² with output on the CPU: one {window}² window forward "
-          f"{out['window']:.0f} MiB; sliding_window over the image {out['sliding']:.0f} MiB (the 29-class "
-          f"float32 output alone is {floats:.0f} MiB)")
+    print(f"peak RSS of the process, {size}² input with the output on the CPU: one {window}² window forward "
+          f"{out['window']:.0f} MiB; sliding_window over the image {out['sliding']:.0f} MiB, "
+          f"+{out['sliding'] - out['window']:.0f} MiB (the 29-class float32 output alone is {floats:.0f} MiB)")
 
 
 def main() -> None:
