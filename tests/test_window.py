@@ -55,20 +55,15 @@ def _pair(make_tiny_checkpoint, tmp_path, size, scale=1.0):
 def test_window_covering_the_image_equals_the_whole_image_output(make_tiny_checkpoint, tmp_path, image):
     """A window at least the image's size (64 = the image; 64 > 48: clamped to the image) is the
     whole-image forward: the patch path and the whole-image path give the same probabilities."""
-    from twostage.models import resize_images
-
     whole, patch = _pair(make_tiny_checkpoint, tmp_path, 64)
     img = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, image, image), dtype=np.uint8))
     ref = torch.sigmoid(whole.model(whole.preprocess(img, (image, image)))).detach()
     got = patch.native_probs(img)
     assert got.shape == ref.shape == (2, 29, image, image)
     assert torch.allclose(got, ref, atol=1e-5)
-    if image == 64:  # and equals the whole-image model at its input size
+    if image == 64:  # and equals the whole-image model at its input size, also with hflip
         assert torch.allclose(got, whole.native_probs(img), atol=1e-5)
-    # hflip composes: the window path flips inside each window
-    assert torch.allclose(patch.native_probs(img, tta=True), whole.native_probs(img, tta=True), atol=1e-5) \
-        if image == 64 else True
-    assert torch.allclose(resize_images(got, (image, image)), got)
+        assert torch.allclose(patch.native_probs(img, tta=True), whole.native_probs(img, tta=True), atol=1e-5)
 
 
 def test_patch_checkpoint_predicts_at_the_working_size(make_tiny_checkpoint, tmp_path):
@@ -82,8 +77,6 @@ def test_patch_checkpoint_predicts_at_the_working_size(make_tiny_checkpoint, tmp
 def test_multi_scale_averages_the_scales(make_tiny_checkpoint, tmp_path):
     whole, patch = _pair(make_tiny_checkpoint, tmp_path, 64)
     img = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (1, 128, 128), dtype=np.uint8))
-    from twostage.models import resize_images
-
     for p in (whole, patch):
         one = {s: p.native_probs(img, scales=(s,)) for s in (0.75, 1.0, 1.25)}
         assert all(v.shape == one[1.0].shape for v in one.values())  # every scale back at the working size
@@ -93,7 +86,6 @@ def test_multi_scale_averages_the_scales(make_tiny_checkpoint, tmp_path):
         both = p.native_probs(img, tta=True, scales=(0.75, 1.0))
         assert torch.allclose(both, (p.native_probs(img, tta=True, scales=(0.75,))
                                      + p.native_probs(img, tta=True, scales=(1.0,))) / 2, atol=1e-6)
-    assert resize_images is not None
 
 
 @pytest.mark.parametrize("bad", ["", "a", "0", "-1", "10", "1,1", "0.5,", "nan", "inf"])
