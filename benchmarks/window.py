@@ -3,8 +3,10 @@ overhead), and the peak memory of a 2048² image with the output accumulated on 
 
 Side by side in one run, on the same random-init network (Unet + EfficientNet-Lite0, the demo's,
 29 classes): `window.sliding_window` over a (1, 3, S, S) input with --window windows and
---overlap, and the same windows' forwards alone (the input cut into the same windows, each
-sent through the network, outputs discarded). The overhead is their ratio − 1 (target ≤ 10 %).
+--overlap, the same windows' forwards alone (the input cut into the same windows, each sent
+through the network, outputs discarded), and, where `monai` is installed, MONAI's
+`sliding_window_inference` with the same windows and Gaussian map (what twostage used before
+its own). The overhead is a ratio to the forwards alone − 1 (target ≤ 10 %).
 Then, in a fresh child process each, the peak RSS of `sliding_window` over S² with the output
 accumulated on the CPU vs a forward of one window of the same input (what the network alone needs).
 
@@ -22,7 +24,15 @@ import time
 import torch
 
 from twostage.models import build_model
-from twostage.window import sliding_window
+from twostage.window import gaussian_map, sliding_window, window_starts
+
+
+def monai_sliding_window(x, predict, window: int, overlap: float, batch: int):
+    from monai.inferers import sliding_window_inference
+
+    return sliding_window_inference(x, (window, window), batch, predict, overlap=overlap, mode="gaussian",
+                                    sw_device=x.device, device="cpu",
+                                    roi_weight_map=gaussian_map((window, window), str(x.device)))
 
 
 def _net(classes: int = 29) -> torch.nn.Module:
@@ -30,21 +40,13 @@ def _net(classes: int = 29) -> torch.nn.Module:
     return build_model("Unet", "tu-efficientnet_lite0", classes, 3).eval()
 
 
-def _window_slices(size: int, window: int, overlap: float) -> list[tuple[int, int]]:
-    """Window origins as MONAI places them (stride (1 − overlap)·window, last flush with the end)."""
-    import math
-
-    stride = max(1, int(window * (1 - overlap)))
-    n = max(1, math.ceil((size - window) / stride) + 1)
-    starts = sorted({min(i * stride, size - window) for i in range(n)})
-    return [(y, x) for y in starts for x in starts]
-
-
 @torch.no_grad()
 def overhead(size: int, window: int, overlap: float, repeat: int, batch: int) -> None:
     net = _net()
     x = torch.randn(1, 3, size, size)
-    origins = _window_slices(size, window, overlap)
+    starts = window_starts(size, window, overlap)
+    origins = [(y, x0) for y in starts for x0 in starts]
+    predict = lambda w: torch.sigmoid(net(w))  # noqa: E731
 
     def forwards() -> float:
         t = time.perf_counter()
@@ -53,19 +55,39 @@ def overhead(size: int, window: int, overlap: float, repeat: int, batch: int) ->
             torch.sigmoid(net(w))
         return time.perf_counter() - t
 
-    def sliding() -> float:
+    def timed(fn) -> float:
         t = time.perf_counter()
-        sliding_window(x, lambda w: torch.sigmoid(net(w)), (window, window), overlap, batch=batch, out_device="cpu")
+        fn()
         return time.perf_counter() - t
 
-    sliding()  # warm-up: MONAI import, allocator
-    f, s = [], []
-    for _ in range(repeat):  # interleaved: the machine's noise hits both alike
-        f.append(forwards())
-        s.append(sliding())
-    print(f"{size}² image, {len(origins)} windows of {window}² (overlap {overlap}), batch {batch}, {repeat} run(s)")
-    print(f"  window forwards alone: {min(f):.2f} s   sliding_window: {min(s):.2f} s   "
-          f"overhead {min(s) / min(f) - 1:+.1%} (best of each)")
+    runs = {"forwards": forwards,
+            "sliding_window": lambda: timed(lambda: sliding_window(x, predict, (window, window), overlap,
+                                                                     batch=batch, out_device="cpu"))}
+    try:
+        import monai  # noqa: F401
+        runs["MONAI"] = lambda: timed(lambda: monai_sliding_window(x, predict, window, overlap, batch))
+        ours = sliding_window(x, predict, (window, window), overlap, batch=batch, out_device="cpu")
+        diff = float((ours - monai_sliding_window(x, predict, window, overlap, batch)).abs().max())
+    except ImportError:
+        diff = None
+    for name, fn in runs.items():  # warm-up: imports, allocator
+        if name != "forwards":
+            fn()
+    times = {name: [] for name in runs}
+    for _ in range(repeat):  # interleaved: the machine's noise hits all alike
+        for name, fn in runs.items():
+            times[name].append(fn())
+    best = {name: min(t) for name, t in times.items()}
+    print(f"{size}² image, {len(origins)} windows of {window}² (overlap {overlap}), batch {batch}, "
+          f"{repeat} run(s), best of each")
+    print(f"  window forwards alone: {best['forwards']:.2f} s")
+    for name in runs:
+        if name != "forwards":
+            print(f"  {name}: {best[name]:.2f} s, overhead {best[name] / best['forwards'] - 1:+.1%}")
+    if diff is None:
+        print("  (MONAI not installed: `pip install monai` to compare with its sliding_window_inference)")
+    else:
+        print(f"  largest difference between the two blended outputs: {diff:.1e}")
 
 
 CHILD = """

@@ -12,7 +12,7 @@ from twostage.config import load_config
 from twostage.errors import TwostageError
 from twostage.models import Predictor
 from twostage.synth import synthesize
-from twostage.window import Window, check_overlap, gaussian_map, parse_scales, sliding_window
+from twostage.window import Window, check_overlap, gaussian_map, parse_scales, sliding_window, window_starts
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,39 @@ def test_a_position_consistent_predictor_is_reproduced_exactly():
     x = torch.rand(1, 2, 150, 211, generator=torch.Generator().manual_seed(0))
     out = sliding_window(x, lambda w: w * 1.0, (48, 64), 0.5, out_device="cpu")
     assert torch.allclose(out, x, atol=1e-5)
+
+
+@pytest.mark.parametrize("n,side,overlap,starts", [
+    (100, 100, 0.5, [0]), (80, 100, 0.5, [0]), (200, 100, 0.5, [0, 50, 100]), (210, 100, 0.5, [0, 50, 100, 110]),
+    (200, 100, 0.0, [0, 100]), (201, 100, 0.0, [0, 100, 101]), (10, 4, 0.75, list(range(7)))])
+def test_window_starts_cover_the_axis_with_the_last_window_flush(n, side, overlap, starts):
+    assert window_starts(n, side, overlap) == starts
+
+
+def test_overlaps_are_blended_by_gaussian_importance():
+    """Two windows over 96 columns, each predicting its own constant: every pixel is the
+    Gaussian-weighted mean of the windows covering it, so a pixel nearer one window's centre
+    leans to that window (uniform averaging would give 0.5 throughout the overlap)."""
+    seen = []
+
+    def predict(w):
+        seen.append(len(seen))
+        return torch.full((w.shape[0], 1, *w.shape[-2:]), float(seen[-1]))
+
+    out = sliding_window(torch.zeros(1, 1, 64, 96), predict, (64, 64), 0.5, batch=1)[0, 0]
+    g = gaussian_map((64, 64), "cpu")[0, 0, 32]  # the middle row of the importance map
+    first, second = torch.zeros(96), torch.zeros(96)
+    first[:64], second[32:] = g, g
+    expected = second / (first + second)  # window 0 predicts 0, window 1 predicts 1
+    assert torch.allclose(out[32], expected, atol=1e-5)
+    assert float(out[32, 40]) < 0.2 < 0.8 < float(out[32, 55])
+    band = out[16:48]  # away from the top and bottom rows, where the 1e-6 floor of the map takes over
+    assert torch.allclose(band, out[32].expand_as(band), atol=1e-5)  # a column's weights do not depend on the row
+
+
+def test_a_predictor_returning_another_shape_is_refused():
+    with pytest.raises(TwostageError, match="sliding window: the predictor"):
+        sliding_window(torch.zeros(1, 1, 64, 64), lambda w: w[..., ::2, ::2], (32, 32))
 
 
 def test_gaussian_map_is_centred_and_positive():
@@ -119,7 +152,7 @@ def test_bad_patch_configs_are_one_line_errors(override, match):
 
 
 @pytest.mark.parametrize("flags, match", [(["--overlap", "1"], "--overlap"), (["--scales", "abc"], "--scales"),
-                                          (["--scales", "0"], "--scales")])
+                                          (["--scales", "0"], "--scales"), (["--accumulate", "gpu"], "--accumulate")])
 def test_cli_bad_window_options(make_tiny_checkpoint, tmp_path, data, flags, match):
     ckpt = make_tiny_checkpoint(tmp_path / "g.pt", "global")
     r = subprocess.run([sys.executable, "-m", "twostage", "infer", str(data), "--global", str(ckpt), "--out",

@@ -38,7 +38,7 @@ def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True) -> Non
                         "0.75,1.0,1.25 (both networks; combines with --tta). Default 1.0")
     p.add_argument("--overlap", type=float, default=None, metavar="F",
                    help="sliding-window overlap of patch-trained checkpoints, 0 to <1 (default 0.5)")
-    p.add_argument("--accumulate", choices=("device", "cpu"), default="device",
+    p.add_argument("--accumulate", default="device", metavar="device|cpu",
                    help="where sliding-window outputs are accumulated: the compute device (default) or "
                         "the CPU, for images whose probabilities do not fit the GPU")
     if per_class:
