@@ -109,6 +109,15 @@ class ChainOptions:
         return self.tta == "hflip"
 
 
+def refuse_chain_options(options: dict, fuse: bool = False) -> None:
+    """Predictions read from a CSV: `fuse` and every ChainOptions field but the device apply to
+    checkpoints only, so one given with a CSV is an error rather than silently ignored."""
+    default = ChainOptions()
+    if fuse or any(v != getattr(default, k) for k, v in options.items() if k != "device"):
+        raise TwostageError("--fuse and the inference options (--thresholds, --tta, ...) apply to "
+                            "checkpoints, not --csv")
+
+
 def palm_box_rule(meta: dict) -> BoxRule:
     """The BoxRule of a palm checkpoint's meta (the palm set's rule, with the fallback box and
     side range of its training boxes)."""

@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .chain import TwoStage
+from .chain import Segmentation, TwoStage
 from .classes import CLASSES
 from .data import Sample, find_samples, shard_slice
 from .devices import out_of_memory_as_error
@@ -179,26 +179,26 @@ def _lower(step: str, chain: TwoStage, size: tuple[int, int]) -> str:
 
 
 class _Skipper:
-    """--skip-bad: an image that fails (unreadable, or failing inside the chain) gets empty masks
-    and is listed in the summary; without --skip-bad the error stops the run."""
+    """--skip-bad: an image that fails (unreadable, or failing inside the chain) is listed in
+    `skipped` and handed to `on_skip` (infer writes empty masks for it); without --skip-bad the
+    error stops the run."""
 
-    def __init__(self, enabled: bool, writer, summary: InferSummary, bar):
-        self.enabled, self.writer, self.summary, self.bar = enabled, writer, summary, bar
+    def __init__(self, enabled: bool, skipped: list[str], on_skip=None):
+        self.enabled, self.skipped, self.on_skip = enabled, skipped, on_skip
 
     def skip(self, sample: Sample, what: str, error: TwostageError) -> None:
         reason = str(error).removeprefix(f"{sample.image_path}: ")
         log.warning("%s: %s (%s); writing empty masks (--skip-bad)", sample.image_path, what, reason)
-        self.writer.add(sample.name, [""] * len(CLASSES))
-        self.summary.skipped.append(str(sample.image_path))
-        self.bar.update(1)
+        self.skipped.append(str(sample.image_path))
+        self.on_skip(sample)
 
 
 def _predict(chain: TwoStage, batch: list[tuple[Sample, np.ndarray]], fused: bool, clock: _Clock,
-             summary: InferSummary, skipper: _Skipper, write) -> None:
-    """The global model on one batch of same-size images, then the rest of the chain per image;
-    `write(sample, seg, native)` stores each result. An allocation failure is an error naming
-    the step; with --skip-bad a failing batch is retried image by image and only the images
-    that fail alone are skipped."""
+             boxes_out: dict[str, list[int]], skipper: _Skipper) -> Iterator[tuple[Sample, Segmentation, torch.Tensor]]:
+    """The global model on one batch of same-size images, then the rest of the chain per image,
+    yielding each (sample, segmentation, network-size probabilities). An allocation failure is
+    an error naming the step; with --skip-bad a failing batch is retried image by image and
+    only the images that fail alone are skipped. Fused runs record each palm box in `boxes_out`."""
     names, size = [s.name for s, _ in batch], batch[0][1].shape
     tta = ", or leave out --tta" if chain.options.hflip else ""
     try:
@@ -214,10 +214,10 @@ def _predict(chain: TwoStage, batch: list[tuple[Sample, np.ndarray]], fused: boo
             skipper.skip(batch[0][0], "failed in the global model", e)
         else:
             for item in batch:
-                _predict(chain, [item], fused, clock, summary, skipper, write)
+                yield from _predict(chain, [item], fused, clock, boxes_out, skipper)
         return
     if fused:
-        summary.boxes.update({n: [int(b.x0), int(b.y0), int(b.side)] for n, b in zip(names, boxes)})
+        boxes_out.update({n: [int(b.x0), int(b.y0), int(b.side)] for n, b in zip(names, boxes)})
         clock.lap("box_crop")
     for b, ((sample, image), box) in enumerate(zip(batch, boxes)):
         def step() -> str:
@@ -232,9 +232,32 @@ def _predict(chain: TwoStage, batch: list[tuple[Sample, np.ndarray]], fused: boo
                 raise
             skipper.skip(sample, "failed in the chain", e)
             continue
-        write(sample, seg, native[b])
+        yield sample, seg, native[b]
         del seg
     del native
+
+
+def _segment_all(chain: TwoStage, samples: list[Sample], fused: bool, batch_size: int, clock: _Clock,
+                 boxes_out: dict[str, list[int]], skipper: _Skipper
+                 ) -> Iterator[tuple[Sample, Segmentation, torch.Tensor]]:
+    """`_predict` over every batch of `samples`, read one batch ahead; unreadable images go to `skipper`."""
+    for batch in _read_batches(samples, batch_size, skipper.enabled):
+        clock.lap("read")
+        if isinstance(batch[0][1], TwostageError):
+            skipper.skip(batch[0][0], "unreadable", batch[0][1])
+            continue
+        yield from _predict(chain, batch, fused, clock, boxes_out, skipper)
+
+
+def predictions(chain: TwoStage, samples: list[Sample], *, fuse: bool = True, batch_size: int = 1
+                ) -> Iterator[tuple[Sample, Segmentation, torch.Tensor]]:
+    """Each image's (sample, `chain.Segmentation`, (C, h, w) network-size probabilities), in
+    order, exactly as `run` computes them (same batching, read-ahead and out-of-memory errors);
+    any failure raises. `chain.full_probs(native, seg.masks.shape[-2:], seg)` gives the
+    source-size probabilities. Drop the references to each result before asking for the next:
+    the generator frees its own."""
+    yield from _segment_all(chain, samples, fuse and chain.palm is not None, batch_size, _Clock(chain.device), {},
+                            _Skipper(False, []))
 
 
 def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse: bool = True,
@@ -257,9 +280,14 @@ def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse:
             stack.enter_context(run_lock(save_probs, "twostage infer --save-probs"))
         bar = stack.enter_context(tqdm(total=len(samples), desc="infer", unit="img", disable=None))
         writer = stack.enter_context(CsvWriter(out))
-        skipper = _Skipper(skip_bad, writer, summary, bar)
 
-        def write(sample: Sample, seg, native: torch.Tensor) -> None:
+        def skipped(sample: Sample) -> None:
+            writer.add(sample.name, [""] * len(CLASSES))
+            bar.update(1)
+
+        results = stack.enter_context(contextlib.closing(_segment_all(
+            chain, samples, fused, batch_size, clock, summary.boxes, _Skipper(skip_bad, summary.skipped, skipped))))
+        for sample, seg, native in results:
             if save_probs is not None:
                 write_probs(Path(save_probs) / probs_file_name(sample.name),
                             chain.full_probs(native, tuple(seg.masks.shape[-2:]), seg))
@@ -267,13 +295,7 @@ def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse:
             writer.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
             clock.lap("rle_write")
             bar.update(1)
-
-        for batch in _read_batches(samples, batch_size, skip_bad):
-            clock.lap("read")
-            if isinstance(batch[0][1], TwostageError):
-                skipper.skip(batch[0][0], "unreadable", batch[0][1])
-                continue
-            _predict(chain, batch, fused, clock, summary, skipper, write)
+            del seg, native  # freed before the next image is computed
     summary.timings, summary.seconds = clock.totals, time.perf_counter() - t_start
     log.info("seconds per image by step: %s",
              {k: round(v / max(1, len(samples)), 4) for k, v in summary.timings.items() if v})

@@ -236,12 +236,10 @@ class _Predictions:
             self.chain = TwoStage.build(global_ckpt, palm_ckpt, **(options or {}))
             self.classes = list(CLASSES)
             return
-        from .chain import ChainOptions
+        from .chain import refuse_chain_options
         from .ensemble import CsvIndex
 
-        if fuse or any(v != getattr(ChainOptions(), k) for k, v in (options or {}).items() if k != "device"):
-            raise TwostageError("--fuse and the inference options (--thresholds, --tta, ...) apply to "
-                                "checkpoints, not --csv")
+        refuse_chain_options(options or {}, fuse)
         self.index = CsvIndex(csv)
         self.classes = [c for c in CLASSES if c in self.index.classes]
         self.rule = BoxRule()

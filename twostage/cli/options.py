@@ -19,6 +19,18 @@ def add_checkpoints(p: argparse.ArgumentParser, palm_help: str = "palm-stage che
     p.add_argument("--palm", dest="palm_ckpt", type=Path, required=palm_required, metavar="CKPT", help=palm_help)
 
 
+def add_prediction_source(p: argparse.ArgumentParser, csv_help: str, palm_help: str) -> None:
+    """--csv PRED.csv or --global CKPT (one of them required), then --palm CKPT and --fuse, as
+    `args.csv`, `args.global_ckpt`, `args.palm_ckpt`, `args.fuse`: a command that reads
+    predictions from a CSV or makes them with checkpoints (visualize, pseudo-label)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", type=Path, metavar="PRED.csv", help=csv_help)
+    src.add_argument("--global", dest="global_ckpt", type=Path, metavar="CKPT",
+                     help="predict with this global checkpoint (or run folder)")
+    p.add_argument("--palm", dest="palm_ckpt", type=Path, metavar="CKPT", help=palm_help)
+    p.add_argument("--fuse", action="store_true", help="fuse the palm model into the global prediction (needs --palm)")
+
+
 def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 (default: cpu)")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_chain_options, chain_options
+from .options import add_chain_options, add_prediction_source, chain_options
 from .score import _classes
 
 
@@ -20,13 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "class the prediction gets wrong.",
     )
     p.add_argument("data", type=Path, metavar="DATA", help="dataset root or split folder with annotations")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--csv", type=Path, metavar="PRED.csv", help="prediction CSV to draw")
-    src.add_argument("--global", dest="global_ckpt", type=Path, metavar="CKPT",
-                     help="predict with this global checkpoint (or run folder)")
-    p.add_argument("--palm", dest="palm_ckpt", type=Path, metavar="CKPT",
-                   help="palm checkpoint: its box is drawn; with --fuse its prediction is fused in")
-    p.add_argument("--fuse", action="store_true", help="fuse the palm model into the global prediction (needs --palm)")
+    add_prediction_source(p, "prediction CSV to draw",
+                          "palm checkpoint: its box is drawn; with --fuse its prediction is fused in")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--image", nargs="+", metavar="NAME", help="only these images (file names or stems)")
     p.add_argument("--classes", type=_classes, default=None, metavar="all|palm|NAMES",
