@@ -313,11 +313,11 @@ def test_amp_skipped_steps_are_counted():
     images, masks = torch.randint(0, 255, (2, 8, 8), dtype=torch.uint8), torch.rand(2, 2, 8, 8).round()
     hook = net.conv.weight.register_hook(lambda g: g * float("inf"))
     before = net.conv.weight.detach().clone()
-    loss, did = _train_step(cfg, fit, images, masks, meta, Dist())
+    loss, did = _train_step(cfg, fit, images, masks, torch.ones(masks.shape[:2]), meta, Dist())
     assert did == SKIPPED and torch.isfinite(loss) and torch.equal(net.conv.weight, before)
     assert fit.scaler.get_scale() == 512.0
     hook.remove()
-    assert _train_step(cfg, fit, images, masks, meta, Dist())[1] == UPDATED
+    assert _train_step(cfg, fit, images, masks, torch.ones(masks.shape[:2]), meta, Dist())[1] == UPDATED
     assert not torch.equal(net.conv.weight, before)
 
 

@@ -47,7 +47,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    root: str = _f("", "dataset root in the §1 layout (palm: the prepare-sr output folder)")
+    root: str | list[str] = _f("", "dataset root in the §1 layout (palm: the prepare-sr output folder); global: "
+                                   "a list of roots trains on all of them, e.g. the labelled set and a "
+                                   "`twostage pseudo-label` folder (validation stays on the labelled roots)")
+    source_weights: list[float] | None = _f(None, "with several data.root: the sampling weight of each root's images "
+                                                  "(null: all 1; 0.5 draws an image half as often as one of weight 1)")
     classes: list[str] | None = _f(None, "class names to train (null: all 29 for global, the 8 carpals for palm)")
     split_file: str | None = _f(None, "split JSON grouped by ID; created if absent, then reused (null: <out>/split.json)")
     folds: int = _f(5, "number of ID-grouped folds in the split file")
@@ -153,6 +157,12 @@ class StageConfig:
         if self.data.classes:
             return list(self.data.classes)
         return list(CLASSES if self.stage == "global" else PALM_CLASSES)
+
+    @property
+    def roots(self) -> list[str]:
+        """data.root as a list (one root, or several sources)."""
+        root = self.data.root
+        return [root] if isinstance(root, str) else list(root)
 
     @property
     def best_metric(self) -> str:
@@ -399,6 +409,20 @@ def validate(cfg: StageConfig) -> None:
     if any(not isinstance(w, (int, float)) or not 0 <= w < float("inf") for w in cfg.loss.class_weights.values()) \
             or (cfg.loss.class_weights and not any(cfg.loss.class_weights.get(c, 1) > 0 for c in cfg.classes)):
         raise TwostageError(f"loss.class_weights {cfg.loss.class_weights}: need finite weights >= 0, not all 0")
+    if not isinstance(cfg.data.root, str):
+        if not cfg.data.root or any(not r for r in cfg.data.root):
+            raise TwostageError(f"data.root={cfg.data.root!r}: a list of dataset roots, none empty")
+        if len({os.path.realpath(r) for r in cfg.data.root}) != len(cfg.data.root):
+            raise TwostageError(f"data.root={cfg.data.root!r}: a root is listed twice")
+        if cfg.stage == "palm" and len(cfg.data.root) > 1:
+            raise TwostageError("data.root: the palm stage trains on one prepare-sr folder (several roots are for "
+                                "the global stage)")
+    weights = cfg.data.source_weights
+    if weights is not None:
+        if len(weights) != len(cfg.roots):
+            raise TwostageError(f"data.source_weights={weights}: one weight per data.root ({len(cfg.roots)})")
+        if any(not 0 < w < float("inf") for w in weights):
+            raise TwostageError(f"data.source_weights={weights}: weights must be positive and finite")
     if cfg.data.folds < 2:
         raise TwostageError(f"data.folds={cfg.data.folds}: need at least 2")
     if not -1 <= cfg.data.fold < cfg.data.folds:

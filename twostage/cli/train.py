@@ -23,7 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="a stage config YAML used instead of stages/<stage>.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.encoder=resnet34 (repeatable; YAML values)")
-    p.add_argument("--data", metavar="DIR", help="dataset root (data.root); palm: the prepare-sr output")
+    p.add_argument("--data", metavar="DIR", nargs="+",
+                   help="dataset root (data.root); palm: the prepare-sr output. Global: several roots train on "
+                        "all of them (e.g. DATA PSEUDO; weights: --set data.source_weights=[1,0.5])")
     p.add_argument("--out", metavar="DIR", help="run folder (train.out)")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="train.batch_size (per process)")
@@ -45,7 +47,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     from ..train import train_stage
 
-    run = train_stage(args.stage, args.config, args.overrides, resume=args.resume, data=args.data,
+    run = train_stage(args.stage, args.config, args.overrides, resume=args.resume,
+                      data=None if args.data is None else args.data[0] if len(args.data) == 1 else args.data,
                       out=args.out, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
                       input_size=args.input_size, workers=args.workers, seed=args.seed)
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process

@@ -3,9 +3,10 @@ comes from generators seeded by (seed, epoch, item), so workers, ranks and resum
 change the batches."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -90,6 +91,8 @@ class _StageDataset(torch.utils.data.Dataset):
         self.seed = cfg.train.seed
         self.epoch = 0
         self.augment = build_augment(cfg) if augment else None
+        self.weights: list[float] | None = None  # per-item sampling weights (several sources), None: uniform
+        self.valid: np.ndarray | None = None  # (N, C) 0 where an item's class is unlabelled, None: all labelled
 
     def _fit(self, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Source-resolution (H, W) image and (C, H, W) masks -> the network input: resized
@@ -106,23 +109,32 @@ class _StageDataset(torch.utils.data.Dataset):
     def _source(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image, masks, valid): `valid` (C,) is 0 for classes this item has no label for."""
         rng = item_rng(self.seed, self.epoch, index)
         image, masks = self._source(index, rng)
         if self.augment is not None:
             self.augment.set_random_seed(int(rng.integers(2**31 - 1)))
             out = self.augment(image=image, masks=list(masks))
             image, masks = out["image"], np.stack(out["masks"])
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(masks).float().div_(255.0)
+        valid = torch.ones(len(masks)) if self.valid is None else torch.from_numpy(self.valid[index])
+        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(masks).float().div_(255.0), valid
 
 
 class GlobalDataset(_StageDataset):
     """Whole images at the input size (resized once, optionally preloaded); with `data.patch`
     the preloaded images stay at the source size and every item is a window."""
 
-    def __init__(self, cfg: StageConfig, samples: list, fixes, cache, augment: bool):
+    def __init__(self, cfg: StageConfig, samples: list, fixes, cache, augment: bool,
+                 weights: Sequence[float] | None = None, ignored: Sequence[Sequence[str]] | None = None):
+        """`weights`: per-sample sampling weights (uniform if None or all equal); `ignored`: per
+        sample, the classes without a label (dropped pseudo-labels), excluded from its loss."""
         super().__init__(cfg, augment)
         self.samples, self.classes, self.fixes, self.cache = samples, cfg.classes, fixes, cache
+        if weights is not None and len(set(weights)) > 1:
+            self.weights = [float(w) for w in weights]
+        if ignored is not None and any(ignored):
+            self.valid = np.array([[c not in set(names) for c in self.classes] for names in ignored], np.float32)
         self.preloaded = None
         if cfg.data.preload:
             self.preloaded = [self._load(i) for i in range(len(samples))]
@@ -194,17 +206,24 @@ class PalmDataset(_StageDataset):
 
 
 class _SeededSampler(torch.utils.data.Sampler):
-    """A fresh permutation per epoch from (seed, epoch): reproducible across resumes."""
+    """A fresh order per epoch from (seed, epoch): reproducible across resumes. Uniform: a
+    permutation. With `weights`: n draws with replacement, each item as likely as its weight;
+    under DDP every rank draws the same order and takes every world-th item from its rank."""
 
-    def __init__(self, n: int, seed: int):
+    def __init__(self, n: int, seed: int, weights: Sequence[float] | None = None, rank: int = 0, world: int = 1):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.weights = None if weights is None else torch.tensor(weights, dtype=torch.float64)
+        self.rank, self.world = rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        if self.weights is None:
+            return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.multinomial(self.weights, len(self) * self.world, replacement=True, generator=g)
+        return iter(order[self.rank::self.world].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n if self.weights is None else math.ceil(self.n / self.world)

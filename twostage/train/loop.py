@@ -42,23 +42,32 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- loss, schedule, head init
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, w_bce: float, w_dice: float,
-                  class_weights: torch.Tensor | None = None) -> torch.Tensor:
+                  class_weights: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """BCE + soft Dice over independent sigmoid channels; (B, C, H, W) logits and 0..1 targets.
-    `class_weights` (C,): per-channel weights of both terms, normalised to mean 1."""
+    `class_weights` (C,): per-channel weights of both terms, normalised to mean 1. `valid`
+    (B, C): 0 where an image's class has no label (a pseudo-label dropped for low confidence),
+    which then teaches nothing, neither bone nor background."""
     logits = logits.float()
     loss = logits.new_zeros(())
     w = None if class_weights is None else (class_weights / class_weights.mean()).to(logits.device)
+    if w is not None or valid is not None:  # per-(image, class) weights of both terms
+        b, c = logits.shape[:2]
+        w = (w if w is not None else logits.new_ones(c))[None, :].expand(b, c)
+        if valid is not None:
+            valid = valid.to(logits.device, torch.float32)
+            w = w * valid
+        denom = valid.sum().clamp(min=1.0) if valid is not None else b * c
     if w_bce:
         if w is None:
             loss = loss + w_bce * F.binary_cross_entropy_with_logits(logits, target)
         else:
-            per_class = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((0, 2, 3))
-            loss = loss + w_bce * (per_class * w).mean()
+            per_item = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))
+            loss = loss + w_bce * (per_item * w).sum() / denom
     if w_dice:
         p = torch.sigmoid(logits).flatten(2)
         t = target.flatten(2)
         dice = (2 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
-        loss = loss + w_dice * ((1 - dice).mean() if w is None else ((1 - dice).mean(0) * w).mean())
+        loss = loss + w_dice * ((1 - dice).mean() if w is None else ((1 - dice) * w).sum() / denom)
     return loss
 
 
@@ -130,13 +139,45 @@ class _Validator:
 
 # --------------------------------------------------------------------------- setup: data
 
-def _data_root(cfg: StageConfig) -> Path:
-    root = Path(cfg.data.root) if cfg.data.root else None
-    if root is None:
+def _data_roots(cfg: StageConfig) -> list[Path]:
+    if not any(cfg.roots):
         raise TwostageError("data.root: not set (use --data DATA)")
-    if not root.is_dir():
-        raise TwostageError(f"{root}: data folder does not exist")
-    return root
+    roots = [Path(r) for r in cfg.roots]
+    for root in roots:
+        if not root.is_dir():
+            raise TwostageError(f"{root}: data folder does not exist")
+    return roots
+
+
+@dataclass
+class _Source:
+    """One data.root of a global run: its annotated images, sampling weight and, for a
+    `twostage pseudo-label` folder, its record (which marks it as pseudo-labelled)."""
+
+    root: Path
+    weight: float
+    samples: list
+    pseudo: dict | None
+
+    def ignored(self, sample) -> list[str]:
+        """Classes of `sample` whose pseudo-label was dropped: not trained on, not background."""
+        return list((self.pseudo or {}).get("dropped_classes", {}).get(sample.rel, []))
+
+    def to_meta(self, used: int) -> dict:
+        return {"root": str(self.root), "weight": self.weight, "images": used, "pseudo": self.pseudo is not None,
+                **({"pseudo_source": self.pseudo.get("source")} if self.pseudo else {})}
+
+
+def _sources(cfg: StageConfig, roots: list[Path], fixes) -> list[_Source]:
+    from ..pseudo import read_pseudo_record
+
+    weights = cfg.data.source_weights or [1.0] * len(roots)
+    sources = [_Source(r, float(w), _samples_with_masks(r, fixes), read_pseudo_record(r))
+               for r, w in zip(roots, weights)]
+    if len(sources) > 1 and cfg.data.fold >= 0 and all(s.pseudo for s in sources):
+        raise TwostageError("data.root: every root is pseudo-labelled; validation needs a labelled one (or set "
+                            "data.fold=-1)")
+    return sources
 
 
 def _samples_with_masks(root: Path, fixes) -> list:
@@ -182,26 +223,48 @@ def _fold_indices(cfg: StageConfig, run: Path, samples: list, dist: Dist,
     return tr_idx, va_idx
 
 
-def _datasets(cfg: StageConfig, root: Path, run: Path, dist: Dist,
+def _datasets(cfg: StageConfig, roots: list[Path], run: Path, dist: Dist,
               device: torch.device) -> tuple[_StageDataset, _Validator, dict]:
-    """The training dataset, the validator of the held-out fold and the stage's extra meta."""
+    """The training dataset, the validator of the held-out fold and the stage's extra meta.
+
+    With several data.root, the folds are drawn over the IDs of the labelled roots only and
+    validation scores labelled images only; pseudo-labelled images train, except those of a
+    validation ID (which would leak it)."""
     fixes = Fixes.load(cfg.data.fixes) if cfg.data.fixes else None
     cache = MaskCache(cfg.data.mask_cache or run / "mask-cache")
-    samples = _samples_with_masks(root, fixes)
+    sources = _sources(cfg, roots, fixes)
+    if len(sources) == 1 and sources[0].pseudo is not None and cfg.data.fold >= 0 and dist.main:
+        log.warning("%s is pseudo-labelled: validation scores pseudo-labels (list the labelled root too: "
+                    "--data DATA %s)", roots[0], roots[0])
+    pseudo_sources = [src for src in sources if src.pseudo is not None and len(sources) > 1]
+    labelled = [(src, s) for src in sources if src not in pseudo_sources for s in src.samples]
+    samples = [s for _, s in labelled]
     extra_meta: dict[str, Any] = {}
     palm_items = None
     if cfg.stage == "palm":
-        palm_items, extra_meta = _palm_setup(cfg, root, samples)
+        palm_items, extra_meta = _palm_setup(cfg, roots[0], samples)
     tr_idx, va_idx = _fold_indices(cfg, run, samples, dist, extra_meta.get("palm_set", {}).get("split_ids"))
+    val_ids = {samples[i].id for i in va_idx}
+    train = [labelled[i] for i in tr_idx]
+    pseudo = [(src, s) for src in pseudo_sources for s in src.samples]
+    kept = [(src, s) for src, s in pseudo if s.id not in val_ids]
+    if len(kept) < len(pseudo) and dist.main:
+        log.warning("%d pseudo-labelled image(s) of validation IDs left out of training", len(pseudo) - len(kept))
+    train += kept
     # which IDs trained this model: calibration uses only IDs that neither stage trained on
-    extra_meta["train_ids"] = sorted({samples[i].id for i in tr_idx})
-    (log.info if dist.main else log.debug)("%s stage: %d train / %d val images (fold %d), device %s, world %d",
-             cfg.stage, len(tr_idx), len(va_idx), cfg.data.fold, device, dist.world)
+    extra_meta["train_ids"] = sorted({s.id for _, s in train})
+    extra_meta["sources"] = [src.to_meta(sum(1 for t, _ in train if t is src)) for src in sources]
+    (log.info if dist.main else log.debug)("%s stage: %d train / %d val images (fold %d), device %s, world %d%s",
+             cfg.stage, len(train), len(va_idx), cfg.data.fold, device, dist.world,
+             "" if len(sources) == 1 else "; sources " + ", ".join(
+                 f"{m['root']} ({m['images']}{', pseudo' if m['pseudo'] else ''}, weight {m['weight']:g})"
+                 for m in extra_meta["sources"]))
     val = [samples[i] for i in va_idx]
     if palm_items is not None:
         train_ds = PalmDataset(cfg, [palm_items[i] for i in tr_idx], fixes, cache, augment=True, jitter=True)
         return train_ds, _Validator(cfg, val, fixes, cache, [palm_items[i] for i in va_idx]), extra_meta
-    train_ds = GlobalDataset(cfg, [samples[i] for i in tr_idx], fixes, cache, augment=True)
+    train_ds = GlobalDataset(cfg, [s for _, s in train], fixes, cache, augment=True,
+                             weights=[src.weight for src, _ in train], ignored=[src.ignored(s) for src, s in train])
     return train_ds, _Validator(cfg, val, fixes, cache, None), extra_meta
 
 
@@ -235,7 +298,9 @@ class _Best:
 
 def _loader(cfg: StageConfig, train_ds: _StageDataset, dist: Dist, cuda: bool):
     """(sampler, DataLoader) of the training set: this rank's share, in a seeded order per epoch."""
-    if dist.world > 1:
+    if train_ds.weights is not None:  # several sources of unequal weight: drawn with replacement
+        sampler = _SeededSampler(len(train_ds), cfg.train.seed, train_ds.weights, dist.rank, dist.world)
+    elif dist.world > 1:
         sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank,
                                                       shuffle=True, seed=cfg.train.seed)
     else:
@@ -296,8 +361,8 @@ NON_FINITE, SKIPPED, UPDATED = "non-finite loss", "skipped by GradScaler", "upda
 """What one training step did."""
 
 
-def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.Tensor, meta: dict,
-                dist: Dist) -> tuple[torch.Tensor, str]:
+def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor,
+                meta: dict, dist: Dist) -> tuple[torch.Tensor, str]:
     """One optimiser step on one batch; returns the loss and what the step did. A non-finite
     loss (on any rank) returns before the update, so the weights stay those of the last good
     step; with AMP, GradScaler skips an update whose gradients overflowed and lowers its scale."""
@@ -308,7 +373,8 @@ def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fit.amp):
         logits = fit.net(x)
-    loss = bce_dice_loss(logits, masks, cfg.loss.bce, cfg.loss.dice, fit.class_weights)
+    loss = bce_dice_loss(logits, masks, cfg.loss.bce, cfg.loss.dice, fit.class_weights,
+                         None if bool(valid.all()) else valid)
     finite = torch.isfinite(loss.detach()).float()
     if dist.world > 1:  # every rank stops, or none: the gradients are all-reduced
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -351,9 +417,9 @@ def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dic
     # the loader too: a batch is made (resized, augmented) as it is fetched
     with out_of_memory_as_error(lambda: f"training ({where}: batches of {cfg.train.batch_size} at {size} on {fit.device})",
                                 f"--batch-size (now {cfg.train.batch_size}) or --input-size (now {cfg.model.input_size})"):
-        for step, (images, masks) in enumerate(bar, start=1):
+        for step, (images, masks, valid) in enumerate(bar, start=1):
             where = f"epoch {epoch + 1}/{cfg.train.epochs}, step {step}/{steps}"
-            loss, did = _train_step(cfg, fit, images, masks, meta, dist)
+            loss, did = _train_step(cfg, fit, images, masks, valid, meta, dist)
             if did == NON_FINITE:
                 raise TwostageError(f"training stopped: non-finite loss ({loss.item()}) at {where}, before its "
                                     f"update; last good checkpoint: {_last_good(run, epoch)}. Lower optim.lr or "
@@ -441,12 +507,12 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
     dist, device = init_dist(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    root = _data_root(cfg)
+    roots = _data_roots(cfg)
     run, last = _prepare_run(cfg, resume)
     _open_run(cfg, run, last, dist)
     with out_of_memory_as_error(f"loading the training set (data.preload={cfg.data.preload}, at input size "
                                 f"{cfg.model.input_size})", "--input-size, or set data.preload=false"):
-        train_ds, validator, extra_meta = _datasets(cfg, root, run, dist, device)
+        train_ds, validator, extra_meta = _datasets(cfg, roots, run, dist, device)
     _seed_everything(cfg.train.seed)
     fit = _build(cfg, train_ds, device, dist)
     meta = _meta(cfg, extra_meta)
