@@ -8,8 +8,9 @@ S+1000), every step a `python -m twostage ...` subprocess as in `benchmarks/robu
     for each global model, at the same training budget (the same epochs, batch and steps):
         whole-160   --stage demo-global                         the whole image resized to 160²
         whole-320   --stage demo-global --set model.input_size=320    the whole image at 320²
-        patch       --stage demo-global-patch                   160² windows of the image at
-                                                                half its resolution, slid at inference
+        patch       --stage demo-global-patch --set data.patch_scale=320/size    160² windows of
+                    the image resized to 320², slid at inference (3 x 3 windows, overlap 0.5)
+        patch-small --stage demo-global-patch                   160² windows at scale 0.5
       train, calibrate (fusion weights on the validation fold, as the demo), evaluate HELDOUT
 
 then, in this process, the seconds per held-out image of each global model alone and fused
@@ -18,7 +19,7 @@ and overall of global / fused / calibrated per global model, the palm stage's ga
 seconds per image, training seconds. whole-160 and patch cost the same per training step (a
 160² input); whole-320 costs about four times as much.
 
-    .venv/bin/python benchmarks/patch.py                        # 1024², ~40 min on 2 cores
+    .venv/bin/python benchmarks/patch.py                        # 1024², ~50 min on 2 cores
     .venv/bin/python benchmarks/patch.py --quick                # smoke test, a few minutes
     .venv/bin/python benchmarks/patch.py --globals whole-160,patch --keep
 """
@@ -37,9 +38,14 @@ from robustness import Runner, StepFailed, read_marker, remove, summarize  # noq
 GLOBALS = {
     "whole-160": ("demo-global", []),
     "whole-320": ("demo-global", ["model.input_size=320"]),
-    "patch": ("demo-global-patch", []),
+    "patch": ("demo-global-patch", ["data.patch_scale={half}"]),
+    "patch-small": ("demo-global-patch", []),
 }
-"""Global models compared: name -> (stage config, --set overrides)."""
+"""Global models compared: name -> (stage config, --set overrides). `patch`: 160² windows that
+cover half the image side ({half} = 320 / size: a 320² working image, as whole-320 sees it,
+3 x 3 windows), as `global-patch.yaml` covers half a 2048² radiograph; `patch-small`: the
+config's scale 0.5, windows of a quarter of the side at 1024² (too little context to tell the
+fingers apart)."""
 MARKER = "patch-args.json"
 
 
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name in names:
             stage, sets = GLOBALS[name]
+            sets = [kv.format(half=f"{320 / a.size:g}") for kv in sets]
             g_dir, calib, e_dir = runs / name, runs / name / "calibration", runs / name / "evaluation"
             g = trained(f"train {name}", g_dir, ["train", "--stage", stage, "--data", str(data), "--out", str(g_dir),
                                                  *base, *(x for kv in sets for x in ("--set", kv))])
