@@ -200,3 +200,16 @@ def test_patch_training_then_infer_fuse_and_evaluate(data, tmp_path, make_tiny_c
     assert len(rows) == 8 and all(len(v) == 29 for v in rows.values())
     result = evaluate(data, run / "best.pt", palm, tmp_path / "ev", overlap=0.25)
     assert (tmp_path / "ev" / "fused.csv").is_file() and result is not None
+
+
+def test_windows_that_see_too_little_of_the_image_warn(data):
+    """A window of a small share of the hand cannot tell the fingers apart: training says so."""
+    from twostage.data import find_samples
+    from twostage.train.loop import _window_warning
+
+    samples = find_samples(data)  # 128² images
+    small = load_config("demo-global-patch", overrides=["data.patch=32", "data.patch_scale=1.0"])
+    assert "covers 25% of the image side (128 px)" in _window_warning(small, samples)
+    half = load_config("demo-global-patch", overrides=["data.patch=32", "data.patch_scale=0.5"])
+    assert _window_warning(half, samples) is None
+    assert _window_warning(load_config("demo-global"), samples) is None

@@ -26,7 +26,7 @@ from ..data import Fixes, MaskCache, load_masks, select_samples
 from ..devices import out_of_memory_as_error
 from ..errors import TwostageError
 from ..fusion import binarize, thresholds
-from ..io import read_image, write_json_atomic
+from ..io import png_size, read_image, write_json_atomic
 from ..metrics import dice_per_class, summarize
 from ..models import Predictor, SegmentationNet, build_model, input_hw, normalize
 from ..prepare import MANIFEST_DIR, load_palm_set
@@ -223,6 +223,25 @@ def _fold_indices(cfg: StageConfig, run: Path, samples: list, dist: Dist,
     return tr_idx, va_idx
 
 
+MIN_WINDOW_SHARE = 0.4
+"""A training window below this share of the image side (at data.patch_scale) warns: the 29
+classes are told apart by where they lie (finger-1 vs finger-5), which a window that sees a
+small part of the hand cannot tell (benchmarks/patch.py: a quarter of the side fails)."""
+
+
+def _window_warning(cfg: StageConfig, samples: list) -> str | None:
+    """A warning when data.patch windows see too little of the images, else None."""
+    if cfg.data.patch is None or cfg.stage != "global" or not samples:
+        return None
+    side = float(np.median([min(png_size(s.image_path)) for s in samples[:64]])) * cfg.data.patch_scale
+    share = cfg.data.patch / side
+    if share >= MIN_WINDOW_SHARE:
+        return None
+    return (f"data.patch={cfg.data.patch} at data.patch_scale={cfg.data.patch_scale:g} covers {share:.0%} of the "
+            f"image side ({side:.0f} px): too little context to tell the fingers apart; raise data.patch or lower "
+            f"data.patch_scale (global-patch.yaml covers half the side)")
+
+
 def _datasets(cfg: StageConfig, roots: list[Path], run: Path, dist: Dist,
               device: torch.device) -> tuple[_StageDataset, _Validator, dict]:
     """The training dataset, the validator of the held-out fold and the stage's extra meta.
@@ -243,6 +262,9 @@ def _datasets(cfg: StageConfig, roots: list[Path], run: Path, dist: Dist,
     palm_items = None
     if cfg.stage == "palm":
         palm_items, extra_meta = _palm_setup(cfg, roots[0], samples)
+    warning = _window_warning(cfg, samples)
+    if warning and dist.main:
+        log.warning("training: %s", warning)
     tr_idx, va_idx = _fold_indices(cfg, run, samples, dist, extra_meta.get("palm_set", {}).get("split_ids"))
     val_ids = {samples[i].id for i in va_idx}
     train = [labelled[i] for i in tr_idx]
