@@ -161,3 +161,18 @@ def test_cli_trains_on_several_roots(roots, tmp_path):
     meta = load_checkpoint(out / "last.pt")["meta"]
     assert [m["root"] for m in meta["sources"]] == [str(r) for r in roots]
     assert meta["config"]["data"]["root"] == [str(r) for r in roots]
+
+
+def test_batch_dice_does_not_punish_a_window_that_misses_a_bone():
+    """Per-image Dice of an empty target is lowest at p = 0 everywhere; batch Dice is not, as long
+    as another image of the batch holds the bone."""
+    target = torch.zeros(2, 1, 8, 8)
+    target[1, 0, 2:6, 2:6] = 1
+    logits = torch.full((2, 1, 8, 8), -8.0)
+    logits[:, 0, 2:6, 2:6] = 8.0  # predicts the bone in both images: wrong in image 0 only
+    per_image = bce_dice_loss(logits, target, 0.0, 1.0)
+    batch = bce_dice_loss(logits, target, 0.0, 1.0, None, None, True)
+    assert float(per_image) > 0.45 and float(batch) < 0.35
+    torch.testing.assert_close(bce_dice_loss(logits, target, 0.0, 1.0, None, torch.ones(2, 1), True), batch)
+    masked = bce_dice_loss(logits, target, 0.0, 1.0, None, torch.tensor([[0.0], [1.0]]), True)
+    assert float(masked) < 1e-3  # image 0 masked out: the prediction is right where it counts

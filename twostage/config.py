@@ -99,6 +99,8 @@ class AugConfig:
 class LossConfig:
     bce: float = _f(1.0, "weight of binary cross-entropy (per sigmoid channel)")
     dice: float = _f(1.0, "weight of soft Dice loss (per channel, averaged)")
+    batch_dice: bool | None = _f(None, "one Dice per class over the batch, not per image (null: on for data.patch "
+                                       "training, where most windows miss a given bone)")
     class_weights: dict = _f({}, "relative loss weight per class, e.g. {Pisiform: 2, Triquetrum: 2} (others 1; "
                                  "the weights are normalised to mean 1, so only their ratios matter)")
 

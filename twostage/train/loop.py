@@ -42,14 +42,18 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- loss, schedule, head init
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, w_bce: float, w_dice: float,
-                  class_weights: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+                  class_weights: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+                  batch_dice: bool = False) -> torch.Tensor:
     """BCE + soft Dice over independent sigmoid channels; (B, C, H, W) logits and 0..1 targets.
     `class_weights` (C,): per-channel weights of both terms, normalised to mean 1. `valid`
     (B, C): 0 where an image's class has no label (a pseudo-label dropped for low confidence),
-    which then teaches nothing, neither bone nor background."""
+    which then teaches nothing, neither bone nor background. `batch_dice`: one Dice per class
+    over the whole batch instead of per image: for windows, where most miss a given bone, the
+    per-image Dice of an empty target teaches only "never predict it" (loss.batch_dice)."""
     logits = logits.float()
     loss = logits.new_zeros(())
-    w = None if class_weights is None else (class_weights / class_weights.mean()).to(logits.device)
+    wc = None if class_weights is None else (class_weights / class_weights.mean()).to(logits.device)
+    w = wc
     if w is not None or valid is not None:  # per-(image, class) weights of both terms
         b, c = logits.shape[:2]
         w = (w if w is not None else logits.new_ones(c))[None, :].expand(b, c)
@@ -66,8 +70,14 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, w_bce: float, w_di
     if w_dice:
         p = torch.sigmoid(logits).flatten(2)
         t = target.flatten(2)
-        dice = (2 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
-        loss = loss + w_dice * ((1 - dice).mean() if w is None else ((1 - dice) * w).sum() / denom)
+        if batch_dice:
+            if valid is not None:
+                p, t = p * valid[..., None], t * valid[..., None]
+            dice = (2 * (p * t).sum((0, 2)) + 1.0) / (p.sum((0, 2)) + t.sum((0, 2)) + 1.0)  # (C,)
+            loss = loss + w_dice * ((1 - dice).mean() if wc is None else ((1 - dice) * wc).mean())
+        else:
+            dice = (2 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
+            loss = loss + w_dice * ((1 - dice).mean() if w is None else ((1 - dice) * w).sum() / denom)
     return loss
 
 
@@ -395,8 +405,9 @@ def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fit.amp):
         logits = fit.net(x)
+    batch_dice = cfg.data.patch is not None if cfg.loss.batch_dice is None else cfg.loss.batch_dice
     loss = bce_dice_loss(logits, masks, cfg.loss.bce, cfg.loss.dice, fit.class_weights,
-                         None if bool(valid.all()) else valid)
+                         None if bool(valid.all()) else valid, batch_dice)
     finite = torch.isfinite(loss.detach()).float()
     if dist.world > 1:  # every rank stops, or none: the gradients are all-reduced
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
