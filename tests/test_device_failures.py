@@ -307,7 +307,7 @@ def test_amp_skipped_steps_are_counted():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     fit = _Fit(net, net, torch.device("cpu"), None, None, opt, sched, torch.amp.GradScaler("cpu", init_scale=1024.0),
                False, False, None)
-    cfg = SimpleNamespace(model=SimpleNamespace(in_channels=3), loss=SimpleNamespace(bce=1.0, dice=1.0),
+    cfg = SimpleNamespace(model=SimpleNamespace(in_channels=3), loss=SimpleNamespace(bce=1.0, dice=1.0, batch_dice=False),
                           optim=SimpleNamespace(grad_clip=1.0))
     meta = {"normalization": {"mean": [0.5], "std": [0.25]}}
     images, masks = torch.randint(0, 255, (2, 8, 8), dtype=torch.uint8), torch.rand(2, 2, 8, 8).round()
