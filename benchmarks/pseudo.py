@@ -37,9 +37,9 @@ MARKER = "pseudo-args.json"
 
 def train_images(run: Path) -> int:
     """Training images of a finished run (its checkpoint's sources)."""
-    import torch
+    from twostage.checkpoint import load_checkpoint
 
-    return sum(m["images"] for m in torch.load(run / "last.pt", map_location="cpu", weights_only=False)["meta"]["sources"])
+    return sum(m["images"] for m in load_checkpoint(run / "last.pt")["meta"]["sources"])
 
 
 def steps(images: int, batch: int, epochs: int) -> int:
