@@ -90,7 +90,7 @@ def test_installed_package_resolves_its_own_files(installed, tmp_path):
     assert Path(stage) == site / "twostage" / "stages" / "global.yaml"
     assert Path(manifest) == site / "twostage" / "manifests" / "manifest.yaml"
     assert Path(wdir) == installed["cache"] and checkout == "False"
-    assert "available: demo-global, demo-global-patch, demo-palm, global, global-patch, palm" in unknown
+    assert "available: demo-global, demo-global-patch, demo-palm, demo-sr, global, global-patch, palm, sr" in unknown
     assert Path(home_dir) == Path(installed["env"]["HOME"]) / ".cache" / "twostage" / "weights"
     assert Path(alt) == tmp_path / "alt"
 

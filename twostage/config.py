@@ -194,10 +194,10 @@ def _fields(cls: type) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
 
 
-def all_keys() -> list[str]:
-    """Every dotted key (`model.encoder`, `stage`, ...)."""
+def all_keys(root: type = None) -> list[str]:
+    """Every dotted key (`model.encoder`, `stage`, ...) of a config class (default StageConfig)."""
     keys = []
-    for f, hint in _fields(StageConfig):
+    for f, hint in _fields(root or StageConfig):
         if dataclasses.is_dataclass(hint):
             keys += [f"{f.name}.{g.name}" for g, _ in _fields(hint)]
         else:
@@ -205,11 +205,11 @@ def all_keys() -> list[str]:
     return keys
 
 
-def describe() -> str:
+def describe(root: type = None) -> str:
     """One line per key: `key (type, default) description` — the config reference."""
     lines = []
-    default = StageConfig()
-    for f, hint in _fields(StageConfig):
+    default = (root or StageConfig)()
+    for f, hint in _fields(type(default)):
         if dataclasses.is_dataclass(hint):
             lines.append(f"{f.name}:  # {f.metadata['help']}")
             for g, ghint in _fields(hint):
@@ -224,11 +224,12 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def _unknown(key: str, where: str) -> TwostageError:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+def _unknown(key: str, where: str, root: type) -> TwostageError:
+    keys = all_keys(root)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not close and "." not in key:
-        close = difflib.get_close_matches(key, [k.split(".")[-1] for k in all_keys()], n=1, cutoff=0.6)
-        close = [k for k in all_keys() if close and k.endswith("." + close[0])][:1]
+        close = difflib.get_close_matches(key, [k.split(".")[-1] for k in keys], n=1, cutoff=0.6)
+        close = [k for k in keys if close and k.endswith("." + close[0])][:1]
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return TwostageError(f"{where}: unknown config key '{key}'{hint}")
 
@@ -282,17 +283,17 @@ def _check_type(value: Any, tp: Any, key: str, where: str) -> Any:
     raise TwostageError(f"{where}: {key}={value!r} has the wrong type; expected {_type_name(tp)}")
 
 
-def _apply(cfg: StageConfig, key: str, value: Any, where: str) -> None:
+def _apply(cfg: Any, key: str, value: Any, where: str) -> None:
     parts = key.split(".")
     target = cfg
     for p in parts[:-1]:
         sub = getattr(target, p, None) if p in {f.name for f in dataclasses.fields(target)} else None
         if not dataclasses.is_dataclass(sub):
-            raise _unknown(key, where)
+            raise _unknown(key, where, type(cfg))
         target = sub
     hint = dict((f.name, h) for f, h in _fields(type(target))).get(parts[-1])
     if hint is None:
-        raise _unknown(key, where)
+        raise _unknown(key, where, type(cfg))
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise TwostageError(f"{where}: {key} is a section; give a mapping or set {key}.<name>")
@@ -302,10 +303,12 @@ def _apply(cfg: StageConfig, key: str, value: Any, where: str) -> None:
     setattr(target, parts[-1], _check_type(value, hint, key, where))
 
 
-def merge(cfg: StageConfig, mapping: dict, where: str) -> StageConfig:
-    """Apply a nested mapping (a YAML file's content) onto `cfg`, checking every key and type."""
+def merge(cfg: Any, mapping: dict, where: str) -> Any:
+    """Apply a nested mapping (a YAML file's content) onto `cfg` (a config dataclass), checking every key and type."""
     if not isinstance(mapping, dict):
         raise TwostageError(f"{where}: expected a mapping of config keys")
+    if isinstance(cfg, StageConfig) and mapping.get("stage") == "sr":
+        raise TwostageError(f"{where}: a super-resolution config (stage: sr): use it with `twostage train-sr`")
     for k, v in mapping.items():
         _apply(cfg, str(k), v, where)
     return cfg
@@ -364,8 +367,14 @@ def load_config(stage: str | None = None, config_file: str | os.PathLike | None 
         overrides: `key=value` strings (values parsed with yaml.safe_load).
         **flags: FLAG_KEYS shortcuts (None values are ignored).
     """
-    cfg = StageConfig()
-    sources = []  # where the values came from: errors across keys name them
+    return resolve(StageConfig(), validate, FLAG_KEYS, stage, config_file, overrides, flags)
+
+
+def resolve(cfg: Any, check: Any, flag_keys: dict[str, str], stage: str | None, config_file: str | os.PathLike | None,
+            overrides: Sequence[str], flags: dict[str, Any]) -> Any:
+    """`cfg` (a config dataclass's defaults) <- stage YAML or `config_file` <- overrides <- flags
+    (`flag_keys` shortcuts), then `check(cfg)`; an error across keys names where the values came from."""
+    sources = []
     if config_file is not None or stage is not None:
         path = Path(config_file) if config_file is not None else stage_file(stage)
         merge(cfg, read_config_yaml(path), str(path))
@@ -375,13 +384,13 @@ def load_config(stage: str | None = None, config_file: str | os.PathLike | None 
         _apply(cfg, key, value, "--set")
     sources += ["--set"] * bool(overrides)
     for name, value in flags.items():
-        if name not in FLAG_KEYS:
+        if name not in flag_keys:
             raise TypeError(f"load_config: unknown flag {name}")
         if value is not None:
-            _apply(cfg, FLAG_KEYS[name], value, f"--{name.replace('_', '-')}")
+            _apply(cfg, flag_keys[name], value, f"--{name.replace('_', '-')}")
             sources.append(f"--{name.replace('_', '-')}")
     try:
-        validate(cfg)
+        check(cfg)
     except TwostageError as e:
         raise TwostageError(f"{' + '.join(sources) or 'config'}: {e}") from None
     return cfg

@@ -126,7 +126,7 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     rule = boxes.BoxRule(margin=margin)  # validates the margin
     up = make_upscaler(upscaler, scale=scale, tile=tile, device=device, weights_dir=weights_dir,
                        trust_unpinned=trust_unpinned)
-    items, counts, split_ids = _plan(data, rule, fixes)
+    items, counts, split_ids = palm_items(data, rule, fixes)
     found, shapes = [b for *_, b in items], [shape for _, _, shape, _ in items]
     if palm_input is not None:
         warning = boxes.palm_input_warning([b.side for b in found], palm_input)
@@ -163,7 +163,7 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     return counts
 
 
-def _plan(data: Path, rule: boxes.BoxRule, fixes) -> tuple[list, dict, list[str]]:
+def palm_items(data: Path, rule: boxes.BoxRule, fixes) -> tuple[list, dict, list[str]]:
     """Pass 1 (cheap: JSON + PNG headers): (sample, annotations, shape, box) of every annotated
     training image with carpals, the counts of those left out, and the ID of every annotated
     image (the IDs palm training draws its folds over, as the global run does)."""

@@ -21,7 +21,8 @@ import numpy as np
 from .errors import TwostageError
 
 UPSCALERS = ("bicubic", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "realesr-general-x4v3")
-"""Names `make_upscaler` knows by default; any other manifest entry works too."""
+"""Names `make_upscaler` knows by default; any other manifest entry, or a network `twostage
+train-sr` trained into the weights folder, works too."""
 
 
 def _check_image(img: np.ndarray) -> float:
@@ -172,8 +173,7 @@ def make_upscaler(name: str, scale: int | None = None, tile: int = 0, tile_pad: 
         return Upscaler("bicubic", int(s), None, _bicubic(int(s)))
     from . import weights
 
-    mpath = weights.manifest_path(weights_dir, manifest)
-    known = weights.load_manifest(mpath)
+    known, mpath = weights.all_specs(weights_dir, manifest)
     if name not in known:
         raise TwostageError(f"upscaler {name!r}: unknown; choose one of: bicubic, {', '.join(known)} "
                             f"(manifest {mpath})")
@@ -181,5 +181,12 @@ def make_upscaler(name: str, scale: int | None = None, tile: int = 0, tile_pad: 
     if scale is not None and scale != spec.scale:
         raise TwostageError(f"upscaler {name}: scale {scale} requested but the network upscales x{spec.scale}; "
                             f"use --scale {spec.scale} or bicubic")
-    return Upscaler(name, spec.scale, sha, _realesrgan(model, spec.scale, tile, tile_pad, pre_pad, device, name),
+    return network_upscaler(model, name, spec.scale, sha, tile, tile_pad, pre_pad, device)
+
+
+def network_upscaler(model, name: str, scale: int, weight_sha256: str | None, tile: int = 0, tile_pad: int = 10,
+                     pre_pad: int = 0, device: str = "cpu") -> Upscaler:
+    """An Upscaler around a loaded basicsr network (3 channels in and out), run as
+    RealESRGANer runs it; `make_upscaler` verifies and loads the file first."""
+    return Upscaler(name, scale, weight_sha256, _realesrgan(model, scale, tile, tile_pad, pre_pad, device, name),
                     device=device, lower=tile_hint(tile))

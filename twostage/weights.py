@@ -16,6 +16,12 @@ A manifest entry with `sha256: null` is "not pinned yet" (we could not verify th
 hash offline). Such a weight is refused unless the caller trusts it (`trust_unpinned`, the
 CLI's --trust-unpinned) or the user pins the present file with `twostage weights --pin NAME`,
 which records its sha256 in `<weights folder>/pins.yaml` (a local lock file).
+
+Networks trained here (`twostage train-sr`, `twostage.srtrain`) are entries of
+`<weights folder>/trained.yaml`, read as part of the manifest: same keys, always pinned, no
+download URL, plus `trained_on` (the data, steps and held-out PSNR/SSIM). They live beside
+their file rather than in the shipped manifest, which an installed package cannot write and
+a checkout should not rewrite (docs/DESIGN.md §4).
 """
 from __future__ import annotations
 
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 ENV_WEIGHTS = "TWOSTAGE_WEIGHTS"
 MANIFEST_NAME = "manifest.yaml"
 PINS_NAME = "pins.yaml"
+TRAINED_NAME = "trained.yaml"
 PACKAGED_MANIFEST = "manifests"
 """Folder inside the installed package holding the manifest (pyproject maps it from weights/)."""
 ARCHS = ("RRDBNet", "SRVGGNetCompact")
@@ -50,9 +57,11 @@ class WeightSpec:
     file: str
     arch: str
     scale: int
-    url: str
+    url: str | None
     sha256: str | None
     params: dict[str, Any] = field(default_factory=dict)
+    trained_on: dict[str, Any] | None = None
+    """Set for networks `twostage train-sr` made (entries of trained.yaml): what they learnt from."""
 
 
 def repo_weights_dir() -> Path:
@@ -100,35 +109,84 @@ def manifest_path(directory: str | os.PathLike | None = None, manifest: str | os
     return local if local.is_file() else shipped_manifest()
 
 
-def load_manifest(path: str | os.PathLike) -> dict[str, WeightSpec]:
-    """Parse and validate a manifest YAML (`weights: {name: {file, arch, scale, url, sha256, params}}`)."""
-    path = Path(path)
-    obj = read_yaml(path, "weights manifest")
+_KEYS = {"file", "arch", "scale", "url", "sha256", "params"}
+
+
+def _parse_entry(path: Path, name: object, e: object, trained: bool) -> WeightSpec:
+    """One validated entry of a manifest (or of trained.yaml, which adds `trained_on` and has no URL)."""
+    if not isinstance(e, dict):
+        raise TwostageError(f"{path}: weights.{name}: expected a mapping")
+    required, allowed = {"file", "arch", "scale"} | ({"sha256"} if trained else {"url"}), \
+        _KEYS | ({"trained_on"} if trained else set())
+    missing, unknown = required - set(e), set(e) - allowed
+    if missing or unknown:
+        raise TwostageError(f"{path}: weights.{name}: missing {sorted(missing)} / unknown {sorted(unknown)} keys")
+    if e["arch"] not in ARCHS:
+        raise TwostageError(f"{path}: weights.{name}: arch {e['arch']!r} not one of {', '.join(ARCHS)}")
+    sha = e.get("sha256")
+    if (sha is not None or trained) and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
+        raise TwostageError(f"{path}: weights.{name}: sha256 must be 64 hex digits{'' if trained else ' or null'}")
+    scale, params = e["scale"], e.get("params") or {}
+    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 16:
+        raise TwostageError(f"{path}: weights.{name}: scale {scale!r} must be a whole number from 1 to 16")
+    if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
+        raise TwostageError(f"{path}: weights.{name}: params must be a mapping of argument names")
+    if not isinstance(e["file"], str) or Path(e["file"]).name != e["file"] or e["file"] in ("", ".", ".."):
+        raise TwostageError(f"{path}: weights.{name}: file {e['file']!r} must be a file name in the weights folder")
+    trained_on = e.get("trained_on")
+    if trained and not isinstance(trained_on, dict):
+        raise TwostageError(f"{path}: weights.{name}: trained_on must be a mapping")
+    url = e.get("url")
+    return WeightSpec(str(name), e["file"], e["arch"], scale, None if url is None else str(url),
+                      sha.lower() if sha else None, dict(params), trained_on)
+
+
+def _read_entries(path: Path, what: str, trained: bool) -> dict[str, WeightSpec]:
+    obj = read_yaml(path, what)
     if not isinstance(obj, dict) or not isinstance(obj.get("weights"), dict):
         raise TwostageError(f"{path}: expected a top-level 'weights' mapping")
-    specs = {}
-    for name, e in obj["weights"].items():
-        if not isinstance(e, dict):
-            raise TwostageError(f"{path}: weights.{name}: expected a mapping")
-        missing = {"file", "arch", "scale", "url"} - set(e)
-        unknown = set(e) - {"file", "arch", "scale", "url", "sha256", "params"}
-        if missing or unknown:
-            raise TwostageError(f"{path}: weights.{name}: missing {sorted(missing)} / unknown {sorted(unknown)} keys")
-        if e["arch"] not in ARCHS:
-            raise TwostageError(f"{path}: weights.{name}: arch {e['arch']!r} not one of {', '.join(ARCHS)}")
-        sha = e.get("sha256")
-        if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", sha)):
-            raise TwostageError(f"{path}: weights.{name}: sha256 must be 64 hex digits or null")
-        scale, params = e["scale"], e.get("params") or {}
-        if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 16:
-            raise TwostageError(f"{path}: weights.{name}: scale {scale!r} must be a whole number from 1 to 16")
-        if not isinstance(params, dict) or not all(isinstance(k, str) for k in params):
-            raise TwostageError(f"{path}: weights.{name}: params must be a mapping of argument names")
-        if not isinstance(e["file"], str) or Path(e["file"]).name != e["file"] or e["file"] in ("", ".", ".."):
-            raise TwostageError(f"{path}: weights.{name}: file {e['file']!r} must be a file name in the weights folder")
-        specs[str(name)] = WeightSpec(str(name), e["file"], e["arch"], scale, str(e["url"]),
-                                      sha.lower() if sha else None, dict(params))
-    return specs
+    return {str(name): _parse_entry(path, name, e, trained) for name, e in obj["weights"].items()}
+
+
+def load_manifest(path: str | os.PathLike) -> dict[str, WeightSpec]:
+    """Parse and validate a manifest YAML (`weights: {name: {file, arch, scale, url, sha256, params}}`)."""
+    return _read_entries(Path(path), "weights manifest", trained=False)
+
+
+def load_trained(directory: str | os.PathLike) -> dict[str, WeightSpec]:
+    """The networks trained into a weights folder (its trained.yaml; none if absent)."""
+    path = Path(directory) / TRAINED_NAME
+    return _read_entries(path, "trained weights list", trained=True) if path.is_file() else {}
+
+
+def all_specs(weights_dir_: str | os.PathLike | None = None,
+              manifest: str | os.PathLike | None = None) -> tuple[dict[str, WeightSpec], Path]:
+    """Every weight a name can refer to: the manifest's entries and the weights folder's
+    trained ones; returns (specs, manifest path). A trained name that shadows a manifest name
+    is an error rather than a silent choice."""
+    mpath = manifest_path(weights_dir_, manifest)
+    specs = load_manifest(mpath)
+    trained = load_trained(weights_dir(weights_dir_))
+    clash = sorted(set(specs) & set(trained))
+    if clash:
+        raise TwostageError(f"{weights_dir(weights_dir_) / TRAINED_NAME}: {', '.join(clash)} also named in the manifest "
+                            f"{mpath}; rename the trained network (twostage train-sr --out OTHER)")
+    return {**specs, **trained}, mpath
+
+
+def register_trained(spec: WeightSpec, weights_dir_: str | os.PathLike | None = None) -> Path:
+    """Add or replace `spec` (a file already in the weights folder, its sha256 set) in trained.yaml."""
+    import yaml
+
+    directory = weights_dir(weights_dir_)
+    if spec.sha256 is None or spec.trained_on is None:
+        raise ValueError("register_trained: a trained entry needs its sha256 and trained_on")
+    entries = {name: {k: v for k, v in vars(s).items() if k != "name"} for name, s in load_trained(directory).items()}
+    entries[spec.name] = {k: v for k, v in vars(spec).items() if k != "name"}
+    path = directory / TRAINED_NAME
+    write_text_atomic(path, "# Networks trained into this weights folder by `twostage train-sr` (read with the "
+                            "manifest).\n" + yaml.safe_dump({"weights": entries}, sort_keys=False))
+    return path
 
 
 def _pins(directory: Path) -> dict[str, str]:
@@ -147,6 +205,14 @@ def _spec(name: str, specs: dict[str, WeightSpec], source: Path) -> WeightSpec:
     return specs[name]
 
 
+def _where(spec: WeightSpec) -> str:
+    """How to get the file of `spec` (downloaded, or copied from where it was trained)."""
+    if spec.url is None:
+        on = (spec.trained_on or {}).get("data", "?")
+        return f"it was trained by `twostage train-sr` on {on}: copy {spec.file} from there, or train it again"
+    return f"download it with `twostage weights --fetch {spec.name}` or from {spec.url}"
+
+
 def expected_sha256(spec: WeightSpec, directory: Path) -> str | None:
     """The manifest hash, else the local pin, else None (unpinned)."""
     return spec.sha256 or _pins(directory).get(spec.name)
@@ -160,14 +226,13 @@ def resolve(name: str, weights_dir_: str | os.PathLike | None = None, manifest: 
     TwostageError naming the file, the expected hash and the URL.
     """
     directory = weights_dir(weights_dir_)
-    mpath = manifest_path(weights_dir_, manifest)
-    spec = _spec(name, load_manifest(mpath), mpath)
+    specs, mpath = all_specs(weights_dir_, manifest)
+    spec = _spec(name, specs, mpath)
     path = directory / spec.file
     expected = expected_sha256(spec, directory)
-    where = f"download it with `twostage weights --fetch {name}` or from {spec.url}"
     if not path.is_file():
         raise TwostageError(f"{path}: weight file for {name} is missing (expected sha256 "
-                            f"{expected or 'not pinned'}); {where} into {directory}")
+                            f"{expected or 'not pinned'}); {_where(spec)} into {directory}")
     actual = sha256_file(path)
     if expected is None:
         if not trust_unpinned:
@@ -176,7 +241,7 @@ def resolve(name: str, weights_dir_: str | os.PathLike | None = None, manifest: 
         log.warning("%s: using unpinned weight file (sha256 %s)", path, actual)
     elif actual != expected:
         raise TwostageError(f"{path}: sha256 {actual} does not match the expected {expected} for {name} "
-                            f"(corrupt or wrong file); {where}")
+                            f"(corrupt or wrong file); {_where(spec)}")
     return spec, path, actual
 
 
@@ -221,9 +286,8 @@ def load_model(name: str, weights_dir_: str | os.PathLike | None = None, manifes
 def status(weights_dir_: str | os.PathLike | None = None, manifest: str | os.PathLike | None = None) -> list[dict]:
     """One row per manifest entry: name, file, state (ok / missing / bad / unpinned), sha256, url."""
     directory = weights_dir(weights_dir_)
-    mpath = manifest_path(weights_dir_, manifest)
+    specs, mpath = all_specs(weights_dir_, manifest)
     log.info("weights folder: %s (manifest %s)", directory, mpath)
-    specs = load_manifest(mpath)
     rows = []
     for spec in specs.values():
         path = directory / spec.file
@@ -245,8 +309,7 @@ def pin(name: str, weights_dir_: str | os.PathLike | None = None, manifest: str 
     import yaml
 
     directory = weights_dir(weights_dir_)
-    mpath = manifest_path(weights_dir_, manifest)
-    spec = _spec(name, load_manifest(mpath), mpath)
+    spec = _spec(name, *all_specs(weights_dir_, manifest))
     path = directory / spec.file
     if not path.is_file():
         raise TwostageError(f"{path}: weight file for {name} is missing; nothing to pin (get it from {spec.url})")
@@ -273,10 +336,11 @@ def fetch(name: str, weights_dir_: str | os.PathLike | None = None, manifest: st
     from tqdm import tqdm
 
     directory = weights_dir(weights_dir_)
-    mpath = manifest_path(weights_dir_, manifest)
-    spec = _spec(name, load_manifest(mpath), mpath)
+    spec = _spec(name, *all_specs(weights_dir_, manifest))
     path = directory / spec.file
     expected = expected_sha256(spec, directory)
+    if spec.url is None:
+        raise TwostageError(f"{name}: nothing to download; {_where(spec)}")
     if path.is_file() and not overwrite:
         sha = sha256_file(path)
         if expected is None or sha == expected:

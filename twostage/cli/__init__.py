@@ -15,7 +15,7 @@ from ..errors import TwostageError
 
 # Order is the order shown in `twostage --help`.
 COMMANDS = [
-    "demo", "synth", "check", "prepare_sr", "weights", "train", "infer",
+    "demo", "synth", "check", "train_sr", "prepare_sr", "weights", "train", "infer",
     "score", "evaluate", "ensemble", "visualize", "calibrate", "pseudo_label",
 ]
 

@@ -1,7 +1,7 @@
 """The trainer: loss, LR schedule, validation, the setup of one run and the epoch loop.
 
 Order matters for reproducibility: everything that draws from the global RNGs (model
-init after `_seed_everything`, then the restored RNG state on --resume) happens in the
+init after `seed_everything`, then the restored RNG state on --resume) happens in the
 same order on every run, so a resumed run gives the weights of the uninterrupted one.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..models import Predictor, SegmentationNet, build_model, input_hw, normaliz
 from ..prepare import MANIFEST_DIR, load_palm_set
 from .datasets import GlobalDataset, PalmDataset, PalmItem, _SeededSampler, _StageDataset, load_palm_items
 from .distributed import Dist, _broadcast, _gather, _has_unused_parameters, init_dist
-from .run import (_append_metrics, _meta, _open_run, _prepare_run, _rng_state, _seed_everything, _set_rng_state,
+from .run import (_append_metrics, _meta, _open_run, _prepare_run, _rng_state, seed_everything, _set_rng_state,
                   _tensorboard, metrics_fields)
 from .split import load_or_create_split
 
@@ -546,7 +546,7 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
     with out_of_memory_as_error(f"loading the training set (data.preload={cfg.data.preload}, at input size "
                                 f"{cfg.model.input_size})", "--input-size, or set data.preload=false"):
         train_ds, validator, extra_meta = _datasets(cfg, roots, run, dist, device)
-    _seed_everything(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     fit = _build(cfg, train_ds, device, dist)
     meta = _meta(cfg, extra_meta)
     best, start = _Best(cfg.best_metric), 0

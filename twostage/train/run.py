@@ -113,7 +113,7 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     import random
 
     random.seed(seed)
