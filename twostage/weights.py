@@ -300,7 +300,7 @@ def status(weights_dir_: str | os.PathLike | None = None, manifest: str | os.Pat
         else:
             state = "ok" if actual == expected else "bad"
         rows.append({"name": spec.name, "file": str(path), "state": state, "sha256": actual,
-                     "expected": expected, "url": spec.url})
+                     "expected": expected, "url": spec.url, "trained_on": spec.trained_on})
     return rows
 
 

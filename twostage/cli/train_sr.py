@@ -29,15 +29,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="an sr config YAML used instead of stages/<stage>.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set net.num_feat=64 (repeatable; YAML values)")
-    p.add_argument("--steps", type=int, help="train.steps")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="train.batch_size")
+    p.add_argument("--steps", type=int, metavar="N", help="train.steps")
+    p.add_argument("--batch-size", type=int, dest="batch_size", metavar="N", help="train.batch_size")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
-    p.add_argument("--seed", type=int, help="train.seed")
-    p.add_argument("--threads", type=int, help="train.threads (torch CPU threads)")
+    p.add_argument("--seed", type=int, metavar="N", help="train.seed")
+    p.add_argument("--threads", type=int, metavar="N", help="train.threads (torch CPU threads)")
     p.add_argument("--run", metavar="DIR", help="run folder (train.out; default runs/sr-NAME)")
     p.add_argument("--init", metavar="NAME", help="start from this manifest network (net.init), e.g. "
                                                   "realesr-general-x4v3 (set net.* to its sizes)")
-    p.add_argument("--weights-dir", type=Path, help="weights folder the result goes to (default: $TWOSTAGE_WEIGHTS, "
+    p.add_argument("--weights-dir", type=Path, metavar="DIR", help="weights folder the result goes to (default: $TWOSTAGE_WEIGHTS, "
                                                     "else weights/ of a checkout, else ~/.cache/twostage/weights)")
     p.add_argument("--resume", action="store_true", help="continue the run folder's state.pt")
     p.add_argument("--overwrite", action="store_true",

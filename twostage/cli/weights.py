@@ -9,7 +9,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "weights",
         help="list / download / pin the Real-ESRGAN weight files",
-        description="Without options: list every weight of the manifest as ok, missing, bad "
+        description="Without options: list every weight of the manifest, and the networks train-sr "
+                    "trained into the weights folder, as ok, missing, bad "
                     "(hash mismatch) or unpinned (no known hash yet); exit 1 if any is bad. "
                     "Nothing is ever downloaded unless you ask with --fetch.",
     )
@@ -38,7 +39,10 @@ def handler(args: argparse.Namespace) -> int:
     rows = weights.status(args.weights_dir, args.manifest)
     width = max(len(r["name"]) for r in rows) if rows else 4
     for r in rows:
-        detail = r["file"] if r["state"] in ("ok", "unpinned") else f"{r['file']}  <- {r['url']}"
+        source = f"trained by train-sr on {r['trained_on'].get('data')}" if r["trained_on"] else r["url"]
+        detail = r["file"] if r["state"] in ("ok", "unpinned") else f"{r['file']}  <- {source}"
+        if r["trained_on"] and r["state"] == "ok":
+            detail += f"  (train-sr, {r['trained_on'].get('steps')} steps on {r['trained_on'].get('data')})"
         print(f"{r['name']:<{width}}  {r['state']:<8}  {detail}")
         if r["state"] == "bad":
             print(f"{'':<{width}}  sha256 {r['sha256']} != expected {r['expected']}")

@@ -33,17 +33,19 @@ def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_resume_config(cfg: StageConfig, run: Path) -> None:
+def check_resume_config(cfg: Any, run: Path, from_dict: Any, runtime_keys: Any, instead: str) -> None:
+    """A resumed run's config (`cfg`, a config dataclass) must equal run/config.yaml (read with
+    `from_dict(mapping, where)`) but for `runtime_keys`; `instead` says what to do otherwise."""
     saved_path = run / "config.yaml"
     if not saved_path.is_file():
         raise TwostageError(f"{saved_path}: missing; cannot check that the resumed run uses the same config")
-    saved = _flat(config_from_dict(read_config_yaml(saved_path), str(saved_path)).to_dict())
+    saved = _flat(from_dict(read_config_yaml(saved_path), str(saved_path)).to_dict())
     now = _flat(cfg.to_dict())
-    diff = sorted(k for k in now if k not in RUNTIME_KEYS and now[k] != saved.get(k))
+    diff = sorted(k for k in now if k not in runtime_keys and now[k] != saved.get(k))
     if diff:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in diff[:4])
         raise TwostageError(f"{run}: --resume with a changed config ({shown}); resume with the "
-                            "saved config or start a new run (--out)")
+                            f"saved config or {instead}")
 
 
 def _prepare_run(cfg: StageConfig, resume: bool) -> tuple[Path, dict | None]:
@@ -53,7 +55,7 @@ def _prepare_run(cfg: StageConfig, resume: bool) -> tuple[Path, dict | None]:
     if resume:
         if not last.is_file():
             raise TwostageError(f"{last}: no checkpoint to resume from (run without --resume to start)")
-        _check_resume_config(cfg, run)
+        check_resume_config(cfg, run, config_from_dict, RUNTIME_KEYS, "start a new run (--out)")
         ckpt = load_checkpoint(last, expect_stage=cfg.stage)
         done = int(ckpt["meta"]["epoch"])
         if done >= cfg.train.epochs:
