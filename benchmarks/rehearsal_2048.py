@@ -1,9 +1,9 @@
 """The real-scale path rehearsed on CPU: 2048² radiographs through every command with the
-shipped real configs (stages/global.yaml, stages/palm.yaml).
+shipped real configs (stages/sr.yaml, stages/global.yaml, stages/palm.yaml).
 
 Nothing is changed in those configs but what this machine forces, each as a --set:
   * counts: --n training images (one ID-grouped fold validates), --test-n images inferred,
-    --set train.epochs=1 (one epoch = n_train / batch steps);
+    --set train.epochs=1 (one epoch = n_train / batch steps); train-sr: 5 steps, 1 ID held out;
   * model.encoder_weights=none: nothing downloads here (a user's first run fills the hub
     cache with the ImageNet weights; see README "Pretrained encoders");
   * train.batch_size=2 (--batch-size): the configs' batch 4 is sized for a GPU with AMP; on
@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[dict] = []
         run("synth 2048²", ["synth", "--out", str(data), "--n", str(a.n), "--test-n", str(a.test_n),
                             "--size", "2048", "--overwrite"], rows, env)
+        t = run("train-sr (5 steps)", ["train-sr", str(data), "--out", "rehearsal-x4", "--stage", "sr", "--steps", "5",
+                                        "--device", "cpu", "--weights-dir", str(wdir), "--run", str(runs / "sr"),
+                                        "--set", "data.holdout=1", "--set", "train.val_every=5", "--overwrite"],
+                rows, env)
+        t["epoch_s"] = ""
         run("prepare-sr (RRDBNet x4)", ["prepare-sr", str(data), "--out", str(palm), "--upscaler",
                                         "RealESRGAN_x4plus", "--tile", str(a.tile), "--weights-dir", str(wdir),
                                         "--overwrite"], rows, env)

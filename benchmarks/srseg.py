@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0],
                    help="palm training seeds, e.g. 0,1,2 (seed 0 on SR crops is the demo's own model; default 0)")
+    p.add_argument("--reuse", action="store_true", help="keep palm models already evaluated in WORK (same demo)")
     a = p.parse_args(argv)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
     run = Runner(a.work / "logs", env)
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         data, heldout, g = demo / "data", demo / "heldout", demo / "runs" / "global" / "best.pt"
         palm_cfg = json.loads((demo / "palm-data" / "palmset.json").read_text())
         bic_data = a.work / "palm-bicubic"
-        remove(bic_data)
+        if not a.reuse:
+            remove(bic_data)
         run("prepare-sr bicubic", ["prepare-sr", str(data), "--out", str(bic_data), "--upscaler", "bicubic",
                                    "--scale", str(palm_cfg["scale"]), "--margin", str(palm_cfg["margin"]),
                                    "--context", str(palm_cfg["context"]), "--stage", "demo-palm"])
@@ -74,10 +76,16 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 palm_run = a.work / "runs" / f"palm-{kind}-{seed}"
                 ev_dir = a.work / f"evaluation-{kind}-{seed}"
+                evals[kind].append(ev_dir / "evaluation.json")
+                if a.reuse and (ev_dir / "evaluation.json").is_file():
+                    run.skip(f"palm {kind} {seed}", f"--reuse: {ev_dir} is there")
+                    continue
                 for d in (palm_run, ev_dir):
                     remove(d)
+                # the global run's folds, whatever the seed: the validation IDs calibrate uses stay unseen
                 run(f"train palm {kind} {seed}", ["train", "--stage", "demo-palm", "--data", str(palm_data), "--out",
-                                                 str(palm_run), "--device", a.device, "--set", f"train.seed={seed}"])
+                                                 str(palm_run), "--device", a.device, "--set", f"train.seed={seed}",
+                                                 "--set", f"data.split_file={demo / 'runs' / 'global' / 'split.json'}"])
                 wd_args = ["--weights-dir", str(wd)] if kind == "SR" else []
                 run(f"calibrate {kind} {seed}", ["calibrate", str(data), "--global", str(g), "--palm",
                                                  str(palm_run / "best.pt"), "--thresholds-grid", "0.5",
@@ -85,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
                 run(f"evaluate {kind} {seed}", ["evaluate", str(heldout), "--global", str(g), "--palm",
                                                 str(palm_run / "best.pt"), "--out", str(ev_dir), "--pictures", "0",
                                                 "--device", a.device, *wd_args])
-                evals[kind].append(ev_dir / "evaluation.json")
     except StepFailed as e:
         print(f"srseg benchmark failed: {e}", file=sys.stderr)
         return 1
