@@ -271,6 +271,12 @@ def test_interrupted_run_saves_its_state_and_resumes(phantoms, tmp_path):
     argv = argv[:argv.index("--set")] + sets + ["--resume"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and f"stopped at step {step + 1}/100000" in done.stdout, done.stderr[-2000:]
+    # the state Ctrl-C saved lies on the uninterrupted run's path: the same weights one step later
+    straight = train_sr("s", _cfg(phantoms, tmp_path / "straight", "train.steps=100000", "train.save_every=100000",
+                                  f"train.stop_at_step={step + 1}"), weights_dir=tmp_path / "w3")
+    a = torch.load(run / "state.pt", weights_only=True)["ema"]
+    b = torch.load(straight.run / "state.pt", weights_only=True)["ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_overwrite_never_deletes_a_folder_train_sr_did_not_make(phantoms, tmp_path):

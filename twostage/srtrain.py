@@ -465,6 +465,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     stop = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     last_q: dict = {}
     bar = tqdm(total=stop, initial=step, desc=f"train-sr {name}", unit="step", disable=None)
+    interrupted = _StepBoundaryInterrupt()
     try:
         while step < stop:
             seed_everything(_step_seed(cfg.train.seed, step))
@@ -498,11 +499,12 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
                 last_q = quality({"network": _live(ema, cfg.net.scale, dev), "bicubic": bicubic}, pairs, cfg.net.scale)
                 log.info("train-sr step %d: held-out PSNR/SSIM\n%s", step, quality_table(last_q))
                 _append_metrics(run / "metrics.csv", step, loss.item(), last_q)
-    except KeyboardInterrupt:
-        save()
-        log.warning("train-sr: interrupted at step %d; state saved, continue with --resume", step)
-        raise
+            if interrupted:
+                save()
+                log.warning("train-sr: interrupted after step %d; state saved, continue with --resume", step)
+                raise KeyboardInterrupt
     finally:
+        interrupted.restore()
         bar.close()
     if step < cfg.train.steps:
         log.info("train-sr: stopped at step %d/%d (train.stop_at_step); continue with --resume", step,
@@ -524,6 +526,36 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     log.info("train-sr: wrote %s (sha256 %s), registered as %r in %s", path, sha, name,
              directory / weights.TRAINED_NAME)
     return SRResult(name, path, sha, run, step, last_q, time.perf_counter() - t0)
+
+
+class _StepBoundaryInterrupt:
+    """Ctrl-C ends the run after the current step, so the saved state is one the uninterrupted
+    run passes through; a second Ctrl-C stops at once (the last periodic state stays)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("train-sr: Ctrl-C: stopping after this step (again to stop at once)")
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+    def restore(self) -> None:
+        if self._old is not None:
+            import signal
+
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
 
 
 def _live(model, scale: int, dev):
