@@ -11,6 +11,8 @@ which neither the network nor the palm models saw.
 
     .venv/bin/python benchmarks/srseg.py                  # demo + one palm model, ~10 min on 2 cores
     .venv/bin/python benchmarks/srseg.py --demo twostage-demo --seeds 0,1,2   # reuse a demo; 5 more palm models
+    .venv/bin/python benchmarks/srseg.py --demo twostage-demo --work /tmp/srseg-320 \
+        --palm-set model.input_size=320                   # palm models that see the box at 2.4x native
 """
 from __future__ import annotations
 
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
     p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",")], default=[0],
                    help="palm training seeds, e.g. 0,1,2 (seed 0 on SR crops is the demo's own model; default 0)")
+    p.add_argument("--palm-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra --set for every palm model, e.g. model.input_size=320 (then the demo's own palm "
+                        "model is not reused)")
     p.add_argument("--reuse", action="store_true", help="keep palm models already evaluated in WORK (same demo)")
     a = p.parse_args(argv)
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         evals: dict[str, list[Path]] = {"SR": [], "bicubic": []}
         for seed in a.seeds:
             for kind, palm_data in (("SR", demo / "palm-data"), ("bicubic", bic_data)):
-                if kind == "SR" and seed == 0:  # the demo's own palm model (seed 0) and its evaluation
+                if kind == "SR" and seed == 0 and not a.palm_set:  # the demo's own palm model and its evaluation
                     evals[kind].append(demo / "evaluation" / "evaluation.json")
                     continue
                 palm_run = a.work / "runs" / f"palm-{kind}-{seed}"
@@ -85,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 # the global run's folds, whatever the seed: the validation IDs calibrate uses stay unseen
                 run(f"train palm {kind} {seed}", ["train", "--stage", "demo-palm", "--data", str(palm_data), "--out",
                                                  str(palm_run), "--device", a.device, "--set", f"train.seed={seed}",
-                                                 "--set", f"data.split_file={demo / 'runs' / 'global' / 'split.json'}"])
+                                                 "--set", f"data.split_file={demo / 'runs' / 'global' / 'split.json'}",
+                                                 *(x for kv in a.palm_set for x in ("--set", kv))])
                 wd_args = ["--weights-dir", str(wd)] if kind == "SR" else []
                 run(f"calibrate {kind} {seed}", ["calibrate", str(data), "--global", str(g), "--palm",
                                                  str(palm_run / "best.pt"), "--thresholds-grid", "0.5",

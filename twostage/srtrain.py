@@ -466,6 +466,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     last_q: dict = {}
     bar = tqdm(total=stop, initial=step, desc=f"train-sr {name}", unit="step", disable=None)
     interrupted = _StepBoundaryInterrupt()
+    first, t_first = step, time.perf_counter()
     try:
         while step < stop:
             seed_everything(_step_seed(cfg.train.seed, step))
@@ -493,6 +494,8 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
                     e.copy_(b)
             bar.update(1)
             bar.set_postfix(l1=f"{loss.item():.4f}")
+            if step == first + PACE_STEPS:
+                _log_pace((time.perf_counter() - t_first) / PACE_STEPS, cfg.train.steps - step, dev)
             if step % cfg.train.save_every == 0 or step == stop:
                 save()
             if step % cfg.train.val_every == 0 or step == cfg.train.steps:
@@ -526,6 +529,16 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     log.info("train-sr: wrote %s (sha256 %s), registered as %r in %s", path, sha, name,
              directory / weights.TRAINED_NAME)
     return SRResult(name, path, sha, run, step, last_q, time.perf_counter() - t0)
+
+
+PACE_STEPS = 10
+"""After this many steps train-sr logs its pace and the time left (tqdm's ETA is not shown in logs)."""
+
+
+def _log_pace(seconds_per_step: float, left: int, dev) -> None:
+    hint = " (stages/demo-sr.yaml is sized for a CPU)" if dev.type == "cpu" and seconds_per_step * left > 3600 else ""
+    log.info("train-sr: %.2f s per step on %s: about %s for the %d steps left%s", seconds_per_step, dev,
+             elapsed(seconds_per_step * left), left, hint)
 
 
 class _StepBoundaryInterrupt:
@@ -632,4 +645,7 @@ class _Discriminator:
 
 
 def elapsed(seconds: float) -> str:
+    """A duration as s, min or h."""
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{math.ceil(seconds)} s"
