@@ -22,8 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("data", type=Path, help="dataset root (its train/ split is used)")
     p.add_argument("--out", type=Path, required=True, metavar="PALMDATA", help="output folder")
     p.add_argument("--upscaler", default="bicubic",
-                   help="bicubic (no weights) or a weights-manifest name: RealESRGAN_x4plus, "
-                        "RealESRGAN_x2plus, realesr-general-x4v3 (default: bicubic)")
+                   help="bicubic (no weights), a weights-manifest name (RealESRGAN_x4plus, "
+                        "RealESRGAN_x2plus, realesr-general-x4v3) or a network `twostage train-sr` trained "
+                        "(default: bicubic)")
     p.add_argument("--scale", type=int, help="upscaling factor (bicubic: any integer, default 4; "
                                              "networks: their own)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
