@@ -47,3 +47,12 @@ def test_demo_refuses_an_unknown_upscaler_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "upscaler 'nope': unknown" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d" / "data").exists()
+
+
+def test_demo_upscaler_choice(tmp_path):
+    """auto: the official network if usable, else None (the demo trains one); a name is used as given."""
+    from twostage.demo import DEMO_SR, choose_upscaler
+
+    name, reason = choose_upscaler("auto", weights_dir=tmp_path)
+    assert name is None and f"training {DEMO_SR}" in reason
+    assert choose_upscaler("bicubic", weights_dir=tmp_path)[0] == "bicubic"
