@@ -286,3 +286,13 @@ def test_overwrite_never_deletes_a_folder_train_sr_did_not_make(phantoms, tmp_pa
     with pytest.raises(TwostageError, match="not a train-sr run folder"):
         train_sr("o", _cfg(phantoms, run), weights_dir=tmp_path / "w", overwrite=True)
     assert (run / "config.yaml").read_text() == "precious: true\n"
+
+
+def test_rrdbnet_trains_and_loads(phantoms, tmp_path):
+    wd = tmp_path / "w"
+    result = train_sr("rrdb-tiny", _cfg(phantoms, tmp_path / "run", "net.arch=RRDBNet", "net.scale=2", "net.num_block=1",
+                                        "net.num_grow_ch=4", "train.steps=2", "data.val_size=96"), weights_dir=wd)
+    up = make_upscaler("rrdb-tiny", weights_dir=wd)
+    assert up.scale == 2 and up(np.zeros((20, 30), np.uint8)).shape == (40, 60)
+    assert yaml.safe_load((wd / W.TRAINED_NAME).read_text())["weights"]["rrdb-tiny"]["params"]["num_block"] == 1
+    assert result.quality["clean"]["bicubic"]["psnr"] > 0
