@@ -403,7 +403,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     from .devices import torch_device
     from .io import atomic_path, make_dir, sha256_file, write_text_atomic
     from .train.loop import lr_lambda
-    from .train.run import check_resume_config, seed_everything
+    from .train.run import _append_metrics, check_resume_config, seed_everything
 
     t0 = time.perf_counter()
     check_name(name, weights_dir, overwrite or resume)
@@ -501,7 +501,8 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
             if step % cfg.train.val_every == 0 or step == cfg.train.steps:
                 last_q = quality({"network": _live(ema, cfg.net.scale, dev), "bicubic": bicubic}, pairs, cfg.net.scale)
                 log.info("train-sr step %d: held-out PSNR/SSIM\n%s", step, quality_table(last_q))
-                _append_metrics(run / "metrics.csv", step, loss.item(), last_q)
+                _append_metrics(run / "metrics.csv", _metrics_row(step, loss.item(), last_q), METRICS_FIELDS,
+                                key="step")
             if interrupted:
                 save()
                 log.warning("train-sr: interrupted after step %d; state saved, continue with --resume", step)
@@ -596,16 +597,17 @@ def _usm(dev):
     return _USM[dev]
 
 
-def _append_metrics(path: Path, step: int, loss: float, q: dict) -> None:
-    cols = {"step": step, "l1": round(loss, 6)}
-    for kind, row in q.items():
-        for name, v in row.items():
-            cols[f"{kind}_{name}_psnr"], cols[f"{kind}_{name}_ssim"] = v["psnr"], v["ssim"]
-    new = not path.is_file()
-    with open(path, "a", encoding="utf-8") as f:
-        if new:
-            f.write(",".join(cols) + "\n")
-        f.write(",".join(str(v) for v in cols.values()) + "\n")
+METRICS_FIELDS = ["step", "l1"] + [f"{kind}_{name}_{m}" for kind in ("clean", "degraded")
+                                    for name in ("network", "bicubic") for m in ("psnr", "ssim")]
+"""Columns of a train-sr run's metrics.csv: the loss and the held-out scores (`quality`)."""
+
+
+def _metrics_row(step: int, loss: float, q: dict) -> dict:
+    row = {"step": step, "l1": round(loss, 6)}
+    for kind, scores in q.items():
+        for name, v in scores.items():
+            row[f"{kind}_{name}_psnr"], row[f"{kind}_{name}_ssim"] = v["psnr"], v["ssim"]
+    return row
 
 
 class _Discriminator:

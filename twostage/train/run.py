@@ -130,13 +130,13 @@ def metrics_fields(classes: Sequence[str]) -> list[str]:
     return ["epoch", "lr", "train_loss", "skipped_steps", "overall", "carpal_mean", *(f"dice/{c}" for c in classes), "seconds"]
 
 
-def _append_metrics(path: Path, row: dict, fields: list[str]) -> None:
-    """Rewrite metrics.csv atomically: earlier epochs' rows plus `row` (a resumed run drops
-    rows of epochs it redoes)."""
+def _append_metrics(path: Path, row: dict, fields: list[str], key: str = "epoch") -> None:
+    """Rewrite metrics.csv atomically: earlier rows (by `key`: epoch, or train-sr's step) plus
+    `row` (a resumed run drops rows of the epochs or steps it redoes)."""
     rows = []
     if path.is_file():
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < int(row["epoch"])]
+            rows = [r for r in csv.DictReader(f) if int(r[key]) < int(row[key])]
     rows.append({k: ("" if v is None else v) for k, v in row.items()})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, restval="", extrasaction="ignore", lineterminator="\n")
