@@ -296,3 +296,11 @@ def test_rrdbnet_trains_and_loads(phantoms, tmp_path):
     assert up.scale == 2 and up(np.zeros((20, 30), np.uint8)).shape == (40, 60)
     assert yaml.safe_load((wd / W.TRAINED_NAME).read_text())["weights"]["rrdb-tiny"]["params"]["num_block"] == 1
     assert result.quality["clean"]["bicubic"]["psnr"] > 0
+
+
+def test_sharpened_targets_change_what_is_learnt(phantoms, tmp_path):
+    plain = train_sr("p", _cfg(phantoms, tmp_path / "plain", "train.steps=2"), weights_dir=tmp_path / "w1")
+    usm = train_sr("u", _cfg(phantoms, tmp_path / "usm", "train.steps=2", "loss.gt_usm=true"), weights_dir=tmp_path / "w2")
+    a = torch.load(plain.path, weights_only=True)["params_ema"]
+    b = torch.load(usm.path, weights_only=True)["params_ema"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)

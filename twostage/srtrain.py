@@ -434,7 +434,11 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     opt = torch.optim.Adam(net.parameters(), lr=cfg.optim.lr, betas=(0.9, 0.99))
     lr_at = lr_lambda(cfg.train.steps, 0, cfg.optim.min_lr_ratio)
     disc = _Discriminator(cfg, dev) if cfg.loss.gan > 0 else None
-    degrader = Degrader(cfg.degradation, cfg.net.scale, dev)
+    degrader = Degrader(cfg.degradation, cfg.net.scale, dev)  # installs the basicsr import shim
+    if cfg.loss.gt_usm:
+        from basicsr.utils import USMSharp
+
+        usm = USMSharp().to(dev)  # Real-ESRGAN's sharpened targets
     pairs = holdout_pairs(regions.holdout, cfg, dev)
     bicubic = _bicubic(cfg.net.scale)
 
@@ -472,7 +476,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
             seed_everything(_step_seed(cfg.train.seed, step))
             gt = to_tensor(sample_patches(regions.train, cfg.train.batch_size, cfg.data.gt_size), dev)
             if cfg.loss.gt_usm:
-                gt = _usm(dev)(gt)
+                gt = usm(gt)
             lq = degrader(gt)
             out = net(lq)
             loss = cfg.loss.l1 * torch.nn.functional.l1_loss(out, gt)
@@ -583,18 +587,6 @@ def _bicubic(scale: int):
     from .sr import make_upscaler
 
     return make_upscaler("bicubic", scale=scale)
-
-
-_USM = {}
-
-
-def _usm(dev):
-    """basicsr's USM sharpener (Real-ESRGAN's gt_usm), one per device."""
-    if dev not in _USM:
-        from basicsr.utils import USMSharp
-
-        _USM[dev] = USMSharp().to(dev)
-    return _USM[dev]
 
 
 METRICS_FIELDS = ["step", "l1"] + [f"{kind}_{name}_{m}" for kind in ("clean", "degraded")
