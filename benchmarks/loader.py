@@ -1,123 +1,152 @@
-"""Training-data loading: mask cache vs rasterising every sample, side by side in one run.
+"""Training input: the per-item pipeline of before the cache against the cached one, side by
+side in one run, at the real configs.
 
-    python benchmarks/loader.py [--n 6] [--size 2048] [--repeats 3]
+    python benchmarks/loader.py [--n 8] [--size 2048] [--stages global palm] [--repeats 2]
 
-Writes a synthetic dataset (`twostage.synth`) to a temporary folder, fills the mask cache
-once (timed separately), then times, over the same samples in the same process:
-  cached   read PNG + load_masks(cache=MaskCache)          (the training path)
-  uncached read PNG + read JSON + rasterize                 (re-rasterising every epoch)
-and the mask part alone (without the PNG read), since PNG decoding is the same in both; then
-the training dataset itself (`twostage.train.GlobalDataset`, without augmentation, which
-costs the same on both paths) with
-`data.preload` (images and masks decoded and resized to the input size once) against
-decoding and rasterising every sample at every step.
-`--densify K` puts K interpolated points on every polygon edge, to mimic hand-drawn
-annotation files with many more points than the phantom's polygons.
-Reports samples/s (best of `--repeats` passes) and the ratios.
+Writes phantoms (`twostage.synth`, 2048²) and their palm crops (`prepare-sr`, bicubic x4:
+the crop size RealESRGAN_x4plus gives, ~3000²) to a temporary folder; then, for
+stages/global.yaml and stages/palm.yaml (their input size, augmentation and batch size),
+times in this one process, i.e. what one DataLoader worker delivers:
+
+  old   the pipeline before the cache, per item: decode the PNG, read its source-size masks
+        (already rasterised: the mask cache), resize image and masks to the input size (palm:
+        the jittered box cut from the upscaled crop first), albumentations on the image and
+        every mask (its code is kept below, as it was)
+  new   an item cut from the training-input cache, and its share of the collate
+  batch the new pipeline's other half, the batch made from the collated items (densified,
+        resampled, CLAHE, brightness/contrast): on the training device, here the CPU
+        (`benchmarks/gpu_check.py` times it on a GPU)
+
+and the one-time cost of the cache: seconds per image in one process and MiB per image on
+disk. Reports items/s (best of `--repeats` passes over the images) and the ratios.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from twostage.data import (Annotation, MaskCache, find_samples, load_masks, rasterize, read_annotations,
-                           write_annotations)
-from twostage.io import read_image
-from twostage.synth import synthesize
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from twostage.box import crop_image, jitter_box  # noqa: E402
+from twostage.config import load_config  # noqa: E402
+from twostage.data import MaskCache, find_samples, load_masks  # noqa: E402
+from twostage.io import read_image  # noqa: E402
+from twostage.models import input_hw, resize_images  # noqa: E402
+from twostage.prepare import prepare_sr  # noqa: E402
+from twostage.synth import synthesize  # noqa: E402
+from twostage.train import GlobalDataset, PalmDataset, collate, item_rng, load_palm_items, make_batch  # noqa: E402
 
 
-def best_rate(fn, samples, repeats: int) -> float:
-    """Samples per second of `fn(sample)` over all samples, best of `repeats` passes."""
+def old_augment(aug):
+    """The albumentations pipeline the training items went through before the cache."""
+    import albumentations as A
+    import cv2
+
+    return A.Compose([
+        A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=aug.clahe),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=aug.brightness),
+        A.Affine(scale=(1 - aug.scale, 1 + aug.scale), translate_percent=(-aug.shift, aug.shift),
+                 rotate=(-aug.rotate, aug.rotate), interpolation=cv2.INTER_LINEAR,
+                 mask_interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, p=aug.affine_p),
+        A.HorizontalFlip(p=aug.hflip),
+    ])
+
+
+def old_item(image: np.ndarray, masks: np.ndarray, size: tuple[int, int], augment, rng) -> tuple:
+    """Resize to the input size (masks as float planes), then augment: the old per-item work."""
+    img = resize_images(torch.from_numpy(image)[None, None].float(), size)[0, 0]
+    msk = resize_images(torch.from_numpy(masks)[None].float() * 255.0, size)[0]
+    image = img.round().clamp(0, 255).to(torch.uint8).numpy()
+    masks = msk.round().clamp(0, 255).to(torch.uint8).numpy()
+    augment.set_random_seed(int(rng.integers(2**31 - 1)))
+    out = augment(image=image, masks=list(masks))
+    return torch.from_numpy(out["image"]), torch.from_numpy(np.stack(out["masks"])).float().div_(255.0)
+
+
+def best_rate(fn, n: int, repeats: int) -> float:
+    """Items per second of `fn()` (which makes n items), best of `repeats` passes."""
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        for s in samples:
-            fn(s)
+        fn()
         best = min(best, time.perf_counter() - t)
-    return len(samples) / best
+    return n / best
 
 
-def densify(points: np.ndarray, k: int) -> np.ndarray:
-    """The polygon with k points per edge (integer pixels, same shape)."""
-    nxt = np.roll(points, -1, axis=0)
-    t = np.arange(k)[None, :, None] / k
-    return np.rint(points[:, None] + (nxt - points)[:, None] * t).reshape(-1, 2).astype(np.int32)
+def stage_figures(stage: str, root: Path, tmp: Path, repeats: int) -> dict:
+    cfg = load_config(stage, data=str(root), device="cpu")
+    size, batch = input_hw(cfg.model.input_size), cfg.train.batch_size
+    samples = [s for s in find_samples(root) if s.json_path is not None]
+    masks_cache = MaskCache(tmp / f"{stage}-masks")
+    for s in samples:  # the old path read rasterised masks from this cache
+        load_masks(s, cfg.classes, None, masks_cache)
+    augment = old_augment(cfg.aug)
+    if stage == "palm":
+        items = load_palm_items(root, samples)
+        ds = PalmDataset(cfg, items, None, augment=True, jitter=True)
+
+        def old_one(i: int):
+            it, rng = items[i], item_rng(0, 0, i)
+            image, masks = read_image(it.sample.image_path), load_masks(it.sample, cfg.classes, None, masks_cache)
+            box = jitter_box(it.box, rng, cfg.box.jitter_shift, cfg.box.jitter_scale, (it.context_side,) * 2)
+            return old_item(crop_image(image, box, it.scale), crop_image(masks, box, it.scale), size, augment, rng)
+    else:
+        ds = GlobalDataset(cfg, samples, None, augment=True)
+
+        def old_one(i: int):
+            s = samples[i]
+            return old_item(read_image(s.image_path), load_masks(s, cfg.classes, None, masks_cache), size, augment,
+                            item_rng(0, 0, i))
+
+    n = len(ds)
+    t = time.perf_counter()
+    cache = ds.attach_cache(tmp / "inputs", workers=0)
+    build = (time.perf_counter() - t) / n
+    batches = [list(range(k, min(n, k + batch))) for k in range(0, n, batch)]
+    collated = [collate([ds[(0, i)] for i in b]) for b in batches]
+    return {
+        "stage": stage, "input": size, "images": n, "batch": batch,
+        "build_s": build, "mib": cache.nbytes / n / 2**20,
+        "old": best_rate(lambda: [old_one(i) for i in range(n)], n, repeats),
+        "new": best_rate(lambda: [collate([ds[(0, i)] for i in b]) for b in batches], n, repeats),
+        "batch_cpu": best_rate(lambda: [make_batch(c, size, torch.device("cpu")) for c in collated], n, repeats),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=6, help="training images")
+    ap.add_argument("--n", type=int, default=8, help="training images")
     ap.add_argument("--size", type=int, default=2048, help="image side in pixels")
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes; the best is reported")
-    ap.add_argument("--input-size", type=int, default=512, help="network input size of the dataset path")
-    ap.add_argument("--densify", type=int, default=1, help="points per polygon edge (1: as synthesised)")
+    ap.add_argument("--stages", nargs="+", default=["global", "palm"], choices=["global", "palm"])
+    ap.add_argument("--repeats", type=int, default=2, help="timed passes; the best is reported")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: as in a DataLoader worker)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = synthesize(Path(tmp) / "data", n=args.n, size=args.size, seed=0)
-        samples = find_samples(root)
-        if args.densify > 1:
-            for s in samples:
-                anns = [Annotation(a.label, densify(a.points, args.densify), a.id)
-                        for a in read_annotations(s.json_path)]
-                write_annotations(s.json_path, anns, s.name, (args.size, args.size))
-        cache = MaskCache(Path(tmp) / "cache")
+        tmp = Path(tmp)
+        data = synthesize(tmp / "data", n=args.n, size=args.size, seed=0)
+        palm = tmp / "palm"
+        if "palm" in args.stages:
+            prepare_sr(data, palm, upscaler="bicubic", scale=4)
+        for stage in args.stages:
+            rows.append(stage_figures(stage, palm if stage == "palm" else data, tmp, args.repeats))
 
-        t = time.perf_counter()
-        for s in samples:
-            load_masks(s, cache=cache)
-        fill = (time.perf_counter() - t) / len(samples)
-        for s in samples:  # the cache returns exactly what rasterising gives
-            np.testing.assert_array_equal(load_masks(s, cache=cache),
-                                          rasterize(read_annotations(s.json_path), read_image(s.image_path).shape))
-        cache_bytes = sum(p.stat().st_size for p in cache.dir.glob("*.npz")) / len(samples)
-        json_kib = sum(s.json_path.stat().st_size for s in samples) / len(samples) / 1024
-        points = sum(len(a.points) for s in samples for a in read_annotations(s.json_path)) / len(samples)
-
-        def uncached(s):
-            img = read_image(s.image_path)
-            return img, rasterize(read_annotations(s.json_path), img.shape)
-
-        def cached(s):
-            return read_image(s.image_path), load_masks(s, cache=cache)
-
-        shape = read_image(samples[0].image_path).shape
-        from twostage.config import load_config
-        from twostage.train import GlobalDataset
-
-        cfg = load_config("global", data=str(root), input_size=args.input_size)
-        cfg.data.preload = True
-        preloaded = GlobalDataset(cfg, samples, None, cache, augment=False)
-        cfg.data.preload = False
-        rasterising = GlobalDataset(cfg, samples, None, None, augment=False)
-        items = list(range(len(samples)))
-        rates = {
-            "cached (PNG + cached masks)": best_rate(cached, samples, args.repeats),
-            "uncached (PNG + JSON + rasterize)": best_rate(uncached, samples, args.repeats),
-            "masks only, cached": best_rate(lambda s: load_masks(s, cache=cache), samples, args.repeats),
-            "masks only, JSON + rasterize": best_rate(lambda s: rasterize(read_annotations(s.json_path), shape),
-                                                      samples, args.repeats),
-            "PNG read only": best_rate(lambda s: read_image(s.image_path), samples, args.repeats),
-            f"dataset item, preloaded ({args.input_size}px)": best_rate(preloaded.__getitem__, items, args.repeats),
-            "dataset item, rasterise every step": best_rate(rasterising.__getitem__, items, args.repeats),
-        }
-
-    print(f"{len(samples)} images {args.size}x{args.size}, 29 classes, {points:.0f} polygon points/image "
-          f"({json_kib:.0f} KiB JSON); "
-          f"{platform.processor() or platform.machine()}, best of {args.repeats}")
-    print(f"cache fill: {fill * 1000:.1f} ms/image, {cache_bytes / 1024:.0f} KiB/image on disk "
-          f"(raw masks {29 * args.size * args.size / 2**20:.0f} MiB)")
-    for name, r in rates.items():
-        print(f"  {name:36s} {r:8.1f} samples/s  {1000 / r:7.1f} ms/sample")
-    names = list(rates)
-    print(f"speed-up full sample (PNG + masks): {rates[names[0]] / rates[names[1]]:.2f}x")
-    print(f"speed-up mask part alone:           {rates[names[2]] / rates[names[3]]:.2f}x")
-    print(f"speed-up training dataset item:     {rates[names[5]] / rates[names[6]]:.2f}x")
+    print(f"{args.n} phantoms of {args.size}², palm crops bicubic x4; {platform.processor() or platform.machine()}, "
+          f"{args.threads} torch thread(s), best of {args.repeats}")
+    print(f"{'stage':7s} {'input':>6s} {'old items/s':>12s} {'new items/s':>12s} {'ratio':>7s} "
+          f"{'batch on CPU items/s':>21s} {'cache build s/img':>18s} {'cache MiB/img':>14s}")
+    for r in rows:
+        print(f"{r['stage']:7s} {r['input'][0]:6d} {r['old']:12.2f} {r['new']:12.1f} {r['new'] / r['old']:6.0f}x "
+              f"{r['batch_cpu']:21.1f} {r['build_s']:18.2f} {r['mib']:14.2f}")
 
 
 if __name__ == "__main__":

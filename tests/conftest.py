@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,8 @@ from twostage.io import write_png_atomic
 # imports huggingface_hub, which reads it at import); subprocesses inherit it.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# Training-input caches of the tests go to a throwaway folder, never the user's ~/.cache.
+os.environ.setdefault("TWOSTAGE_CACHE", tempfile.mkdtemp(prefix="twostage-test-cache-"))
 
 
 # --- data helper: tiny §1 datasets written to disk ------------------------------------------

@@ -15,8 +15,8 @@ from twostage.cli import main
 from twostage.config import load_config
 from twostage.errors import TwostageError
 from twostage.models import Predictor, build_model, normalize
-from twostage.train import (GlobalDataset, bce_dice_loss, load_or_create_split, make_split, set_head_prior,
-                            train)
+from twostage.train import (GlobalDataset, bce_dice_loss, collate, load_or_create_split, make_batch, make_split,
+                            set_head_prior, train)
 
 TINY = ["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=none",
         "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}",
@@ -44,14 +44,15 @@ def tiny(stage: str, data: Path, out: Path, *extra: str, epochs: int = 2):
                        batch_size=2, input_size=64, workers=0, device="cpu")
 
 
-def test_one_batch_overfits(data):
+def test_one_batch_overfits(data, tmp_path):
     torch.manual_seed(0)
     cfg = tiny("global", data, data.parent / "unused")
     from twostage.data import find_samples
 
-    ds = GlobalDataset(cfg, find_samples(data)[:2], None, None, augment=False)
-    images = torch.stack([ds[i][0] for i in range(2)])
-    masks = torch.stack([ds[i][1] for i in range(2)])
+    ds = GlobalDataset(cfg, find_samples(data)[:2], None, augment=False)
+    ds.attach_cache(tmp_path / "cache")
+    batch = make_batch(collate([ds[0], ds[1]]), (64, 64), torch.device("cpu"))
+    images, masks = batch.images, batch.masks
     model = build_model("Unet", "resnet18", 29, encoder_depth=3, decoder_channels=[32, 16, 16])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     x = normalize(images, [0.5] * 3, [0.25] * 3, 3)
@@ -135,15 +136,16 @@ def test_resume_reproduces_the_uninterrupted_run(data, tmp_path):
 
 
 def test_worker_count_does_not_change_the_weights(data, tmp_path, caplog):
-    """Augmentation is seeded per item, so workers (capped at the CPU count) only change speed."""
+    """Augmentation is seeded per (epoch, item), so workers (persistent across epochs, capped
+    at the CPU count) only change speed."""
     import logging
 
-    a = train(tiny("global", data, tmp_path / "a", "data.preload=false", epochs=1))
-    cfg = tiny("global", data, tmp_path / "b", "data.preload=false", epochs=1)
+    a = train(tiny("global", data, tmp_path / "a", "data.preload=false", epochs=2))
+    cfg = tiny("global", data, tmp_path / "b", "data.preload=false", epochs=2)
     cfg.train.workers = 64
     with caplog.at_level(logging.INFO):
         b = train(cfg)
-    assert "train.workers=64 on" in caplog.text
+    assert "DataLoader worker(s) (train.workers=64)" in caplog.text
     sa, sb = (load_checkpoint(r / "last.pt")["state_dict"] for r in (a, b))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 

@@ -57,8 +57,13 @@ class DataConfig:
     folds: int = option(5, "number of ID-grouped folds in the split file")
     fold: int = option(0, "fold held out for validation (-1: train on everything, no validation)")
     fixes: str | None = option(None, "label fixes YAML applied on read (relabel/drop annotation/drop image)")
-    mask_cache: str | None = option(None, "folder caching rasterised masks (null: <out>/mask-cache)")
-    preload: bool = option(True, "decode and resize all training images once, in memory (fast for small sets)")
+    mask_cache: str | None = option(None, "folder caching rasterised source-size masks for validation (null: "
+                                    "<out>/mask-cache)")
+    cache: str | None = option(None, "folder of training-input caches: images and masks decoded, rasterised and resized "
+                               "once, reused by later epochs and runs, rebuilt when the data, the fixes or the sizes "
+                               "change (null: $TWOSTAGE_CACHE/inputs or ~/.cache/twostage/inputs)")
+    preload: bool = option(True, "read the training-input cache into memory (false: memory-map it; for data larger "
+                                 "than the RAM)")
     patch: int | None = option(None, "train on random P x P windows of the image resized by data.patch_scale instead of "
                                  "the whole image at model.input_size (null: whole images); inference then slides "
                                  "P x P windows over the image (docs/DESIGN.md §3)")
@@ -129,7 +134,8 @@ class BoxConfig:
 class TrainConfig:
     epochs: int = option(40, "number of epochs")
     batch_size: int = option(8, "images per step (per process under torchrun)")
-    workers: int = option(2, "DataLoader worker processes (0: load in the main process)")
+    workers: int | str = option("auto", "DataLoader worker processes (0: load in the main process; auto: the CPU cores "
+                                        "of this process less one)")
     device: str = option("auto", "auto | cpu | cuda | cuda:N (torchrun: each rank uses its local GPU)")
     threads: int = option(0, "torch CPU threads (0: leave torch's default)")
     amp: bool = option(True, "mixed precision (CUDA only; ignored on CPU)")
@@ -453,7 +459,9 @@ def validate(cfg: StageConfig) -> None:
     for name in ("epochs", "batch_size", "val_every"):
         if getattr(cfg.train, name) < 1:
             raise TwostageError(f"train.{name}={getattr(cfg.train, name)}: must be at least 1")
-    if cfg.train.workers < 0 or cfg.train.threads < 0:
+    if isinstance(cfg.train.workers, str) and cfg.train.workers != "auto":
+        raise TwostageError(f"train.workers={cfg.train.workers!r}: a number of processes or auto")
+    if (isinstance(cfg.train.workers, int) and cfg.train.workers < 0) or cfg.train.threads < 0:
         raise TwostageError("train.workers and train.threads must be 0 or more")
     if cfg.train.best_metric not in BEST_METRICS:
         close = difflib.get_close_matches(cfg.train.best_metric, BEST_METRICS, n=1)

@@ -127,7 +127,7 @@ def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: b
     runs = {}
     for stage, root, epochs in (("global", data, plan.global_epochs), ("palm", palm_data, plan.palm_epochs)):
         step(f"train {stage}")
-        overrides = [f"train.device={device}", f"train.seed={seed}"]
+        overrides = [f"train.device={device}", f"train.seed={seed}", f"data.cache={out / 'input-cache'}"]
         if epochs:
             overrides.append(f"train.epochs={epochs}")
         runs[stage] = train_stage(f"demo-{stage}", overrides=overrides, data=str(root),

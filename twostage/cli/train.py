@@ -31,12 +31,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, dest="batch_size", help="train.batch_size (per process)")
     p.add_argument("--device", help="train.device: auto, cpu, cuda, cuda:N")
     p.add_argument("--input-size", type=int, dest="input_size", help="model.input_size (square)")
-    p.add_argument("--workers", type=int, help="train.workers (DataLoader processes)")
+    p.add_argument("--workers", type=_workers, help="train.workers: DataLoader processes, or auto (the cores less one)")
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last.pt (an error if there is none or it finished)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its description and exit")
     p.set_defaults(func=_run)
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number or auto") from None
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -1,23 +1,30 @@
-"""Training datasets and sampler: every random draw (order, augmentation, palm box jitter)
-comes from generators seeded by (seed, epoch, item), so workers, ranks and resumes do not
-change the batches."""
+"""Training datasets and sampler: every random draw (order, augmentation, palm box jitter,
+window) comes from generators seeded by (seed, epoch, item), so workers, ranks and resumes
+do not change the batches.
+
+An item is cut from the training-input cache (`inputs.py`: images and masks decoded and
+resized once) and stays small: the image of its region, its masks as slabs, the rectangle
+that becomes the network input and its augmentation draws. `augment.make_batch` makes the
+pixels for the whole batch on the training device (docs/DESIGN.md §3, "Training input").
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..box import Box, crop_image, jitter_box
+from ..box import Box, jitter_box
 from ..config import StageConfig
-from ..data import load_masks
 from ..errors import TwostageError
-from ..io import read_image
-from ..models import input_hw, resize_images
+from ..io import png_size
+from ..models import input_hw
 from ..prepare import read_item_manifest
+from .augment import IDENTITY, draw_params
+from .inputs import CanvasSpec, InputCache, open_cache
 
 
 def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -25,131 +32,126 @@ def item_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def build_augment(cfg: StageConfig):
-    """The albumentations pipeline applied at input size to the uint8 image and masks (a list).
-
-    Resizing to the input size and normalising are NOT here: they are the shared
-    `models.resize_images` / `models.normalize` steps also used by `Predictor`.
-    """
-    import albumentations as A
-    import cv2
-
-    a = cfg.aug
-    return A.Compose([
-        A.CLAHE(clip_limit=2.0, tile_grid_size=(8, 8), p=a.clahe),
-        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=a.brightness),
-        A.Affine(scale=(1 - a.scale, 1 + a.scale), translate_percent=(-a.shift, a.shift),
-                 rotate=(-a.rotate, a.rotate), interpolation=cv2.INTER_LINEAR,
-                 mask_interpolation=cv2.INTER_LINEAR, border_mode=cv2.BORDER_CONSTANT, p=a.affine_p),
-        A.HorizontalFlip(p=a.hflip),
-    ])
-
-
-def _to_input_size(image: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) uint8 image and (C, H, W) {0,1} masks -> input size, masks as soft uint8 0..255."""
-    img = resize_images(torch.from_numpy(image)[None, None].float(), size)[0, 0]
-    msk = resize_images(torch.from_numpy(masks)[None].float() * 255.0, size)[0]
-    return (img.round().clamp(0, 255).to(torch.uint8).numpy(),
-            msk.round().clamp(0, 255).to(torch.uint8).numpy())
-
-
-def window_origin(shape: tuple[int, int], side: int, masks: np.ndarray, foreground: float,
+def window_origin(shape: tuple[int, int], side: int, present: Sequence[int],
+                  pixels: Callable[[int], tuple[np.ndarray, np.ndarray]], foreground: float,
                   rng: np.random.Generator) -> tuple[int, int]:
     """Top-left (y, x) of a `side`-pixel training window in an image of `shape`: with
-    probability `foreground` centred on a random foreground pixel of a random class present in
-    `masks` (C, H, W), else uniform; always inside the image where it fits."""
+    probability `foreground` centred on a random foreground pixel (`pixels(c)`: its rows and
+    columns) of a random class in `present`, else uniform; always inside the image where it fits."""
     H, W = shape
-    if rng.random() < foreground:
-        present = np.flatnonzero(masks.any(axis=(1, 2)))
-        if present.size:
-            ys, xs = np.nonzero(masks[int(rng.choice(present))])
-            k = int(rng.integers(ys.size))
-            return (int(np.clip(ys[k] - side // 2, 0, max(0, H - side))),
-                    int(np.clip(xs[k] - side // 2, 0, max(0, W - side))))
+    if rng.random() < foreground and len(present):
+        ys, xs = pixels(int(rng.choice(present)))
+        k = int(rng.integers(ys.size))
+        return (int(np.clip(ys[k] - side // 2, 0, max(0, H - side))),
+                int(np.clip(xs[k] - side // 2, 0, max(0, W - side))))
     return int(rng.integers(max(0, H - side) + 1)), int(rng.integers(max(0, W - side) + 1))
 
 
-def cut_window(array: np.ndarray, y0: int, x0: int, side: int) -> np.ndarray:
-    """The (..., side, side) window of `array` at (y0, x0), zero-padded past the image border
-    (only where the image is smaller than the window)."""
-    part = array[..., y0:y0 + side, x0:x0 + side]
-    if part.shape[-2:] == (side, side):
-        return part
-    out = np.zeros(array.shape[:-2] + (side, side), dtype=array.dtype)
-    out[..., :part.shape[-2], :part.shape[-1]] = part
-    return out
-
-
 class _StageDataset(torch.utils.data.Dataset):
-    """Items are (image uint8 (h, w), masks float (C, h, w) in 0..1) at the input size: the
-    whole image (or palm box) resized, or with `data.patch` a random P×P window of it at
-    `data.patch_scale` (`window_origin`, then the same augmentation)."""
+    """Items of the network input size: the whole image (or palm box) resized, or with
+    `data.patch` a random P×P window of the image at `data.patch_scale`. `attach_cache` must
+    run first (it builds the cache where missing)."""
 
     def __init__(self, cfg: StageConfig, augment: bool):
         self.patch, self.patch_scale, self.foreground = cfg.data.patch, cfg.data.patch_scale, cfg.data.patch_foreground
         self.size = input_hw(cfg.model.input_size if self.patch is None else self.patch)
         self.seed = cfg.train.seed
         self.epoch = 0
-        self.augment = build_augment(cfg) if augment else None
+        self.aug = cfg.aug if augment else None
+        self.in_memory = cfg.data.preload
+        self.cache: InputCache | None = None
         self.weights: list[float] | None = None  # per-item sampling weights (several sources), None: uniform
         self.valid: np.ndarray | None = None  # (N, C) 0 where an item's class is unlabelled, None: all labelled
 
-    def _fit(self, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Source-resolution (H, W) image and (C, H, W) masks -> the network input: resized
-        whole, or a window of P / patch_scale source pixels resized to P×P."""
-        if self.patch is None:
-            return _to_input_size(image, masks, self.size)
-        side = max(1, round(self.patch / self.patch_scale))
-        y0, x0 = window_origin(image.shape[-2:], side, masks, self.foreground, rng)
-        return _to_input_size(cut_window(image, y0, x0, side), cut_window(masks, y0, x0, side), self.size)
+    def canvas_specs(self) -> list[CanvasSpec]:
+        """What each item's cached canvas is made from, and its size."""
+        raise NotImplementedError
+
+    def attach_cache(self, root: str | Path, workers: int = 0, build: bool = True) -> InputCache:
+        """Open (or build, with `workers` processes) this dataset's training-input cache under `root`."""
+        self.cache = open_cache(Path(root), self.canvas_specs(), self.classes, self.fixes, workers, self.in_memory,
+                                describe={"stage": type(self).__name__, "input": list(self.size)}, build=build)
+        return self.cache
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _source(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _rect(self, index: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], np.ndarray]:
+        """The canvas region to read (y0, y1, x0, x1) and the network input's rectangle in it (y0, x0, h, w)."""
         raise NotImplementedError
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image, masks, valid): `valid` (C,) is 0 for classes this item has no label for."""
-        rng = item_rng(self.seed, self.epoch, index)
-        image, masks = self._source(index, rng)
-        if self.augment is not None:
-            self.augment.set_random_seed(int(rng.integers(2**31 - 1)))
-            out = self.augment(image=image, masks=list(masks))
-            image, masks = out["image"], np.stack(out["masks"])
-        valid = torch.ones(len(masks)) if self.valid is None else torch.from_numpy(self.valid[index])
-        return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(masks).float().div_(255.0), valid
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """`key`: an index (in the epoch of `set_epoch`) or (epoch, index), as `EpochSampler` gives."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        if self.cache is None:
+            raise TwostageError("training dataset: no input cache attached (call attach_cache first)")
+        rng = item_rng(self.seed, epoch, index)
+        region, rect = self._rect(index, rng)
+        image, data, table = self.cache.region(index, *region)
+        params = IDENTITY if self.aug is None else draw_params(rng, self.aug)
+        valid = np.ones(len(table), np.float32) if self.valid is None else self.valid[index]
+        return {"image": image, "data": data, "table": table, "rect": rect, "params": params, "valid": valid}
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Items -> one batch: images zero-padded to the largest region, mask slabs back to back."""
+    H = max(it["image"].shape[0] for it in items)
+    W = max(it["image"].shape[1] for it in items)
+    image = torch.zeros(len(items), H, W, dtype=torch.uint8)
+    tables, base = [], 0
+    for b, it in enumerate(items):
+        h, w = it["image"].shape
+        image[b, :h, :w] = torch.from_numpy(it["image"])
+        t = it["table"].copy()
+        t[:, 0] += base
+        tables.append(t)
+        base += it["data"].size
+    return {"image": image,
+            "size": torch.tensor([it["image"].shape for it in items], dtype=torch.int64),
+            "data": torch.from_numpy(np.concatenate([it["data"] for it in items])),
+            "table": torch.from_numpy(np.stack(tables)),
+            "rect": torch.from_numpy(np.stack([np.asarray(it["rect"], np.float64) for it in items])),
+            "params": torch.from_numpy(np.stack([it["params"] for it in items])),
+            "valid": torch.from_numpy(np.stack([it["valid"] for it in items]))}
 
 
 class GlobalDataset(_StageDataset):
-    """Whole images at the input size (resized once, optionally preloaded); with `data.patch`
-    the preloaded images stay at the source size and every item is a window."""
+    """Whole images resized to the input size; with `data.patch` the canvas is the image at
+    `data.patch_scale` and every item is a P×P window of it."""
 
-    def __init__(self, cfg: StageConfig, samples: list, fixes, cache, augment: bool,
+    def __init__(self, cfg: StageConfig, samples: list, fixes, augment: bool,
                  weights: Sequence[float] | None = None, ignored: Sequence[Sequence[str]] | None = None):
         """`weights`: per-sample sampling weights (uniform if None or all equal); `ignored`: per
         sample, the classes without a label (dropped pseudo-labels), excluded from its loss."""
         super().__init__(cfg, augment)
-        self.samples, self.classes, self.fixes, self.cache = samples, cfg.classes, fixes, cache
+        self.samples, self.classes, self.fixes = samples, cfg.classes, fixes
         if weights is not None and len(set(weights)) > 1:
             self.weights = [float(w) for w in weights]
         if ignored is not None and any(ignored):
             self.valid = np.array([[c not in set(names) for c in self.classes] for names in ignored], np.float32)
-        self.preloaded = None
-        if cfg.data.preload:
-            self.preloaded = [self._load(i) for i in range(len(samples))]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        s = self.samples[index]
-        image, masks = read_image(s.image_path), load_masks(s, self.classes, self.fixes, self.cache)
-        return (image, masks) if self.patch is not None else _to_input_size(image, masks, self.size)
+    def canvas_specs(self) -> list[CanvasSpec]:
+        if self.patch is None:
+            return [CanvasSpec(s, self.size) for s in self.samples]
+        return [CanvasSpec(s, tuple(max(1, round(v * self.patch_scale)) for v in png_size(s.image_path)))
+                for s in self.samples]
 
-    def _source(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        image, masks = self.preloaded[index] if self.preloaded is not None else self._load(index)
-        return self._fit(image, masks, rng) if self.patch is not None else (image, masks)
+    def _rect(self, index: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], np.ndarray]:
+        H, W = (int(v) for v in self.cache.shapes[index])
+        if self.patch is None:
+            return (0, H, 0, W), np.array([0, 0, H, W], np.float64)
+
+        def pixels(c: int) -> tuple[np.ndarray, np.ndarray]:
+            (y0, _, x0, _), slab = self.cache.slab(index, c)
+            ys, xs = np.nonzero(slab)
+            return ys + y0, xs + x0
+
+        side = self.patch
+        y0, x0 = window_origin((H, W), side, self.cache.present(index), pixels, self.foreground, rng)
+        return (y0, y0 + side, x0, x0 + side), np.array([0, 0, side, side], np.float64)
 
 
 @dataclass
@@ -180,29 +182,56 @@ def load_palm_items(root: Path, samples: list) -> list[PalmItem]:
 
 
 class PalmDataset(_StageDataset):
-    """Palm crops: a (jittered) palm box cut from the upscaled context crop, at the input size."""
+    """Palm crops: a (jittered) palm box of the upscaled context crop, at the input size. The
+    canvas is the context crop resized so that the un-jittered box is the input size: a
+    jittered box is resampled by at most its jitter scale, never from the source crop."""
 
-    def __init__(self, cfg: StageConfig, items: list[PalmItem], fixes, cache, augment: bool, jitter: bool):
+    def __init__(self, cfg: StageConfig, items: list[PalmItem], fixes, augment: bool, jitter: bool):
         super().__init__(cfg, augment)
-        self.items, self.classes, self.fixes, self.cache = items, cfg.classes, fixes, cache
+        self.items, self.classes, self.fixes = items, cfg.classes, fixes
         self.shift, self.scale = cfg.box.jitter_shift, cfg.box.jitter_scale
         self.jitter = jitter
-        self.preloaded = [self._load(i) for i in range(len(items))] if cfg.data.preload else None
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        s = self.items[index].sample
-        return read_image(s.image_path), load_masks(s, self.classes, self.fixes, self.cache)
+    def canvas_specs(self) -> list[CanvasSpec]:
+        specs = []
+        for it in self.items:
+            f = max(self.size) / (it.box.side * it.scale)
+            specs.append(CanvasSpec(it.sample, tuple(max(1, round(v * f)) for v in png_size(it.sample.image_path))))
+        return specs
 
-    def _source(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _rect(self, index: int, rng: np.random.Generator) -> tuple[tuple[int, int, int, int], np.ndarray]:
         item = self.items[index]
-        image, masks = self.preloaded[index] if self.preloaded is not None else self._load(index)
         box = item.box
         if self.jitter:
             box = jitter_box(box, rng, self.shift, self.scale, (item.context_side, item.context_side))
-        return self._fit(crop_image(image, box, item.scale), crop_image(masks, box, item.scale), rng)
+        H, W = (int(v) for v in self.cache.shapes[index])
+        fy, fx = H / (item.context_side * item.scale), W / (item.context_side * item.scale)
+        y0, x0 = box.y0 * item.scale * fy, box.x0 * item.scale * fx
+        h, w = box.side * item.scale * fy, box.side * item.scale * fx
+        Y0, X0 = max(0, math.floor(y0)), max(0, math.floor(x0))
+        Y1, X1 = min(H, math.ceil(y0 + h)), min(W, math.ceil(x0 + w))
+        return (Y0, Y1, X0, X1), np.array([y0 - Y0, x0 - X0, h, w], np.float64)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (epoch, index) from an inner sampler, so that persistent DataLoader workers, whose
+    dataset copy never sees `set_epoch`, still draw each epoch's augmentation."""
+
+    def __init__(self, inner: torch.utils.data.Sampler):
+        self.inner, self.epoch = inner, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 class _SeededSampler(torch.utils.data.Sampler):

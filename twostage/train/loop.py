@@ -30,7 +30,10 @@ from ..io import png_size, read_image, write_json_atomic
 from ..metrics import dice_per_class, summarize
 from ..models import Predictor, SegmentationNet, build_model, input_hw, normalize
 from ..prepare import MANIFEST_DIR, load_palm_set
-from .datasets import GlobalDataset, PalmDataset, PalmItem, _SeededSampler, _StageDataset, load_palm_items
+from .augment import make_batch
+from .datasets import (EpochSampler, GlobalDataset, PalmDataset, PalmItem, _SeededSampler, _StageDataset, collate,
+                       load_palm_items)
+from .inputs import default_cache_dir
 from .distributed import Dist, _broadcast, _gather, _has_unused_parameters, init_dist
 from .run import (_append_metrics, _meta, _open_run, _prepare_run, _rng_state, seed_everything, _set_rng_state,
                   _tensorboard, metrics_fields)
@@ -293,11 +296,39 @@ def _datasets(cfg: StageConfig, roots: list[Path], run: Path, dist: Dist,
                  for m in extra_meta["sources"]))
     val = [samples[i] for i in va_idx]
     if palm_items is not None:
-        train_ds = PalmDataset(cfg, [palm_items[i] for i in tr_idx], fixes, cache, augment=True, jitter=True)
-        return train_ds, _Validator(cfg, val, fixes, cache, [palm_items[i] for i in va_idx]), extra_meta
-    train_ds = GlobalDataset(cfg, [s for _, s in train], fixes, cache, augment=True,
-                             weights=[src.weight for src, _ in train], ignored=[src.ignored(s) for src, s in train])
-    return train_ds, _Validator(cfg, val, fixes, cache, None), extra_meta
+        train_ds = PalmDataset(cfg, [palm_items[i] for i in tr_idx], fixes, augment=True, jitter=True)
+        validator = _Validator(cfg, val, fixes, cache, [palm_items[i] for i in va_idx])
+    else:
+        train_ds = GlobalDataset(cfg, [s for _, s in train], fixes, augment=True,
+                                 weights=[src.weight for src, _ in train], ignored=[src.ignored(s) for src, s in train])
+        validator = _Validator(cfg, val, fixes, cache, None)
+    _attach_cache(cfg, train_ds, dist)
+    return train_ds, validator, extra_meta
+
+
+def loader_workers(cfg: StageConfig) -> int:
+    """train.workers as a count: `auto` is the cores of this process's share of the machine
+    (torchrun's LOCAL_WORLD_SIZE processes split them) less one for the training loop itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    if cfg.train.workers == "auto":
+        return share - 1
+    return min(int(cfg.train.workers), share)  # augmentation is seeded per item: same batches either way
+
+
+def _attach_cache(cfg: StageConfig, train_ds: _StageDataset, dist: Dist) -> None:
+    """Open the training-input cache (data.cache), built first where missing: by local rank 0 of
+    every node on all its cores while the other ranks wait, then opened by them."""
+    root = Path(cfg.data.cache) if cfg.data.cache else default_cache_dir()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if dist.world == 1:
+        train_ds.attach_cache(root, workers=cores)
+        return
+    if dist.local_rank == 0:
+        train_ds.attach_cache(root, workers=cores)
+    torch.distributed.barrier()
+    if dist.local_rank != 0:
+        train_ds.attach_cache(root, build=False)
 
 
 # --------------------------------------------------------------------------- setup: model, optimiser
@@ -337,15 +368,16 @@ def _loader(cfg: StageConfig, train_ds: _StageDataset, dist: Dist, cuda: bool):
                                                       shuffle=True, seed=cfg.train.seed)
     else:
         sampler = _SeededSampler(len(train_ds), cfg.train.seed)
+    sampler = EpochSampler(sampler)
     per_rank = math.ceil(len(train_ds) / dist.world)
     drop_last = per_rank > cfg.train.batch_size
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(cfg.train.workers, cores)  # augmentation is seeded per item: same batches either way
-    if workers < cfg.train.workers and dist.main:
-        log.info("train.workers=%d on %d CPU cores: using %d DataLoader workers", cfg.train.workers, cores, workers)
+    workers = loader_workers(cfg)
+    if dist.main:
+        log.info("%d DataLoader worker(s) (train.workers=%s)", workers, cfg.train.workers)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=cfg.train.batch_size, sampler=sampler,
-                                         num_workers=workers, drop_last=drop_last,
-                                         pin_memory=cuda, persistent_workers=False)
+                                         num_workers=workers, drop_last=drop_last, collate_fn=collate,
+                                         pin_memory=cuda, persistent_workers=workers > 0,
+                                         prefetch_factor=4 if workers > 0 else None)
     return sampler, loader
 
 
@@ -356,6 +388,8 @@ def _build(cfg: StageConfig, train_ds: _StageDataset, device: torch.device, dist
     if cfg.model.head_prior is not None:
         set_head_prior(model, cfg.model.head_prior)
     cuda = device.type == "cuda"
+    if cuda:  # every training batch has the input size: cuDNN's autotuned kernels pay (+4..7 % per step)
+        torch.backends.cudnn.benchmark = True
     channels_last = cuda and cfg.train.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -393,13 +427,13 @@ NON_FINITE, SKIPPED, UPDATED = "non-finite loss", "skipped by GradScaler", "upda
 """What one training step did."""
 
 
-def _train_step(cfg: StageConfig, fit: _Fit, images: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor,
-                meta: dict, dist: Dist) -> tuple[torch.Tensor, str]:
+def _train_step(cfg: StageConfig, fit: _Fit, batch: dict, meta: dict, dist: Dist) -> tuple[torch.Tensor, str]:
     """One optimiser step on one batch; returns the loss and what the step did. A non-finite
     loss (on any rank) returns before the update, so the weights stay those of the last good
     step; with AMP, GradScaler skips an update whose gradients overflowed and lowers its scale."""
     device = fit.device
-    images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+    b = make_batch(batch, input_hw(cfg.model.input_size if cfg.data.patch is None else cfg.data.patch), device)
+    images, masks, valid = b.images, b.masks, b.valid
     x = normalize(images, meta["normalization"]["mean"], meta["normalization"]["std"], cfg.model.in_channels)
     if fit.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -450,9 +484,9 @@ def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dic
     # the loader too: a batch is made (resized, augmented) as it is fetched
     with out_of_memory_as_error(lambda: f"training ({where}: batches of {cfg.train.batch_size} at {size} on {fit.device})",
                                 f"--batch-size (now {cfg.train.batch_size}) or --input-size (now {cfg.model.input_size})"):
-        for step, (images, masks, valid) in enumerate(bar, start=1):
+        for step, batch in enumerate(bar, start=1):
             where = f"epoch {epoch + 1}/{cfg.train.epochs}, step {step}/{steps}"
-            loss, did = _train_step(cfg, fit, images, masks, valid, meta, dist)
+            loss, did = _train_step(cfg, fit, batch, meta, dist)
             if did == NON_FINITE:
                 raise TwostageError(f"training stopped: non-finite loss ({loss.item()}) at {where}, before its "
                                     f"update; last good checkpoint: {_last_good(run, epoch)}. Lower optim.lr or "
