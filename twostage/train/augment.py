@@ -113,7 +113,8 @@ def photometric(image: torch.Tensor, cover: torch.Tensor, params: np.ndarray) ->
     sel = np.flatnonzero(params[:, 0])
     if sel.size:
         idx = torch.from_numpy(sel).to(image.device)
-        image[idx] = clahe(image[idx], CLAHE_CLIP, CLAHE_TILES, weight=cover[idx]).round_()
+        # whole-pixel weights: exact histogram counts (and the same on CUDA, whose float atomics are not)
+        image[idx] = clahe(image[idx], CLAHE_CLIP, CLAHE_TILES, weight=(cover[idx] > 0.5).float()).round_()
     sel = np.flatnonzero(params[:, 1])
     if sel.size:
         idx = torch.from_numpy(sel).to(image.device)
