@@ -8,7 +8,9 @@
 3. `infer --fuse` on the GPU with and without --fp16 against the same command on the CPU:
    per-class Dice between the CSVs (target >= 0.999 for every class) and the share of
    non-empty masks, so an all-empty comparison cannot pass unnoticed;
-4. `benchmarks/sr.py` (Real-ESRGAN tiled, fp16) and `benchmarks/infer.py` at 2048² on the GPU.
+4. `benchmarks/sr.py` (Real-ESRGAN tiled, fp16) and `benchmarks/infer.py` at 2048² on the GPU;
+5. `benchmarks/gpu_train.py`: whether the GPU or the loader sets the pace of training at the
+   real configs (epoch time against the compute-only step, GPU utilisation).
 
 The encoders start from random weights (model.encoder_weights=none): the device machine
 has no network. Each step prints its wall time; the summary lists the peak GPU memory of
@@ -148,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_benchmarks:
         for script, extra in (("sr.py", ["--size", "512", "--tiles", "0,256,512"]),
                               ("infer.py", ["--size", str(a.size), "--images", "3", "--global-input", "1024",
-                                            "--palm-input", "1024"])):
+                                            "--palm-input", "1024"]),
+                              ("gpu_train.py", ["--size", str(a.size), "--n", "64", "--epochs", "4"])):
             print(f"\n$ benchmarks/{script} --device {a.device} {' '.join(extra)}", flush=True)
             rc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--device", a.device, *extra],
                                 env=env).returncode

@@ -234,23 +234,30 @@ def tiny(data: Path, out: Path, *extra: str, epochs: int = 2):
                        batch_size=2, input_size=64, workers=0, device="cpu")
 
 
-def test_train_out_of_memory(world, tmp_path, capsys):
-    """A real allocation failure while the loader makes the first batch (input size 2^20, not preloaded)."""
+def test_train_input_cache_out_of_memory(world, tmp_path, capsys):
+    """A real allocation failure while the training-input cache is built (input size 2^20)."""
     rc = main(["train", "--stage", "global", "--data", str(world["data"]), "--out", str(tmp_path / "run"),
                "--epochs", "1", "--input-size", str(HUGE), "--workers", "0", "--batch-size", "2",
-               *(a for kv in TINY[:-1] for a in ("--set", kv)), "--set", "data.preload=false"])
+               *(a for kv in TINY[:-1] for a in ("--set", kv)), "--set", f"data.cache={tmp_path / 'cache'}"])
     line = one_error_line(capsys)
-    assert rc == 2 and "out of memory in training (epoch 1/1, step 1/" in line
-    assert f"lower --batch-size (now 2) or --input-size (now {HUGE})" in line
+    assert rc == 2 and f"out of memory in preparing the training input (at input size {HUGE}" in line
+    assert "lower --input-size" in line
     assert not (tmp_path / "run" / "last.pt").exists()
+    assert not [p for p in (tmp_path / "cache").glob("*") if (p / "meta.json").exists()]  # no half cache
 
 
-def test_train_preload_out_of_memory(world, tmp_path):
-    from twostage.train import train
+def test_train_step_out_of_memory(world, tmp_path, monkeypatch):
+    """An allocation failure in a training step (here in making the batch on the device) names
+    the epoch, the step and what to lower."""
+    from twostage.train import loop, train
 
-    with pytest.raises(TwostageError, match=r"out of memory in loading the training set \(data.preload=True"):
-        train(load_config("global", overrides=TINY, data=str(world["data"]), out=str(tmp_path / "run"),
-                          input_size=HUGE, workers=0))
+    def no_memory(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(loop, "make_batch", no_memory)
+    with pytest.raises(TwostageError, match=r"out of memory in training \(epoch 1/1, step 1/\d+: batches of 2 at "
+                                            r"64x64 on cpu\); lower --batch-size \(now 2\) or --input-size"):
+        train(tiny(world["data"], tmp_path / "run", epochs=1))
 
 
 def test_non_finite_loss_at_the_first_step(world, tmp_path):
@@ -299,6 +306,9 @@ def test_amp_skipped_steps_are_counted():
     from types import SimpleNamespace
 
     from twostage.train.distributed import Dist
+    import numpy as np
+
+    from twostage.train.augment import IDENTITY
     from twostage.train.loop import SKIPPED, UPDATED, _Fit, _train_step
 
     torch.manual_seed(0)
@@ -307,17 +317,23 @@ def test_amp_skipped_steps_are_counted():
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     fit = _Fit(net, net, torch.device("cpu"), None, None, opt, sched, torch.amp.GradScaler("cpu", init_scale=1024.0),
                False, False, None)
-    cfg = SimpleNamespace(model=SimpleNamespace(in_channels=3), loss=SimpleNamespace(bce=1.0, dice=1.0, batch_dice=False),
+    cfg = SimpleNamespace(model=SimpleNamespace(in_channels=3, input_size=8), data=SimpleNamespace(patch=None),
+                          loss=SimpleNamespace(bce=1.0, dice=1.0, batch_dice=False),
                           optim=SimpleNamespace(grad_clip=1.0))
     meta = {"normalization": {"mean": [0.5], "std": [0.25]}}
-    images, masks = torch.randint(0, 255, (2, 8, 8), dtype=torch.uint8), torch.rand(2, 2, 8, 8).round()
+    masks = (torch.rand(2, 2, 8, 8).round() * 255).to(torch.uint8)
+    batch = {"image": torch.randint(0, 255, (2, 8, 8), dtype=torch.uint8), "size": torch.tensor([[8, 8]] * 2),
+             "data": masks.reshape(-1),  # every class a full 8x8 slab, back to back
+             "table": torch.tensor([[[64 * (2 * b + c), 0, 8, 0, 8] for c in range(2)] for b in range(2)]),
+             "rect": torch.tensor([[0.0, 0.0, 8.0, 8.0]] * 2, dtype=torch.float64),
+             "params": torch.from_numpy(np.stack([IDENTITY] * 2)), "valid": torch.ones(2, 2)}
     hook = net.conv.weight.register_hook(lambda g: g * float("inf"))
     before = net.conv.weight.detach().clone()
-    loss, did = _train_step(cfg, fit, images, masks, torch.ones(masks.shape[:2]), meta, Dist())
+    loss, did = _train_step(cfg, fit, batch, meta, Dist())
     assert did == SKIPPED and torch.isfinite(loss) and torch.equal(net.conv.weight, before)
     assert fit.scaler.get_scale() == 512.0
     hook.remove()
-    assert _train_step(cfg, fit, images, masks, torch.ones(masks.shape[:2]), meta, Dist())[1] == UPDATED
+    assert _train_step(cfg, fit, batch, meta, Dist())[1] == UPDATED
     assert not torch.equal(net.conv.weight, before)
 
 

@@ -209,3 +209,19 @@ def test_palm_items_match_the_old_crop_and_resize(palm_data, tmp_path):
     jittered = PalmDataset(cfg, items, None, augment=False, jitter=True)
     jittered.attach_cache(tmp_path)
     assert {tuple(jittered[(e, 0)]["rect"]) for e in range(4)} != {tuple(ds[0]["rect"])}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batch_matches_the_cpu_batch(data, palm_data, tmp_path):
+    """The same collated batches made on the GPU and on the CPU (augmentation on)."""
+    cuda = torch.device("cuda")
+    for stage, root in (("global", data), ("palm", palm_data)):
+        cfg = cfg_for(stage, root, "aug.clahe=0.5", "aug.brightness=0.5", "aug.affine_p=1", "aug.hflip=0.5")
+        samples = samples_of(root)
+        ds = (PalmDataset(cfg, load_palm_items(root, samples), None, augment=True, jitter=True) if stage == "palm"
+              else GlobalDataset(cfg, samples, None, augment=True))
+        ds.attach_cache(tmp_path)
+        batch = collate([ds[i] for i in range(len(ds))])
+        a, b = make_batch(batch, (64, 64), CPU), make_batch(batch, (64, 64), cuda)
+        assert (a.images - b.images.cpu()).abs().gt(1).float().mean() < 0.01, stage  # rounding at .5 may flip
+        torch.testing.assert_close(b.masks.cpu(), a.masks, atol=1e-3, rtol=0)

@@ -12,8 +12,10 @@ from .errors import TwostageError
 
 def torch_device(name: str | torch.device, option: str = "--device", allow_auto: bool = False) -> torch.device:
     """A torch device from a user string ("cpu", "cuda", "cuda:1"; "auto" where `allow_auto`:
-    CUDA when present). A malformed name, or CUDA asked for on a machine without it, is one
-    TwostageError naming `option` (the flag or config key the string came from)."""
+    CUDA when present). A CUDA device always carries its index ("cuda" is the current device):
+    `torch.cuda.set_device`, DDP's `device_ids` and `torch.cuda.synchronize(device)` need one.
+    A malformed name, CUDA asked for on a machine without it, or an index beyond its GPUs is
+    one TwostageError naming `option` (the flag or config key the string came from)."""
     if isinstance(name, torch.device):
         name = str(name)
     if allow_auto and name == "auto":
@@ -23,8 +25,14 @@ def torch_device(name: str | torch.device, option: str = "--device", allow_auto:
     except (RuntimeError, TypeError):
         forms = "auto, cpu, cuda, cuda:N" if allow_auto else "cpu, cuda, cuda:1, ..."
         raise TwostageError(f"{option} {name!r}: not a torch device ({forms})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TwostageError(f"{option} {name}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TwostageError(f"{option} {name}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        n = torch.cuda.device_count()
+        if dev.index >= n:
+            raise TwostageError(f"{option} {name}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
     return dev
 
 

@@ -58,13 +58,14 @@ class _Clock:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device  # synchronize this one: with --device cuda:1 the current device is still 0
         self.totals = dict.fromkeys(STAGES, 0.0)
         self._t = time.perf_counter()
         self.last = "read"  # the step that finished last
 
     def lap(self, stage: str) -> None:
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.totals[stage] += now - self._t
         self._t, self.last = now, stage

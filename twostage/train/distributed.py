@@ -27,13 +27,14 @@ class Dist:
 
 def init_dist(device_pref: str) -> tuple[Dist, torch.device]:
     """Join the torchrun process group if launched by torchrun (gloo on CPU, nccl on CUDA).
-    Under torchrun a CUDA device is the rank's own GPU (LOCAL_RANK)."""
+    A CUDA device comes back indexed and made current (set_device and DDP need the index);
+    under torchrun it is the rank's own GPU (LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = torch_device(device_pref, option="train.device", allow_auto=True)
     if device.type == "cuda":
         if world > 1:
-            device = torch.device("cuda", dist.local_rank)
+            device = torch_device(f"cuda:{dist.local_rank}", option="LOCAL_RANK")
         torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")

@@ -209,6 +209,7 @@ def build_cache(folder: Path, specs: Sequence[CanvasSpec], classes: Sequence[str
     shapes = np.array([s.shape for s in specs], dtype=np.int64).reshape(n, 2)
     image_offsets = np.zeros(n, dtype=np.int64)
     table = np.zeros((n, C, 5), dtype=np.int64)
+    workers = min(workers, n // 4)  # a worker costs a process start: not worth it for a handful of images
     loader = torch.utils.data.DataLoader(_Builder(specs, classes, fixes), batch_size=None, num_workers=workers,
                                          collate_fn=lambda x: x)
     try:

@@ -577,8 +577,9 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
     roots = _data_roots(cfg)
     run, last = _prepare_run(cfg, resume)
     _open_run(cfg, run, last, dist)
-    with out_of_memory_as_error(f"loading the training set (data.preload={cfg.data.preload}, at input size "
-                                f"{cfg.model.input_size})", "--input-size, or set data.preload=false"):
+    with out_of_memory_as_error(f"preparing the training input (at input size {cfg.model.input_size}, "
+                                f"data.patch={cfg.data.patch}, data.preload={cfg.data.preload})",
+                                "--input-size" + (", or set data.preload=false" if cfg.data.preload else "")):
         train_ds, validator, extra_meta = _datasets(cfg, roots, run, dist, device)
     seed_everything(cfg.train.seed)
     fit = _build(cfg, train_ds, device, dist)
