@@ -385,8 +385,9 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     if x.ndim == 3:
         x = x[:, None]
     x = x.div(255.0).expand(-1, in_channels, -1, -1)
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)[:, :in_channels]
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)[:, :in_channels]
+    # built on the host, sent without blocking: a blocking copy would wait for the queued GPU work
+    m = torch.as_tensor(mean, dtype=x.dtype).to(x.device, non_blocking=True).view(1, -1, 1, 1)[:, :in_channels]
+    s = torch.as_tensor(std, dtype=x.dtype).to(x.device, non_blocking=True).view(1, -1, 1, 1)[:, :in_channels]
     return (x - m) / s
 
 

@@ -100,7 +100,9 @@ def make_batch(batch: dict, out: tuple[int, int], device: torch.device) -> Batch
     del masks
     params = batch["params"].numpy()
     theta = np.stack([_theta(r, (Hr, Wr), out, p) for r, p in zip(batch["rect"].numpy(), params)])
-    grid = F.affine_grid(torch.from_numpy(theta).float().to(device), [B, 1, *out], align_corners=False)
+    # small host tensors go over with non_blocking: a blocking copy would wait for the queued GPU work
+    theta = torch.from_numpy(theta).float().to(device, non_blocking=True)
+    grid = F.affine_grid(theta, [B, 1, *out], align_corners=False)
     y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     del x, grid
     image, cover, masks = y[:, 0].round().clamp_(0, 255), y[:, 1], y[:, 2:]
@@ -112,13 +114,13 @@ def photometric(image: torch.Tensor, cover: torch.Tensor, params: np.ndarray) ->
     """CLAHE then brightness/contrast on the items that drew them; 0 stays 0 outside the image."""
     sel = np.flatnonzero(params[:, 0])
     if sel.size:
-        idx = torch.from_numpy(sel).to(image.device)
+        idx = torch.from_numpy(sel).to(image.device, non_blocking=True)
         # whole-pixel weights: exact histogram counts (and the same on CUDA, whose float atomics are not)
         image[idx] = clahe(image[idx], CLAHE_CLIP, CLAHE_TILES, weight=(cover[idx] > 0.5).float()).round_()
     sel = np.flatnonzero(params[:, 1])
     if sel.size:
-        idx = torch.from_numpy(sel).to(image.device)
-        alpha = torch.as_tensor(params[sel, 2], dtype=image.dtype, device=image.device).view(-1, 1, 1)
-        beta = torch.as_tensor(params[sel, 3] * 255.0, dtype=image.dtype, device=image.device).view(-1, 1, 1)
+        idx = torch.from_numpy(sel).to(image.device, non_blocking=True)
+        alpha = torch.from_numpy(params[sel, 2]).to(image.device, image.dtype, non_blocking=True).view(-1, 1, 1)
+        beta = torch.from_numpy(params[sel, 3] * 255.0).to(image.device, image.dtype, non_blocking=True).view(-1, 1, 1)
         image[idx] = (image[idx] * alpha + beta).clamp_(0, 255).round_()
     return image.masked_fill_(cover <= 0, 0)

@@ -44,7 +44,7 @@ def _axis(n: int, tile: int, tiles: int, device: torch.device) -> tuple[torch.Te
     """Per row (or column) of the image: the interpolation cell 0..tiles (cell c blends tiles
     max(c-1, 0) and min(c, tiles-1)) and the two blend weights (a, 1-a), computed as OpenCV
     does in float32 (t = i * (1/tile) - 0.5; a = t - floor(t)), so they are the same bits."""
-    inv = torch.tensor(1.0, dtype=torch.float32, device=device) / tile
+    inv = torch.full((), 1.0, dtype=torch.float32, device=device) / tile  # made on the device: no host copy
     t = torch.arange(n, device=device, dtype=torch.float32) * inv - 0.5
     t1 = torch.floor(t)
     a = t - t1
@@ -75,7 +75,7 @@ def _luts(hist: torch.Tensor, clip_limit: float) -> torch.Tensor:
         hist = hist + (batch + (residual - n) / LEVELS) + extra
     cdf = torch.cumsum(hist, -1)
     # OpenCV: lutScale = float(255) / tileSizeTotal; saturate_cast<uchar>(sum * lutScale)
-    scale = torch.tensor(LEVELS - 1.0, dtype=torch.float32, device=hist.device) / area.clamp(min=1e-30)
+    scale = torch.full((), LEVELS - 1.0, dtype=torch.float32, device=hist.device) / area.clamp(min=1e-30)
     lut = torch.round(cdf * scale).clamp_(0, LEVELS - 1)
     # a tile without any weight has no histogram: its grey levels stay as they are
     identity = torch.arange(LEVELS, device=hist.device, dtype=torch.float32)

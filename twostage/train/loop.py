@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -348,6 +348,11 @@ class _Fit:
     amp: bool
     channels_last: bool
     class_weights: torch.Tensor | None  # (C,) loss weights, or None: all classes alike
+    updates: list[int] = field(default_factory=lambda: [0])  # optimiser steps taken (GradScaler skips some)
+
+    def __post_init__(self) -> None:
+        # counted by a hook, not by reading GradScaler's scale: that would wait for the GPU every step
+        self.opt.register_step_post_hook(lambda *_: self.updates.__setitem__(0, self.updates[0] + 1))
 
 
 @dataclass
@@ -433,31 +438,32 @@ def _train_step(cfg: StageConfig, fit: _Fit, batch: dict, meta: dict, dist: Dist
     step; with AMP, GradScaler skips an update whose gradients overflowed and lowers its scale."""
     device = fit.device
     b = make_batch(batch, input_hw(cfg.model.input_size if cfg.data.patch is None else cfg.data.patch), device)
-    images, masks, valid = b.images, b.masks, b.valid
-    x = normalize(images, meta["normalization"]["mean"], meta["normalization"]["std"], cfg.model.in_channels)
+    x = normalize(b.images, meta["normalization"]["mean"], meta["normalization"]["std"], cfg.model.in_channels)
     if fit.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    fit.opt.zero_grad(set_to_none=True)
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=fit.amp):
         logits = fit.net(x)
     batch_dice = cfg.data.patch is not None if cfg.loss.batch_dice is None else cfg.loss.batch_dice
-    loss = bce_dice_loss(logits, masks, cfg.loss.bce, cfg.loss.dice, fit.class_weights,
-                         None if bool(valid.all()) else valid, batch_dice)
+    all_valid = bool(batch["valid"].all())  # the host copy: asking the device would wait for the forward
+    loss = bce_dice_loss(logits, b.masks, cfg.loss.bce, cfg.loss.dice, fit.class_weights,
+                         None if all_valid else b.valid, batch_dice)
     finite = torch.isfinite(loss.detach()).float()
+    fit.scaler.scale(loss).backward()
     if dist.world > 1:  # every rank stops, or none: the gradients are all-reduced
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if not finite.item():  # a sync; the progress bar reads the loss every step anyway
+    # The one wait for the GPU per step, once forward and backward are queued (asked before
+    # the backward it would leave the GPU idle while the backward is launched).
+    if not finite.item():
         return loss, NON_FINITE
-    fit.opt.zero_grad(set_to_none=True)
-    fit.scaler.scale(loss).backward()
     if cfg.optim.grad_clip > 0:
         fit.scaler.unscale_(fit.opt)
         nn.utils.clip_grad_norm_(fit.model.parameters(), cfg.optim.grad_clip)
-    scale = fit.scaler.get_scale() if fit.scaler.is_enabled() else None
+    updates = fit.updates[0]
     fit.scaler.step(fit.opt)
     fit.scaler.update()
     fit.sched.step()
-    # GradScaler lowers its scale exactly when it skipped the step
-    return loss, SKIPPED if scale is not None and fit.scaler.get_scale() < scale else UPDATED
+    return loss, UPDATED if fit.updates[0] > updates else SKIPPED
 
 
 def _last_good(run: Path, epoch: int) -> str:
@@ -475,7 +481,7 @@ def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dic
     train_ds.set_epoch(epoch)
     fit.sampler.set_epoch(epoch)
     fit.net.train()
-    total, count, skipped = torch.zeros((), device=fit.device), 0, 0
+    total, count, skipped, last = torch.zeros((), device=fit.device), 0, 0, None
     steps = len(fit.loader)
     where = f"epoch {epoch + 1}/{cfg.train.epochs}, step 1/{steps}"
     size = "x".join(map(str, input_hw(cfg.model.input_size)))
@@ -493,8 +499,10 @@ def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dic
                                     "check the data")
             skipped += did == SKIPPED
             total += loss.detach()
+            shown, last = last, loss.detach()
             count += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if shown is not None:  # the step before's loss: ready, so reading it does not wait for the GPU
+                bar.set_postfix(loss=f"{shown.item():.4f}")
     if dist.world > 1:
         stats = torch.stack([total, torch.tensor(float(count), device=fit.device),
                              torch.tensor(float(skipped), device=fit.device)])
