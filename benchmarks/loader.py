@@ -46,7 +46,10 @@ from twostage.train import GlobalDataset, PalmDataset, collate, item_rng, load_p
 
 def old_augment(aug):
     """The albumentations pipeline the training items went through before the cache."""
-    import albumentations as A
+    try:
+        import albumentations as A
+    except ImportError:
+        raise SystemExit("benchmarks/loader.py: the old pipeline needs albumentations: pip install -e '.[bench]'")
     import cv2
 
     return A.Compose([

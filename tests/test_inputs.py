@@ -17,7 +17,7 @@ from twostage.io import read_image
 from twostage.models import resize_images
 from twostage.train import GlobalDataset, PalmDataset, collate, load_palm_items, make_batch
 from twostage.train.datasets import EpochSampler, _SeededSampler
-from twostage.train.inputs import densify
+from twostage.train.augment import densify
 
 CPU = torch.device("cpu")
 
@@ -185,8 +185,10 @@ def test_patch_windows_reach_past_small_images(data, tmp_path):
     item = ds[0]
     assert item["image"].shape == (192, 192)  # a 160² canvas, zero-padded to the window
     assert not item["image"][160:].any() and not item["image"][:, 160:].any()
-    np.testing.assert_array_equal(densify(item["data"], item["table"], (192, 192))[:, :160, :160],
-                                  cache.dense_masks(0))
+    dense = torch.zeros(1, len(item["table"]), 192, 192, dtype=torch.uint8)
+    densify(torch.from_numpy(item["data"]), torch.from_numpy(item["table"])[None], dense)
+    np.testing.assert_array_equal(dense[0, :, :160, :160].numpy(), cache.dense_masks(0))
+    assert not dense[0, :, 160:].any() and not dense[0, :, :, 160:].any()
 
 
 def test_palm_items_match_the_old_crop_and_resize(palm_data, tmp_path):
@@ -225,3 +227,18 @@ def test_cuda_batch_matches_the_cpu_batch(data, palm_data, tmp_path):
         a, b = make_batch(batch, (64, 64), CPU), make_batch(batch, (64, 64), cuda)
         assert (a.images - b.images.cpu()).abs().gt(1).float().mean() < 0.01, stage  # rounding at .5 may flip
         torch.testing.assert_close(b.masks.cpu(), a.masks, atol=1e-3, rtol=0)
+
+
+def test_workers_auto_uses_this_process_share_of_the_cores(data, monkeypatch):
+    from twostage.errors import TwostageError
+    from twostage.train.loop import loader_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    cfg = load_config("global", overrides=["train.workers=auto"], data=str(data))
+    assert loader_workers(cfg) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 processes on this node
+    assert loader_workers(cfg) == 3
+    cfg.train.workers = 64
+    assert loader_workers(cfg) == 4  # never more than the share
+    with pytest.raises(TwostageError, match="train.workers='many': a number of processes or auto"):
+        load_config("global", overrides=["train.workers=many"], data=str(data))

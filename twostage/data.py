@@ -551,20 +551,24 @@ class MaskCache:
         write_bytes_atomic(self.path(sample), buf.getvalue())
 
 
-def _pack_masks(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per class: bounding box (y0, y1, x0, x1) and the packed bits of that box."""
-    boxes = np.zeros((len(masks), 4), dtype=np.int32)
-    parts = []
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """(C, 4) bounding box (y0, y1, x0, x1) of each class's non-zero pixels in (C, H, W)
+    masks; all zero for an empty class. Bones cover a few % of an image: caches keep the boxes."""
+    boxes = np.zeros((len(masks), 4), dtype=np.int64)
     for c, m in enumerate(masks):
         rows = np.flatnonzero(m.any(axis=1))
-        if rows.size == 0:
-            continue
-        cols = np.flatnonzero(m[rows[0]:rows[-1] + 1].any(axis=0))
-        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        boxes[c] = (y0, y1, x0, x1)
-        parts.append(np.packbits(m[y0:y1, x0:x1], axis=None))
+        if rows.size:
+            cols = np.flatnonzero(m[rows[0]:rows[-1] + 1].any(axis=0))
+            boxes[c] = (rows[0], rows[-1] + 1, cols[0], cols[-1] + 1)
+    return boxes
+
+
+def _pack_masks(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: bounding box (y0, y1, x0, x1) and the packed bits of that box."""
+    boxes = mask_boxes(masks)
+    parts = [np.packbits(m[y0:y1, x0:x1], axis=None) for m, (y0, y1, x0, x1) in zip(masks, boxes) if y1 > y0]
     bits = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
-    return np.array(masks.shape, dtype=np.int64), boxes, bits
+    return np.array(masks.shape, dtype=np.int64), boxes.astype(np.int32), bits
 
 
 def _unpack_masks(shape: np.ndarray, boxes: np.ndarray, bits: np.ndarray) -> np.ndarray:

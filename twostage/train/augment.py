@@ -66,15 +66,13 @@ def _theta(rect: np.ndarray, region: tuple[int, int], out: tuple[int, int], p: n
     return m[:2]
 
 
-def densify(data: torch.Tensor, table: torch.Tensor, shape: tuple[int, int, int, int],
-            device: torch.device) -> torch.Tensor:
-    """Sparse batch masks (`collate` of `InputCache.region` items) -> (B, C, h, w) uint8 on `device`."""
-    out = torch.zeros(shape, dtype=torch.uint8, device=device)
-    data = data.to(device, non_blocking=True)
+def densify(data: torch.Tensor, table: torch.Tensor, out: torch.Tensor) -> None:
+    """Write sparse batch masks (`collate` of `InputCache.region` items) into `out` (B, C, h, w),
+    zeros, on its device: grey levels 0..255 in its dtype."""
+    data = data.to(out.device, non_blocking=True)
     for b, c in torch.nonzero(table[:, :, 2] > table[:, :, 1]).tolist():
         o, y0, y1, x0, x1 = table[b, c].tolist()
         out[b, c, y0:y1, x0:x1] = data[o:o + (y1 - y0) * (x1 - x0)].view(y1 - y0, x1 - x0)
-    return out
 
 
 @dataclass
@@ -87,25 +85,41 @@ class Batch:
     valid: torch.Tensor
 
 
+def _is_copy(rect: np.ndarray, region: tuple[int, int], out: tuple[int, int], p: np.ndarray) -> bool:
+    """Whether an item's input is its region as it is (or mirrored): no resampling needed."""
+    return not p[4] and tuple(region) == tuple(out) and tuple(rect) == (0, 0, *out)
+
+
 def make_batch(batch: dict, out: tuple[int, int], device: torch.device) -> Batch:
     """The network-size training batch of a collated loader batch: crop, resize and augment on `device`."""
     images = batch["image"].to(device, non_blocking=True)
     B, Hr, Wr = images.shape
     C = batch["table"].shape[1]
-    masks = densify(batch["data"], batch["table"], (B, C, Hr, Wr), device)
-    inside = torch.zeros(B, 1, Hr, Wr, device=device)
+    # channels: image, inside-the-region, the masks (0..255; scaled to 0..1 after resampling)
+    x = torch.zeros(B, C + 2, Hr, Wr, device=device)
+    x[:, 0] = images
     for b, (h, w) in enumerate(batch["size"].tolist()):
-        inside[b, :, :h, :w] = 1
-    x = torch.cat([images[:, None].float(), inside, masks.float().div_(255.0)], 1)
-    del masks
-    params = batch["params"].numpy()
-    theta = np.stack([_theta(r, (Hr, Wr), out, p) for r, p in zip(batch["rect"].numpy(), params)])
-    # small host tensors go over with non_blocking: a blocking copy would wait for the queued GPU work
-    theta = torch.from_numpy(theta).float().to(device, non_blocking=True)
-    grid = F.affine_grid(theta, [B, 1, *out], align_corners=False)
-    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    del x, grid
-    image, cover, masks = y[:, 0].round().clamp_(0, 255), y[:, 1], y[:, 2:]
+        x[b, 1, :h, :w] = 1
+    densify(batch["data"], batch["table"], x[:, 2:])
+    params, rects = batch["params"].numpy(), batch["rect"].numpy()
+    warp = [b for b in range(B) if not _is_copy(rects[b], (Hr, Wr), out, params[b])]
+    if warp:
+        # small host tensors go over with non_blocking: a blocking copy would wait for the queued GPU work
+        theta = torch.from_numpy(np.stack([_theta(rects[b], (Hr, Wr), out, params[b]) for b in warp]))
+        theta = theta.float().to(device, non_blocking=True)
+        grid = F.affine_grid(theta, [len(warp), 1, *out], align_corners=False)
+        sampled = F.grid_sample(x if len(warp) == B else x[warp], grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)
+    if len(warp) == B:
+        y = sampled
+    else:  # plain copies (and flips) are exact, and cheaper than resampling
+        y = torch.empty(B, C + 2, *out, device=device)
+        for k, b in enumerate(warp):
+            y[b] = sampled[k]
+        for b in set(range(B)) - set(warp):
+            y[b] = x[b].flip(-1) if params[b, 9] else x[b]
+    del x
+    image, cover, masks = y[:, 0].round().clamp_(0, 255), y[:, 1], y[:, 2:].div_(255.0).clamp_(0, 1)
     image = photometric(image, cover, params)
     return Batch(image, masks, batch["valid"].to(device, non_blocking=True))
 

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data import Fixes, Sample, load_annotations, rasterize
+from ..data import Fixes, Sample, load_annotations, mask_boxes, rasterize
 from ..errors import TwostageError
 from ..io import read_image, sha256_file, write_json_atomic
 from ..models import resize_images
@@ -73,17 +73,9 @@ def cache_key(specs: Sequence[CanvasSpec], classes: Sequence[str], fixes: Fixes 
 
 def _slabs(masks: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
     """(C, H, W) uint8 -> per class (y0, y1, x0, x1) of its non-zero pixels and that slab."""
-    boxes = np.zeros((len(masks), 4), dtype=np.int64)
-    parts = []
-    for c, m in enumerate(masks):
-        rows = np.flatnonzero(m.any(axis=1))
-        if rows.size == 0:
-            continue
-        cols = np.flatnonzero(m[rows[0]:rows[-1] + 1].any(axis=0))
-        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        boxes[c] = (y0, y1, x0, x1)
-        parts.append(np.ascontiguousarray(m[y0:y1, x0:x1]).reshape(-1))
-    return boxes, parts
+    boxes = mask_boxes(masks)
+    return boxes, [np.ascontiguousarray(m[y0:y1, x0:x1]).reshape(-1)
+                   for m, (y0, y1, x0, x1) in zip(masks, boxes) if y1 > y0]
 
 
 def to_canvas(image: np.ndarray, masks: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -178,18 +170,13 @@ class InputCache:
 
     def dense_masks(self, i: int) -> np.ndarray:
         """Item i's (C, h, w) masks, for checks and tests."""
+        from .augment import densify
+
         h, w = (int(v) for v in self.shapes[i])
         _, data, table = self.region(i, 0, h, 0, w)
-        return densify(data, table, (h, w))
-
-
-def densify(data: np.ndarray, table: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Sparse masks of `InputCache.region` -> (C, h, w) uint8."""
-    out = np.zeros((len(table),) + tuple(shape), dtype=np.uint8)
-    for c, (o, y0, y1, x0, x1) in enumerate(table.tolist()):
-        if y1 > y0:
-            out[c, y0:y1, x0:x1] = data[o:o + (y1 - y0) * (x1 - x0)].reshape(y1 - y0, x1 - x0)
-    return out
+        out = torch.zeros((1, len(table), h, w), dtype=torch.uint8)
+        densify(torch.from_numpy(data), torch.from_numpy(table)[None], out)
+        return out[0].numpy()
 
 
 def _fsync_close(f) -> None:
