@@ -210,9 +210,12 @@ def _stage_model(stage: str, sets: list[str], extra: dict):
 
 
 def confident_models(images: Path, out: Path, device: str = "cpu", sets: list[str] = (), weights_dir=None,
-                     tile: int = 0, bug: str | None = None, seed: int = 0) -> dict:
+                     tile: int = 0, bug: str | None = None, seed: int = 0, upscaler: str = UPSCALER,
+                     box_side: tuple[float, float] = BOX_SIDE) -> dict:
     """Global and palm checkpoints of the real stage architectures, made confident on the first
-    image of `images`; with `bug`, what the device runs get instead. Returns models.json's dict."""
+    image of `images`, the palm one recorded with `upscaler` and palm boxes of `box_side`
+    (fractions of the image side); with `bug`, what the device runs get instead. Returns
+    models.json's dict."""
     import shutil
 
     import torch
@@ -237,16 +240,16 @@ def confident_models(images: Path, out: Path, device: str = "cpu", sets: list[st
     sharpen_head(pred.model, pred.logits_at(x))
     glob = save_checkpoint(out / "global.pt", pred.model.state_dict(), meta)
 
-    rule = BoxRule(margin=DEFAULT_MARGIN, side_min=BOX_SIDE[0], side_max=BOX_SIDE[1],
-                   fallback=(0.5, 0.6, sum(BOX_SIDE) / 2))
-    record = {**make_upscaler(UPSCALER, weights_dir=weights_dir).record(), "context": 1.5}
+    rule = BoxRule(margin=DEFAULT_MARGIN, side_min=box_side[0], side_max=box_side[1],
+                   fallback=(0.5, 0.6, sum(box_side) / 2))
+    record = {**make_upscaler(upscaler, weights_dir=weights_dir).record(), "context": 1.5}
     net, pmeta = _stage_model("palm", list(sets), {"box_rule": rule.to_dict(), "palm_set": record})
     raw = save_checkpoint(out / "palm-raw.pt", net.state_dict(), pmeta)
     chain = TwoStage.build(glob, raw, device=device, upscaler_tile=tile, weights_dir=weights_dir, calibration="none")
     with torch.no_grad():
         native = chain.native(image[None])
     box = chain.boxes(native, [samples[0].name], image.shape)[0]
-    crop = torch.from_numpy(chain.palm.crop_upscaled(image, box))[None]
+    crop = chain.palm.crop_upscaled(image, box)[None]
     pp = chain.palm.predictor
     cap_batchnorm(pp.model, pp.preprocess(crop))
     sharpen_head(pp.model, pp.logits_at(crop))

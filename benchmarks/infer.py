@@ -1,308 +1,227 @@
-"""Benchmark `twostage infer`: global-only vs fused on the same phantoms and models, one run.
+"""`twostage infer --fuse`, old chain against new, side by side in one run on the same inputs.
 
-Prints, per image: the step breakdown (read, global forward, box+crop, masks = upsample +
-thresholds, upscale, palm forward, fusion, RLE+write) of both modes; the overhead of
-box+crop+masks+fusion+RLE as a share of the global-only time (target <= 10 %); the peak RSS
-of a fused run at 2048² batch 1 in a fresh subprocess (target <= 3 GB on CPU); and the
-post-processing path (what `infer --fuse` does after the networks, on the device) against
-what CSV-level ensembling does (read both CSVs, decode, combine with numpy, re-encode,
-write; target >= 5x faster), on realistic probabilities.
+The old chain is the `twostage` package of a git revision (`--old`, default the last commit
+before the inference rework), unpacked with `git archive`; the new one is this checkout. Each
+runs in its own subprocess (alternating, `--rounds` times; the best round of each counts) on
+the same phantoms and checkpoints and reports:
+  * set-up: building the chain (checkpoint loading, weight hashing, model building) plus the
+    first-call warm-up (the first image's time beyond a steady image's);
+  * per image, steady state: the whole `infer.run` time, split into network forwards (every
+    outermost `nn.Module` call: global, upscaler, palm network; CUDA synchronised around each)
+    and everything else (read, resize, box, crop, transfers, upsample, fusion, RLE, CSV);
+  * whether the two CSVs are byte-identical.
+On CUDA, a run without the forward hooks (they synchronise) gives the throughput.
 
-Models: random-initialised Unet + efficientnet-lite0 networks (the demo architecture; global input
-512, palm input 384) whose output bias is set so that ~10 % of pixels are foreground per
-class (a random network's ~0.5 outputs would make noise masks with unrealistically many RLE
-runs), or trained ones via --global/--palm. Their masks are noise over the whole image, the
-worst case for infer's tile-sparse upsample (every tile is computed) and for the RLE; the
-post-processing comparison uses blurred ground truth at the network's size instead.
+Models: the real stage architectures (stages/global.yaml, stages/palm.yaml; random weights,
+made confident by benchmarks/device_compare.py so the masks look like a trained model's),
+the palm one recorded with `--upscaler` (random weights of the official architecture).
 
-    .venv/bin/python benchmarks/infer.py --size 2048 --images 3
-    .venv/bin/python benchmarks/infer.py --size 512 --images 8
+    .venv/bin/python benchmarks/infer.py                                  # CPU, 2048², compact x4
+    .venv/bin/python benchmarks/infer.py --device cuda --fp16 --images 16 --upscaler RealESRGAN_x4plus
+    .venv/bin/python benchmarks/infer.py --set model.input_size=512       # lighter networks
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from twostage.box import BoxRule, box_from_annotations, crop_image
-from twostage.checkpoint import save_checkpoint
-from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
-from twostage.data import find_samples, rasterize, read_annotations
-from twostage.fusion import fuse, thresholds
-from twostage.chain import ChainOptions, TwoStage
-from twostage.infer import STAGES, infer
-from twostage.io import read_image
-from twostage.models import build_model, default_normalization, resize_images
-from twostage.rle import CsvWriter, decode, encode_masks, read_csv, write_csv
-from twostage.sr import make_upscaler
-from twostage.synth import synthesize
-from twostage.upsample import threshold_upsample
-
-MODEL = {"arch": "Unet", "encoder": "tu-efficientnet_lite0", "in_channels": 3, "kwargs": {}}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+OLD_REF = "398afff"  # the chain before issue 28's rework (upscaled crops through host memory)
 
 
-def make_checkpoint(path: Path, stage: str, classes, input_size: int, sample_image: np.ndarray,
-                    seed: int) -> Path:
-    """Random-initialised stage model, head bias set so ~10 % of pixels exceed 0.5."""
-    from twostage.models import Predictor
+# --------------------------------------------------------------------------- worker (subprocess)
 
-    torch.manual_seed(seed)
-    net = build_model(MODEL["arch"], MODEL["encoder"], len(classes), 3)
-    meta = {"stage": stage, "classes": list(classes), "model": MODEL, "input_size": input_size,
-            "normalization": default_normalization(None)}
-    if stage == "palm":
-        meta["box_rule"] = BoxRule(margin=0.15, side_min=0.15, side_max=0.6, fallback=(0.5, 0.6, 0.3)).to_dict()
-        meta["palm_set"] = make_upscaler("bicubic", 4).record()
-    pred = Predictor(net, meta)
-    logits = pred.logits_at(torch.from_numpy(sample_image)[None])[0]  # (C, h, w)
-    head = net.net.segmentation_head[0]
-    with torch.no_grad():
-        head.bias -= torch.quantile(logits.flatten(1), 0.9, dim=1)
-    return save_checkpoint(path, net.state_dict(), meta)
+class ForwardClock:
+    """Wall time inside outermost `nn.Module` calls (the networks), by global forward hooks."""
 
+    def __init__(self, device: str):
+        import torch
+        from torch.nn.modules import module
 
-def per_image(timings: dict, n: int) -> dict:
-    return {k: v / n for k, v in timings.items()}
+        self.sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        self.depth, self.t0, self.seconds, self.calls = 0, 0.0, 0.0, 0
+        self._hooks = [module.register_module_forward_pre_hook(self._pre),
+                       module.register_module_forward_hook(self._post)]
 
+    def _pre(self, mod, args) -> None:
+        if self.depth == 0:
+            self.sync()
+            self.t0 = time.perf_counter()
+        self.depth += 1
 
-def rss_child(images: Path, ckpt_g: Path, ckpt_p: Path, out: Path) -> float:
-    """Peak RSS (GB) of a fresh process running the fused chain, batch 1."""
-    code = (
-        "import resource, sys\n"
-        "from twostage.infer import infer\n"
-        f"infer({str(images)!r}, {str(ckpt_g)!r}, {str(out)!r}, palm_ckpt={str(ckpt_p)!r}, fuse=True,"
-        " split='train')\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(r.stdout.strip().splitlines()[-1]) / 1024 ** 2  # KiB -> GiB
+    def _post(self, mod, args, out) -> None:
+        self.depth -= 1
+        if self.depth == 0:
+            self.sync()
+            self.seconds += time.perf_counter() - self.t0
+            self.calls += 1
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
 
 
-# ------------------------------------------------------------------- post-processing only
+def worker(a: argparse.Namespace) -> dict:
+    """One chain (old or new, whichever `twostage` is on the path): build, warm up on the first
+    image, then time all images, with and (on CUDA) without the forward hooks."""
+    import torch
 
-def competition_decode(rle: str, shape) -> np.ndarray:
-    """The usual notebook decoder used by CSV-level ensembling."""
-    s = rle.split()
-    starts, lengths = [np.asarray(x, dtype=int) for x in (s[0::2], s[1::2])]
-    starts -= 1
-    ends = starts + lengths
-    img = np.zeros(shape[0] * shape[1], dtype=np.uint8)
-    for lo, hi in zip(starts, ends):
-        img[lo:hi] = 1
-    return img.reshape(shape)
+    import twostage
+    from twostage.chain import TwoStage
+    from twostage.infer import find_images, run
 
-
-def competition_encode(mask: np.ndarray) -> str:
-    """The §2 reference formula, one class at a time."""
-    pixels = np.concatenate([[0], mask.flatten(), [0]])
-    runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
-    runs[1::2] -= runs[::2]
-    return " ".join(str(x) for x in runs)
-
-
-def csv_level_fusion(g_csv: Path, p_csv: Path, out: Path, shape, box, a: float,
-                     dec=competition_decode, enc=None) -> None:
-    """What ensembling two CSVs does: read both, decode, combine with numpy, re-encode, write."""
-    g, p = read_csv(g_csv), read_csv(p_csv)
-    rows = []
-    rs, cs = box.slices
-    for name, classes in g.items():
-        masks = np.stack([dec(classes[c], shape) if classes[c] else np.zeros(shape, np.uint8) for c in CLASSES])
-        for c in PALM_CLASSES:
-            pm = dec(p[name][c], shape) if p[name][c] else np.zeros(shape, np.uint8)
-            k = CLASSES.index(c)
-            blend = (1 - a) * masks[k, rs, cs] + a * pm[rs, cs]  # weighted vote inside the box
-            masks[k, rs, cs] = blend > 0.5
-        rles = encode_masks(masks) if enc is None else [enc(m) for m in masks]
-        rows.append((name, rles))
-    write_csv(out, rows)
-
-
-class _BoxOnly:
-    """Stands in for PalmStage in `TwoStage.segment` with fixed palm probabilities, so the
-    timing covers the post-processing alone: the box upsample, blend and thresholds, without
-    the crop, upscaler and palm network."""
-
-    channels, classes = list(PALM_INDICES), list(PALM_CLASSES)
-
-    def __init__(self, palm_probs: torch.Tensor):
-        self.palm_probs = palm_probs
-
-    def crop_upscaled(self, image, box):
-        return None
-
-    def probs(self, crop, box, device):
-        # a copy: the chain blends into it, as into the fresh palm probabilities in infer
-        return self.palm_probs.clone()
-
-
-def bench_postprocess(root: Path, tmp: Path, repeat: int, net_size: int) -> dict:
-    """Device path vs CSV-level path on one phantom, realistic probabilities: blurred ground
-    truth at the global network's size (what a trained model gives), palm at the box size."""
-    import cv2
-
-    sample = find_samples(root, "train")[0]
-    image = read_image(sample.image_path)
-    anns = read_annotations(sample.json_path)
-    gt = rasterize(anns, image.shape)
-    box = box_from_annotations(anns, image.shape, BoxRule(margin=0.15))
-    k = max(3, image.shape[0] // 256 * 2 + 1)
-    soft = np.stack([cv2.GaussianBlur(m.astype(np.float32), (k, k), 0) for m in gt])
-    native = torch.from_numpy(np.stack([cv2.resize(m, (net_size, net_size), interpolation=cv2.INTER_AREA)
-                                        for m in soft]))
-    p_probs = torch.from_numpy(np.ascontiguousarray(crop_image(soft[list(PALM_INDICES)], box)))
-    thr = thresholds()
-    options = ChainOptions(feather=0.1)
-    fused_chain = TwoStage(None, _BoxOnly(p_probs), options, torch.device("cpu"))
-    global_chain = TwoStage(None, None, options, torch.device("cpu"))
-
-    def device_path(out: Path) -> float:
-        """What `infer --fuse` does after the two networks: sparse upsample + thresholds, box
-        upsample + blend + thresholds, RLE, CSV."""
-        t0 = time.perf_counter()
-        seg = fused_chain.segment(native, image, box)
-        with CsvWriter(out) as wr:
-            wr.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
-        return time.perf_counter() - t0
-
-    def write_inputs() -> tuple[Path, Path]:
-        """The two CSVs CSV-level ensembling starts from, made the fastest way twostage knows:
-        global (29 classes, as `infer` without --fuse writes it) and palm (8 classes, full size)."""
-        g_csv, p_csv = tmp / "pp_global.csv", tmp / "pp_palm.csv"
-        seg = global_chain.segment(native, image)
-        write_csv(g_csv, [(sample.name, encode_masks(seg.masks, rows=seg.rows))])
-        palm_full = torch.zeros(len(PALM_CLASSES), *image.shape)
-        rs, cs = box.slices
-        palm_full[:, rs, cs] = p_probs
-        write_csv(p_csv, [(sample.name, encode_masks(palm_full, thr[list(PALM_INDICES)]))],
-                  classes=PALM_CLASSES)
-        return g_csv, p_csv
-
-    def global_path(out: Path) -> float:
-        """The same for `infer` without --fuse: sparse upsample + thresholds, RLE, CSV."""
-        t0 = time.perf_counter()
-        with CsvWriter(out) as wr:
-            seg = global_chain.segment(native, image)
-            wr.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
-        return time.perf_counter() - t0
-
-    def masks_only() -> float:
-        t0 = time.perf_counter()
-        threshold_upsample(native, image.shape, thr)
-        return time.perf_counter() - t0
-
-    t_dev = min(device_path(tmp / "pp_dev.csv") for _ in range(repeat))
-    t_glob = min(global_path(tmp / "pp_glob.csv") for _ in range(repeat))
-    t_masks = min(masks_only() for _ in range(repeat))
-    t_in, t_ref, t_ref_fast = [], [], []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        g_csv, p_csv = write_inputs()
-        t_in.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        csv_level_fusion(g_csv, p_csv, tmp / "pp_ref.csv", image.shape, box, 0.7, enc=competition_encode)
-        t_ref.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        csv_level_fusion(g_csv, p_csv, tmp / "pp_ref2.csv", image.shape, box, 0.7, dec=decode)
-        t_ref_fast.append(time.perf_counter() - t0)
-    t_in, t_ref, t_ref_fast = min(t_in), min(t_ref), min(t_ref_fast)
+    cuda = a.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    samples = find_images(a.images)
+    options = dict(device=a.device, fp16=a.fp16, upscaler_tile=a.tile, weights_dir=a.weights_dir,
+                   calibration="none", **json.loads(a.options))
     t0 = time.perf_counter()
-    dense = resize_images(native[None], image.shape)[0]
-    fuse(dense, p_probs, box, fused_chain.weights, feather=0.1)
-    with CsvWriter(tmp / "pp_dense.csv") as wr:
-        wr.add(sample.name, encode_masks(dense, thr))
-    t_dense = time.perf_counter() - t0
-    return {"device_path_s": t_dev, "csv_inputs_s": t_in, "csv_merge_notebook_s": t_ref,
-            "csv_merge_vectorised_s": t_ref_fast, "dense_chain_s": t_dense, "global_post_s": t_glob, "masks_s": t_masks,
-            "speedup": (t_in + t_ref) / t_dev, "speedup_vs_vectorised": (t_in + t_ref_fast) / t_dev,
-            "box_side": box.side, "net_size": net_size}
+    chain = TwoStage.build(a.global_ckpt, a.palm_ckpt, **options)
+    sync()
+    build = time.perf_counter() - t0
+    out = Path(a.out)
+
+    def timed(items, csv: Path, hooks: bool) -> tuple[float, float, dict]:
+        clock = ForwardClock(a.device) if hooks else None
+        t = time.perf_counter()
+        summary = run(chain, items, csv, fuse=True, batch_size=a.batch_size)
+        sync()
+        wall = time.perf_counter() - t
+        if clock is not None:
+            clock.remove()
+        return wall, clock.seconds if clock else float("nan"), summary.timings
+
+    first, _, _ = timed(samples[:1], out / "warm.csv", hooks=False)
+    wall, net, steps = timed(samples, out / "out.csv", hooks=True)
+    plain = timed(samples, out / "plain.csv", hooks=False)[0] if cuda else wall
+    n = len(samples)
+    return {"package": str(Path(twostage.__file__).parent), "images": n, "build_s": build,
+            "setup_s": build + max(0.0, first - plain / n), "first_image_s": first,
+            "per_image_s": plain / n, "hooked_per_image_s": wall / n, "network_per_image_s": net / n,
+            "rest_per_image_s": (wall - net) / n, "steps_per_image_s": {k: v / n for k, v in steps.items()},
+            "images_per_s": n / plain,
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=2048, help="phantom size (2048 or 512)")
-    ap.add_argument("--images", type=int, default=3)
-    ap.add_argument("--global-input", type=int, default=512)
-    ap.add_argument("--palm-input", type=int, default=384)
-    ap.add_argument("--global", dest="global_ckpt", type=Path, help="trained global checkpoint instead of random")
-    ap.add_argument("--palm", dest="palm_ckpt", type=Path, help="trained palm checkpoint instead of random")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rounds", type=int, default=2, help="rounds of global-only/fused runs (best per step)")
-    ap.add_argument("--repeat", type=int, default=3, help="repeats of the post-processing comparison")
-    ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocess")
-    ap.add_argument("--json", type=Path, help="also write the figures as JSON")
-    args = ap.parse_args()
+# --------------------------------------------------------------------------- driver
+
+def unpack_old(ref: str, into: Path) -> Path:
+    """The `twostage` package of git revision `ref`, unpacked under `into` (a PYTHONPATH root)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "twostage"], capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise SystemExit(f"benchmarks/infer.py: git archive {ref}: {archive.stderr.decode().strip()} "
+                         "(the old chain needs this git checkout; give --old REF)")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+def run_worker(pythonpath: Path, args: list[str], out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(pythonpath), "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, __file__, "--worker", *args, "--out", str(out)], env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"worker ({pythonpath}) failed:\n{r.stderr[-4000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--fp16", action="store_true", help="--fp16 for both chains (CUDA)")
+    p.add_argument("--size", type=int, default=2048, help="phantom side (default 2048)")
+    p.add_argument("--images", type=int, default=3, help="phantoms inferred (default 3)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--upscaler", default="realesr-general-x4v3",
+                   help="palm upscaler (default the compact x4; RealESRGAN_x4plus is RRDBNet x4, slow on a CPU)")
+    p.add_argument("--box-side", default="0.1,0.15", help="palm box side range, fractions of the image side")
+    p.add_argument("--tile", type=int, default=0, help="upscaler tile (default 0: the whole crop)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="stage config override")
+    p.add_argument("--new-options", default="{}", help="JSON: extra ChainOptions for the new chain only "
+                   "(e.g. '{\"compile\": true}')")
+    p.add_argument("--old", default=OLD_REF, help=f"git revision of the old chain (default {OLD_REF})")
+    p.add_argument("--rounds", type=int, default=1, help="old/new rounds, alternating (best per chain)")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    # worker mode (internal)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for k in ("images-dir", "global-ckpt", "palm-ckpt", "weights-dir", "out", "options"):
+        p.add_argument(f"--{k}", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        a.images = a.images_dir
+        print(json.dumps(worker(a)))
+        return 0
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from device_compare import confident_models
+    from rehearsal_2048 import make_rrdb_weights
+
+    from twostage.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as d:
         tmp = Path(d)
         t0 = time.perf_counter()
-        root = synthesize(tmp / "DATA", n=args.images, size=args.size, seed=0)
-        sample_img = read_image(find_samples(root, "train")[0].image_path)
-        print(f"phantoms: {args.images} x {args.size}² ({time.perf_counter() - t0:.1f} s); device {args.device}; "
-              f"torch threads {torch.get_num_threads()}")
-        g = args.global_ckpt or make_checkpoint(tmp / "g.pt", "global", CLASSES, args.global_input, sample_img, 0)
-        p = args.palm_ckpt or make_checkpoint(tmp / "p.pt", "palm", PALM_CLASSES, args.palm_input, sample_img, 1)
-        kw = dict(split="train", device=args.device)
-        infer(root, g, tmp / "warm.csv", palm_ckpt=p, fuse=True, shard=(0, args.images), **kw)  # warm-up
-        n = args.images
-        runs_g, runs_f = [], []
-        for _ in range(args.rounds):  # alternate the modes; keep each step's best round (noise-robust)
-            runs_g.append(per_image(infer(root, g, tmp / "g.csv", **kw).timings, n))
-            runs_f.append(per_image(infer(root, g, tmp / "f.csv", palm_ckpt=p, fuse=True, **kw).timings, n))
-        tg = {k: min(r[k] for r in runs_g) for k in STAGES}
-        tf = {k: min(r[k] for r in runs_f) for k in STAGES}
-        total_g, total_f = sum(tg.values()), sum(tf.values())
-        print(f"\nseconds per image, best of {args.rounds} rounds per step")
-        print(f"  {'step':<20}{'global-only':>12} {'fused':>10}")
-        for k in STAGES:
-            print(f"  {k:<20}{tg[k]:>12.4f} {tf[k]:>10.4f}")
-        print(f"  {'total':<20}{total_g:>12.4f} {total_f:>10.4f}")
-        over = tf["box_crop"] + tf["masks"] + tf["fusion"] + tf["rle_write"]
-        pct = 100 * over / total_g
-        print(f"\nbox+crop+masks(upsample+thresholds)+fusion+RLE/write: {over:.4f} s = {pct:.1f} % of global-only time (target <= 10 %)")
-        print(f"  of which box+crop+fusion alone: {100 * (tf['box_crop'] + tf['fusion']) / total_g:.2f} %; "
-              f"whole fused chain costs {100 * (total_f / total_g - 1):.1f} % more than global-only")
-        result = {"size": args.size, "images": n, "device": args.device, "global_only": tg, "fused": tf,
-                  "overhead_pct": pct}
+        data = synthesize(tmp / "data", n=1, test_n=a.images, size=a.size, seed=0)
+        images = data / "test" / "DCM"
+        wdir = tmp / "weights"
+        wdir.mkdir()
+        if a.upscaler != "bicubic":
+            make_rrdb_weights(wdir, (a.upscaler,))
+        side = tuple(float(v) for v in a.box_side.split(","))
+        models = confident_models(images, tmp / "models", "cpu", a.set, wdir, a.tile, upscaler=a.upscaler,
+                                  box_side=side)
+        old_root = unpack_old(a.old, tmp / "old")
+        print(f"{a.images} phantoms of {a.size}², models and old chain ({a.old}) ready in "
+              f"{time.perf_counter() - t0:.0f} s; device {a.device}{' fp16' if a.fp16 else ''}, "
+              f"upscaler {a.upscaler}, batch {a.batch_size}", flush=True)
+        common = ["--device", a.device, "--batch-size", str(a.batch_size), "--tile", str(a.tile),
+                  "--images-dir", str(images), "--global-ckpt", models["global"], "--palm-ckpt", models["palm"],
+                  "--weights-dir", str(wdir), *(["--fp16"] if a.fp16 else [])]
+        best: dict[str, dict] = {}
+        for r in range(a.rounds):
+            for label, path, opts in (("old", old_root, "{}"), ("new", ROOT, a.new_options)):
+                res = run_worker(path, [*common, "--options", opts], tmp / f"{label}{r}")
+                res["csv"] = str(tmp / f"{label}{r}" / "out.csv")
+                print(f"  round {r + 1} {label}: {res['per_image_s']:.3f} s/image "
+                      f"(network {res['network_per_image_s']:.3f}), set-up {res['setup_s']:.2f} s", flush=True)
+                if label not in best or res["per_image_s"] < best[label]["per_image_s"]:
+                    best[label] = res
+        old, new = best["old"], best["new"]
+        same = Path(old["csv"]).read_bytes() == Path(new["csv"]).read_bytes()
 
-        if not args.no_rss:
-            rss_root = root
-            if args.size != 2048:
-                rss_root = synthesize(tmp / "RSS", n=1, size=2048, seed=1)
-            gb = rss_child(rss_root, g, p, tmp / "rss.csv")
-            print(f"\npeak RSS, fused, 2048² batch 1, fresh process: {gb:.2f} GiB (target <= 3 GB)")
-            result["peak_rss_gib"] = gb
+        def share(x: dict) -> float:
+            return x["rest_per_image_s"] / x["hooked_per_image_s"]
 
-        pp = bench_postprocess(root, tmp, args.repeat, args.global_input)
-        print(f"\npost-processing one {args.size}² image from {pp['net_size']}² global probabilities, "
-              f"realistic masks (blurred ground truth), box side {pp['box_side']}:")
-        print(f"  device path: sparse upsample + fuse + thresholds + RLE + CSV   {pp['device_path_s']:.4f} s")
-        print(f"  CSV-level: write global + palm CSVs (twostage's own path)      {pp['csv_inputs_s']:.4f} s")
-        print(f"    + read, decode, combine, re-encode (notebook RLE)   {pp['csv_merge_notebook_s']:.4f} s"
-              f" -> device path {pp['speedup']:.1f}x faster (target >= 5x)")
-        print(f"    + read, decode, combine, re-encode (twostage RLE)   {pp['csv_merge_vectorised_s']:.4f} s"
-              f" -> device path {pp['speedup_vs_vectorised']:.1f}x faster")
-        print(f"  for scale: the dense chain (full-size upsample + fuse + RLE) takes {pp['dense_chain_s']:.4f} s, "
-              f"{pp['dense_chain_s'] / pp['device_path_s']:.1f}x the device path")
-        result["postprocess"] = pp
-        real_g = tg["read"] + tg["global"] + pp["global_post_s"]
-        real = tf["box_crop"] + pp["device_path_s"] - pp["masks_s"]
-        result["overhead_pct_realistic_masks"] = 100 * real / real_g
-        print(f"\nwith realistic masks: global-only = read + forward + {pp['global_post_s']:.4f} s "
-              f"(upsample+thresholds {pp['masks_s']:.4f} s, RLE+CSV) = {real_g:.4f} s;")
-        print(f"  fused adds box+crop + box upsample + fusion + thresholds + RLE+CSV = {real:.4f} s = "
-              f"{100 * real / real_g:.1f} % of it (target <= 10 %; counting the global upsample+thresholds "
-              f"too: {100 * (real + pp['masks_s']) / real_g:.1f} %)")
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=1))
+        rows = [("set-up (build + first-call warm-up), s", "setup_s", "{:.2f}"),
+                ("  of which building the chain, s", "build_s", "{:.2f}"),
+                ("per image, s", "per_image_s", "{:.3f}"),
+                ("  network forwards, s", "network_per_image_s", "{:.3f}"),
+                ("  everything else, s", "rest_per_image_s", "{:.3f}"),
+                ("images per second", "images_per_s", "{:.2f}")]
+        print(f"\n{'':<42}{'old':>10}{'new':>10}{'new/old':>10}")
+        for title, key, fmt in rows:
+            print(f"{title:<42}{fmt.format(old[key]):>10}{fmt.format(new[key]):>10}{new[key] / old[key]:>10.2f}")
+        print(f"{'share outside the networks':<42}{share(old):>10.1%}{share(new):>10.1%}")
+        if a.device.startswith("cuda"):
+            print(f"{'peak GPU memory, GiB':<42}{old['peak_gpu_gib']:>10.2f}{new['peak_gpu_gib']:>10.2f}")
+        print(f"\nsteps per image (InferSummary.timings), s:\n  {'step':<12}{'old':>9}{'new':>9}")
+        for k in new["steps_per_image_s"]:
+            print(f"  {k:<12}{old['steps_per_image_s'].get(k, 0):>9.4f}{new['steps_per_image_s'][k]:>9.4f}")
+        print(f"\nCSVs byte-identical: {same}")
+        if a.json:
+            a.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "old": old, "new": new,
+                                          "csv_identical": same}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

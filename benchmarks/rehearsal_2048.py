@@ -51,21 +51,25 @@ def run(name: str, args: list[str], rows: list[dict], env: dict) -> dict:
     return row
 
 
-def make_rrdb_weights(directory: Path) -> None:
-    """RealESRGAN_x4plus's architecture, random weights, saved like the official file."""
+def make_rrdb_weights(directory: Path, names: tuple[str, ...] = ("RealESRGAN_x4plus",)) -> None:
+    """The official architectures of shipped manifest entries (RealESRGAN_x4plus by default),
+    random weights, saved like the official files, with a manifest pinning their sha256."""
     import torch
     import yaml
 
     from twostage import weights
     from twostage.io import sha256_file
 
-    spec = weights.load_manifest(weights.shipped_manifest())["RealESRGAN_x4plus"]
-    torch.manual_seed(0)
-    path = directory / spec.file
-    torch.save({"params_ema": weights.build_model(spec).state_dict()}, path)
-    entry = {"file": spec.file, "arch": spec.arch, "scale": spec.scale, "url": spec.url,
-             "sha256": sha256_file(path), "params": spec.params}
-    (directory / "manifest.yaml").write_text(yaml.safe_dump({"weights": {"RealESRGAN_x4plus": entry}}))
+    shipped = weights.load_manifest(weights.shipped_manifest())
+    entries = {}
+    for name in names:
+        spec = shipped[name]
+        torch.manual_seed(0)
+        path = directory / spec.file
+        torch.save({"params_ema": weights.build_model(spec).state_dict()}, path)
+        entries[name] = {"file": spec.file, "arch": spec.arch, "scale": spec.scale, "url": spec.url,
+                         "sha256": sha256_file(path), "params": spec.params}
+    (directory / "manifest.yaml").write_text(yaml.safe_dump({"weights": entries}))
 
 
 def work_folders(work: Path) -> tuple[Path, Path, Path, Path]:

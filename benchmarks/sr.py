@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rehearsal_2048 import make_rrdb_weights  # noqa: E402  (random official-architecture weights)
+
 UPSCALERS = ("bicubic", "RealESRGAN_x4plus", "realesr-general-x4v3")
 
 
@@ -32,22 +35,13 @@ def worker(name: str, tile: int, size: int, device: str, repeats: int) -> dict:
     """Build one upscaler, time `repeats` crops after a warm-up; returns the measurements."""
     import numpy as np
     import torch
-    import yaml
 
-    from twostage import weights
-    from twostage.io import sha256_file
     from twostage.sr import make_upscaler
 
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         kwargs = {}
         if name != "bicubic":
-            spec = weights.load_manifest(weights.shipped_manifest())[name]
-            path = Path(d) / spec.file
-            torch.save({"params_ema": weights.build_model(spec).state_dict()}, path)
-            entry = {"file": spec.file, "arch": spec.arch, "scale": spec.scale, "url": spec.url,
-                     "sha256": sha256_file(path), "params": spec.params}
-            (Path(d) / "manifest.yaml").write_text(yaml.safe_dump({"weights": {name: entry}}))
+            make_rrdb_weights(Path(d), (name,))
             kwargs = {"weights_dir": d}
         up = make_upscaler(name, scale=4 if name == "bicubic" else None, tile=tile, device=device, **kwargs)
     img = np.random.default_rng(0).integers(0, 256, (size, size), dtype=np.uint8)

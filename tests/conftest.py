@@ -90,7 +90,7 @@ SR_TEST_ENTRIES = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_sr_weights() -> Callable[..., Path]:
     """make_sr_weights(directory, url_base=...) saves random-init networks as the official files
     are saved ({"params_ema": state_dict}) plus a manifest pinning their sha256; returns the manifest."""

@@ -125,7 +125,7 @@ def test_skip_bad_retries_a_failing_batch_image_by_image(world, tmp_path, monkey
     real = Predictor.native_probs
 
     def small_batches_only(self, images, **kw):
-        if images.shape[0] > 1:
+        if len(images) > 1:
             cuda_out_of_memory()
         return real(self, images, **kw)
 
@@ -147,15 +147,15 @@ def test_skip_bad_covers_an_image_failing_inside_the_chain(world, tmp_path, monk
     ref = tmp_path / "ref.csv"
     infer(world["data"], world["global"], ref, split="train", palm_ckpt=world["palm"], fuse=True)
     names = list(read_csv(ref))  # the order images are run in
-    real, calls = PalmStage.probs, []
+    real, calls = PalmStage.regions, []
 
-    def fail_on_second(self, crop, box, device):
+    def fail_on_second(self, crops, boxes, device):
         calls.append(1)
         if len(calls) == 2:
             allocate_too_much()
-        return real(self, crop, box, device)
+        return real(self, crops, boxes, device)
 
-    monkeypatch.setattr(PalmStage, "probs", fail_on_second)
+    monkeypatch.setattr(PalmStage, "regions", fail_on_second)
     out = tmp_path / "out.csv"
     summary = infer(world["data"], world["global"], out, split="train", palm_ckpt=world["palm"], fuse=True,
                     skip_bad=True)

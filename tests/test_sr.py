@@ -182,3 +182,39 @@ def test_fetch_from_local_server(tmp_path, http_dir, make_sr_weights):
     (dest / "manifest.yaml").write_text(yaml.safe_dump(m))
     with pytest.raises(TwostageError, match="download of rrdb-x2 failed"):
         W.fetch("rrdb-x2", dest, timeout=5)
+
+
+@pytest.mark.parametrize("name", ["rrdb-x4", "rrdb-x2", "vgg-x4"])
+@pytest.mark.parametrize("tile,pre_pad", [(0, 0), (16, 0), (0, 3)])
+def test_same_as_realesrganer(wdir, name, tile, pre_pad, capsys):
+    """The torch re-implementation gives the pixels of RealESRGANer's own pre-processing, tiling
+    and post-processing (grey as 3 equal channels, channel mean, rounded), from numpy and from a
+    tensor."""
+    from realesrgan import RealESRGANer
+
+    from twostage.compat import install_functional_tensor_shim
+
+    install_functional_tensor_shim()
+    model, spec, _ = W.load_model(name, wdir, W.all_specs(wdir, None)[1], False)
+    up = make_upscaler(name, tile=tile, pre_pad=pre_pad, weights_dir=wdir)
+    for h, w in ((32, 32), (33, 27)):
+        img = crop(h, w, seed=h)
+        runner = RealESRGANer.__new__(RealESRGANer)  # its __init__ loads weights itself; the rest is its code
+        runner.scale, runner.tile_size, runner.tile_pad, runner.pre_pad = spec.scale, tile, 10, pre_pad
+        runner.mod_scale, runner.half, runner.device, runner.model = None, False, torch.device("cpu"), model
+        with torch.no_grad():
+            runner.pre_process(np.repeat((img.astype(np.float32) / 255.0)[:, :, None], 3, axis=2))
+            runner.tile_process() if tile else runner.process()
+            out = runner.post_process().float().mean(1)[0].clamp_(0, 1).numpy()
+        ref = np.rint(out * 255.0).astype(np.uint8)
+        np.testing.assert_array_equal(up(img), ref)
+        np.testing.assert_array_equal(up.tensor(torch.from_numpy(img)).numpy(), ref)
+
+
+def test_tensor_input_checked(wdir):
+    up = make_upscaler("vgg-x4", weights_dir=wdir)
+    with pytest.raises(TwostageError, match="uint8 tensor"):
+        up.tensor(torch.zeros(8, 8))
+    bic = make_upscaler("bicubic", 2)
+    img = crop(9, 7)
+    np.testing.assert_array_equal(bic.tensor(torch.from_numpy(img)).numpy(), bic(img))

@@ -7,8 +7,9 @@ Per image: global probabilities at the network's size (`TwoStage.native`) → pa
 their carpal channels (`boxes`) → box cut from the SOURCE image → recorded upscaler → palm
 probabilities at the box size → blended into the global probabilities of the box
 (`fusion.blend_box`) → per-class thresholds (`TwoStage.segment`). Everything runs on the chain's
-device, batched over the classes; only the uint8 crop goes through the CPU, because
-upscalers take and return numpy images.
+device, batched over the classes; with images on the device (infer uploads each batch once)
+a network upscaler's crop never leaves it, and the palm crops of a batch go through the palm
+network in one forward (`TwoStage.palm_regions`).
 
 The palm checkpoint carries how its training crops were made (box rule with fallback and
 side range, upscaler name, scale and weight sha256); the chain rebuilds exactly that and
@@ -73,6 +74,8 @@ class ChainOptions:
         checkpoint pair: "auto" (from <palm run>/calibration when it is there and was made for
         these two checkpoints), "none", or a folder / calibration.json. Explicit `thresholds`
         or `fuse_weights` win over it.
+    compile: `torch.compile` both networks (opt-in: compiling takes minutes before the first
+        image and pays only over many images of one size).
     """
 
     device: str = "cpu"
@@ -90,6 +93,7 @@ class ChainOptions:
     scales: Sequence[float] | str = (1.0,)
     overlap: float = DEFAULT_OVERLAP
     accumulate: str = "device"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", parse_scales(self.scales))
@@ -193,23 +197,39 @@ class PalmStage:
         lo, hi = min(PALM_INDICES), max(PALM_INDICES) + 1  # contiguous in CLASSES: a view, no copy
         return boxes_from_probs(probs[:, lo:hi], self.rule, names=list(names), image_shape=image_shape)
 
-    def crop_upscaled(self, image: np.ndarray, box: Box) -> np.ndarray:
-        """The box cut from the SOURCE image, upscaled by the recorded upscaler: (s·k, s·k) uint8."""
-        return self.upscaler(np.ascontiguousarray(crop_image(image, box)))
+    def crop_upscaled(self, image: np.ndarray | torch.Tensor, box: Box) -> torch.Tensor:
+        """The box cut from the SOURCE image (numpy, or a tensor on the chain's device),
+        upscaled by the recorded upscaler: (s·k, s·k) uint8 on the device (a network upscaler
+        keeps a device crop there; bicubic runs on the host)."""
+        crop = crop_image(image, box)
+        if isinstance(crop, np.ndarray):
+            crop = torch.from_numpy(np.ascontiguousarray(crop))
+        return self.upscaler.tensor(crop)
 
-    def probs(self, crop: np.ndarray, box: Box, device: torch.device) -> torch.Tensor:
-        """(K, side, side) float32 palm probabilities for one upscaled crop, at the box size.
+    def probs(self, crop: torch.Tensor, box: Box, device: torch.device) -> torch.Tensor:
+        """(K, side, side) float32 palm probabilities for one upscaled crop, at the box size."""
+        return self.regions([crop], [box], device)[0]
 
-        The palm network sees the crop resized to its input size (the Predictor's one
-        preprocessing path); its sigmoid probabilities go straight from the input size to the
-        box size (resizing to the upscaled crop size first and then down would only blur).
+    def regions(self, crops: Sequence[torch.Tensor], boxes: Sequence[Box], device: torch.device) -> list[torch.Tensor]:
+        """(K, side, side) float32 palm probabilities of each upscaled crop, at its box's size.
+
+        The palm network sees each crop resized to its input size (the Predictor's one
+        preprocessing path), all crops in one forward; its sigmoid probabilities go straight
+        from the input size to the box size (resizing to the upscaled crop size first and
+        then down would only blur). A patch-trained palm model runs crop by crop.
         """
-        x = torch.from_numpy(np.ascontiguousarray(crop))[None]
-        p = self.predictor.native_probs(x, tta=self.tta, fp16=self.fp16, scales=self.scales, overlap=self.overlap)
-        side = int(box.side)
-        if self.palm_resize == "area":
-            return F.interpolate(p, size=(side, side), mode="area")[0].to(device)
-        return F.interpolate(p, size=(side, side), mode="bilinear", align_corners=False)[0].to(device)
+        kw = dict(tta=self.tta, fp16=self.fp16, scales=self.scales, overlap=self.overlap)
+        if self.predictor.window is None:
+            probs = list(self.predictor.native_probs(list(crops), **kw))
+        else:
+            probs = [self.predictor.native_probs(c[None], **kw)[0] for c in crops]
+        out = []
+        for p, box in zip(probs, boxes):
+            side = (int(box.side),) * 2
+            p = F.interpolate(p[None], size=side, mode="area") if self.palm_resize == "area" else \
+                F.interpolate(p[None], size=side, mode="bilinear", align_corners=False)
+            out.append(p[0].to(device))
+        return out
 
 
 class Segmentation(NamedTuple):
@@ -248,9 +268,11 @@ class TwoStage:
             raise TwostageError(f"{global_ckpt}: the global model predicts {len(glob.classes)} classes "
                                 f"({', '.join(glob.classes[:3])}, ...); the chain needs all {len(CLASSES)} "
                                 "in the CSV's order")
+        glob.tune(compile=options.compile)
         if palm_ckpt is None:
             return cls(glob, None, options, device)
         palm = PalmStage(palm_ckpt, device, options)
+        palm.predictor.tune(compile=options.compile)
         options, used = _with_calibration(options, global_ckpt, palm_ckpt)
         return cls(glob, palm, options, device, used)
 
@@ -265,8 +287,9 @@ class TwoStage:
         return TwoStage(self.glob, self.palm, dataclasses.replace(self.options, **changes), self.device)
 
     def native(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, H, W) uint8 → (B, C, h, w) global probabilities at the network's working size
-        (`Predictor.working_shape`), on the device (on the CPU with `accumulate="cpu"`)."""
+        """(B, H, W) uint8 (numpy, or a tensor on any device) → (B, C, h, w) global
+        probabilities at the network's working size (`Predictor.working_shape`), on the device
+        (on the CPU with `accumulate="cpu"`)."""
         x = torch.as_tensor(images).to(self.device)
         o = self.options
         return self.glob.native_probs(x, tta=o.hflip, fp16=o.fp16, scales=o.scales, overlap=o.overlap,
@@ -278,8 +301,18 @@ class TwoStage:
             return [None] * native.shape[0]
         return self.palm.boxes(native, names, image_shape)
 
-    def segment(self, native: torch.Tensor, image: np.ndarray, box: Box | None = None, fuse: bool = True,
-                tick=lambda stage: None) -> Segmentation:
+    def palm_regions(self, images: np.ndarray | torch.Tensor, boxes: Sequence[Box],
+                     tick=lambda stage: None) -> list[torch.Tensor]:
+        """(K, s, s) palm probabilities in each image's box: every crop upscaled (on the device,
+        for a network upscaler and device images), then one palm forward for all of them."""
+        crops = [self.palm.crop_upscaled(image, box) for image, box in zip(images, boxes)]
+        tick("upscale")
+        regions = self.palm.regions(crops, boxes, self.device)
+        tick("palm")
+        return regions
+
+    def segment(self, native: torch.Tensor, image: np.ndarray | torch.Tensor, box: Box | None = None,
+                fuse: bool = True, tick=lambda stage: None, region: torch.Tensor | None = None) -> Segmentation:
         """The masks of one source image from its network-size (C, h, w) probabilities.
 
         The global masks come from `upsample.threshold_upsample` (only tiles that can cross a
@@ -288,17 +321,17 @@ class TwoStage:
         Equal to thresholding the fully upsampled and fused probabilities, except for pixels
         whose value ties with the threshold in float rounding. `rows` is the hint for
         `rle.encode_masks(masks, rows=rows)`; `tick` is called with a step name after each step.
+        `region`: the box's palm probabilities from `palm_regions`, if already computed.
         """
-        masks, rows = threshold_upsample(native, image.shape, self.thr)
+        masks, rows = threshold_upsample(native, tuple(image.shape), self.thr)
         tick("masks")
         if self.palm is None or not fuse or box is None:
             return Segmentation(masks, box, None, rows)
         palm = self.palm
-        crop = palm.crop_upscaled(image, box)
-        tick("upscale")
-        region = palm.probs(crop, box, native.device)
-        tick("palm")
-        fuse_box(native, region, palm.channels, box, image.shape, self.weights, self.options.feather)
+        if region is None:
+            region = self.palm_regions(image[None], [box], tick)[0]
+        region = region.to(native.device)  # accumulate="cpu": the fusion runs where the probabilities are
+        fuse_box(native, region, palm.channels, box, tuple(image.shape), self.weights, self.options.feather)
         channels = torch.as_tensor(palm.channels, device=masks.device)
         ys, xs = box.slices
         masks[:, ys, xs].index_copy_(0, channels, fusion.binarize(region, self.thr.index_select(0, channels.to(self.thr.device))))

@@ -41,6 +41,22 @@ _OOM_TEXT = ("out of memory", "can't allocate memory", "cannot allocate memory",
 allocator's RuntimeError, MPS, ROCm, cuDNN / cuBLAS workspaces)."""
 
 
+@contextlib.contextmanager
+def cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """On CUDA, cuDNN times its algorithms for each new input shape and keeps the fastest:
+    worth it for the segmentation networks (one input size), not for the upscaler (a new crop
+    size per image), so it is switched on around their calls only."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def is_out_of_memory(e: BaseException) -> bool:
     """Whether `e` is an allocation failure: CUDA's OutOfMemoryError, Python's MemoryError
     (numpy, OpenCV), or a RuntimeError worded as one."""

@@ -4,9 +4,11 @@ The chain keeps the global probabilities at the network's size: the palm box is 
 there, `upsample.threshold_upsample` upsamples only the source-size tiles that can cross a
 threshold (a bone covers a few per cent of a radiograph), and only the palm box region of
 the palm channels is upsampled, blended and thresholded. No 29-class source-size float stack
-exists unless `--save-probs` asks for one. Images are read one batch ahead in a thread; the
-CSV is streamed through `twostage.rle.CsvWriter`, so it appears only when every image
-succeeded.
+exists unless `--save-probs` asks for one. Images are read one batch ahead in a thread and
+uploaded to the device once per batch (global model, palm crops and upscaler read that copy;
+the palm crops of a batch share one palm forward); each image's RLE is made in a thread while
+the next image is computed; the CSV is streamed through `twostage.rle.CsvWriter`, so it
+appears only when every image succeeded.
 """
 from __future__ import annotations
 
@@ -165,8 +167,9 @@ def _check_run(out: str | os.PathLike, batch_size: int) -> None:
         raise TwostageError(f"{out}: is a folder; --out takes the CSV file to write")
 
 
-_NEXT_STEP = {"masks": "upscale", "upscale": "palm", "palm": "fusion"}
-"""The step of `TwoStage.segment` running after the last one the clock saw finish."""
+_NEXT_STEP = {"box_crop": "upscale", "upscale": "palm"}
+"""The step of `TwoStage.palm_regions` running after the last one the clock saw finish (per
+image, `TwoStage.segment` then runs masks and fusion)."""
 
 
 def _lower(step: str, chain: TwoStage, size: tuple[int, int]) -> str:
@@ -202,12 +205,23 @@ def _predict(chain: TwoStage, batch: list[tuple[Sample, np.ndarray]], fused: boo
     only the images that fail alone are skipped. Fused runs record each palm box in `boxes_out`."""
     names, size = [s.name for s, _ in batch], batch[0][1].shape
     tta = ", or leave out --tta" if chain.options.hflip else ""
+    regions = [None] * len(batch)
     try:
         with out_of_memory_as_error(f"infer: the global model ({len(batch)} image(s) of {size[1]}x{size[0]} "
                                     f"on {chain.device})", f"--batch-size (now {len(batch)}){tta}"):
-            native = chain.native(np.stack([img for _, img in batch]))  # (B, C, h, w) at the network's size
+            # uploaded once: the global model, the palm crops and the upscaler read the same copy
+            images = torch.from_numpy(np.stack([img for _, img in batch])).to(chain.device)
+            native = chain.native(images)  # (B, C, h, w) at the network's size
             clock.lap("global")
             boxes = chain.boxes(native, names, size) if fused else [None] * len(batch)
+        if fused:
+            boxes_out.update({n: [int(b.x0), int(b.y0), int(b.side)] for n, b in zip(names, boxes)})
+            clock.lap("box_crop")
+            with out_of_memory_as_error(lambda: f"infer: the {_NEXT_STEP[clock.last]} step of {len(batch)} image(s) "
+                                                f"({size[1]}x{size[0]}) on {chain.device}",
+                                        lambda: _lower(_NEXT_STEP[clock.last], chain, size)):
+                regions = chain.palm_regions(images, boxes, clock.lap)
+        del images
     except TwostageError as e:
         if not skipper.enabled:
             raise
@@ -217,17 +231,15 @@ def _predict(chain: TwoStage, batch: list[tuple[Sample, np.ndarray]], fused: boo
             for item in batch:
                 yield from _predict(chain, [item], fused, clock, boxes_out, skipper)
         return
-    if fused:
-        boxes_out.update({n: [int(b.x0), int(b.y0), int(b.side)] for n, b in zip(names, boxes)})
-        clock.lap("box_crop")
     for b, ((sample, image), box) in enumerate(zip(batch, boxes)):
         def step() -> str:
-            return _NEXT_STEP.get(clock.last, "masks")
+            return "fusion" if clock.last == "masks" else "masks"
 
         try:
             with out_of_memory_as_error(lambda: f"infer: the {step()} step of {sample.name} ({size[1]}x{size[0]}) "
                                                 f"on {chain.device}", lambda: _lower(step(), chain, size)):
-                seg = chain.segment(native[b], image, box, fused, clock.lap)
+                seg = chain.segment(native[b], image, box, fused, clock.lap, region=regions[b])
+                regions[b] = None
         except TwostageError as e:
             if not skipper.enabled:
                 raise
@@ -281,8 +293,19 @@ def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse:
             stack.enter_context(run_lock(save_probs, "twostage infer --save-probs"))
         bar = stack.enter_context(tqdm(total=len(samples), desc="infer", unit="img", disable=None))
         writer = stack.enter_context(CsvWriter(out))
+        # the RLE of one image is made in a thread while the next image is computed: on a GPU
+        # the networks then never wait for it; rows reach the CSV in order
+        encoder = stack.enter_context(ThreadPoolExecutor(max_workers=1))
+        pending: list = []
+
+        def write_oldest() -> None:
+            name, rles = pending.pop(0)
+            writer.add(name, rles.result())
+            bar.update(1)
 
         def skipped(sample: Sample) -> None:
+            while pending:
+                write_oldest()
             writer.add(sample.name, [""] * len(CLASSES))
             bar.update(1)
 
@@ -293,10 +316,14 @@ def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse:
                 write_probs(Path(save_probs) / probs_file_name(sample.name),
                             chain.full_probs(native, tuple(seg.masks.shape[-2:]), seg))
                 clock.lap("save_probs")
-            writer.add(sample.name, encode_masks(seg.masks, rows=seg.rows))
+            while pending:
+                write_oldest()
+            pending.append((sample.name, encoder.submit(encode_masks, seg.masks, rows=seg.rows)))
             clock.lap("rle_write")
-            bar.update(1)
-            del seg, native  # freed before the next image is computed
+            del seg, native  # freed (once encoded) before the next image is computed
+        while pending:
+            write_oldest()
+        clock.lap("rle_write")
     summary.timings, summary.seconds = clock.totals, time.perf_counter() - t_start
     log.info("seconds per image by step: %s",
              {k: round(v / max(1, len(samples)), 4) for k, v in summary.timings.items() if v})

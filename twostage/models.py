@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import cudnn_autotune
 from .errors import TwostageError
 from .window import DEFAULT_OVERLAP, Window, sliding_window
 
@@ -417,6 +418,7 @@ class Predictor:
         self.mean = list(meta["normalization"]["mean"])
         self.std = list(meta["normalization"]["std"])
         self.window = Window.from_meta(meta)
+        self.channels_last = False
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -435,20 +437,43 @@ class Predictor:
             except TwostageError as e:
                 raise TwostageError(f"{path}: {e}") from None
 
-        # the shapes first, on the meta device (nothing allocated): a meta describing a network
-        # other than its tensors (a damaged or crafted file) fails before memory is spent on it
+        # built on the meta device (nothing allocated, no random initialisation of weights that
+        # are replaced at once): a meta describing a network other than its tensors (a damaged
+        # or crafted file) fails before memory is spent on it, then the checkpoint's tensors
+        # become the network's own
         with torch.device("meta"):
-            shapes = {k: tuple(v.shape) for k, v in build().state_dict().items()}
-        if shapes != {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}:
+            model = build()
+        if {k: tuple(v.shape) for k, v in model.state_dict().items()} != \
+                {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}:
             raise TwostageError(f"{path}: weights do not fit {m['arch']}/{m['encoder']} (the tensors' names or "
                                 "shapes differ from the network its meta describes)")
-        model = build()
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(ckpt["state_dict"], assign=True)
+        if any(t.is_meta for t in (*model.parameters(), *model.buffers())):  # a buffer the file does not hold
+            model = build()
+            model.load_state_dict(ckpt["state_dict"])
         return cls(model, meta, device)
 
-    def preprocess(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    def tune(self, channels_last: bool | None = None, compile: bool = False) -> "Predictor":
+        """Inference speed-ups, in place: channels-last memory (default: on CUDA, where
+        tensor-core convolutions want it; on the CPU it would change the last bits of the
+        results) and, opt-in, `torch.compile` (minutes of compilation before the first image)."""
+        if channels_last is None:
+            channels_last = self.device.type == "cuda"
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+            self.channels_last = True
+        if compile:
+            self.model = torch.compile(self.model, dynamic=False)
+        return self
+
+    def preprocess(self, images: torch.Tensor | Sequence[torch.Tensor],
+                   size: tuple[int, int] | None = None) -> torch.Tensor:
         """(B, H, W) uint8 -> (B, in_channels, h, w) normalised input at `size` (default the
-        model's input size)."""
+        model's input size). A list of (H_i, W_i) images of different sizes gives one batch:
+        each is resized to `size` on its own."""
+        if not isinstance(images, torch.Tensor):
+            size = size or self.input_size
+            return torch.cat([self.preprocess(im[None], size) for im in images])
         if images.ndim != 3:
             raise TwostageError(f"Predictor expects (B, H, W) uint8 images, got shape {tuple(images.shape)}")
         x = resize_images(images.to(self.device)[:, None].float(), size or self.input_size)
@@ -457,7 +482,10 @@ class Predictor:
     def _forward(self, x: torch.Tensor, tta: bool, fp16: bool) -> torch.Tensor:
         """float32 logits of a normalised input; `tta`: averaged with the horizontal flip's."""
         use_amp = fp16 and self.device.type == "cuda"
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=use_amp):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with cudnn_autotune(self.device), \
+                torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=use_amp):
             out = self.model(x).float()
             if tta:
                 out = 0.5 * (out + self.model(x.flip(-1)).float().flip(-1))
@@ -479,10 +507,12 @@ class Predictor:
         return self.window.working_shape(shape) if self.window is not None else self.input_size
 
     @torch.no_grad()
-    def native_probs(self, images: torch.Tensor, tta: bool = False, fp16: bool = False,
+    def native_probs(self, images: torch.Tensor | Sequence[torch.Tensor], tta: bool = False, fp16: bool = False,
                      scales: Sequence[float] = (1.0,), overlap: float = DEFAULT_OVERLAP,
                      out_device: str | torch.device | None = None) -> torch.Tensor:
         """(B, H, W) uint8 -> (B, C, h, w) float32 sigmoid probabilities at `working_shape`.
+        A whole-image model also takes a list of (H_i, W_i) images of any sizes (the palm
+        crops of a batch): one forward for all of them.
 
         A whole-image model sees the image at its input size (times each of `scales`); a
         patch-trained one (checkpoint `window`) sees it resized by the window scale (times each
@@ -490,7 +520,9 @@ class Predictor:
         `out_device` (default the model's device). Several scales: the probabilities, resized
         to `working_shape`, are averaged (multi-scale TTA; `tta` flips at every scale).
         """
-        out_size = self.working_shape(images.shape[-2:])
+        if not isinstance(images, torch.Tensor) and self.window is not None:
+            raise TwostageError("a patch-trained model takes a (B, H, W) batch of equal-size images")
+        out_size = self.working_shape(images[0].shape[-2:])
         total = None
         for s in scales:
             if self.window is None:

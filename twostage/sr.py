@@ -1,13 +1,13 @@
 """Upscalers for palm crops behind one small interface: image in, image `scale`x larger out.
 
 `make_upscaler(name)` gives a deterministic `bicubic` (no weights, any integer scale) or a
-Real-ESRGAN network (RealESRGAN_x4plus, RealESRGAN_x2plus, realesr-general-x4v3) run through
-`realesrgan.RealESRGANer`'s pre-padding / tiling / post-processing. The upscaler's
+Real-ESRGAN network (RealESRGAN_x4plus, RealESRGAN_x2plus, realesr-general-x4v3) run with
+`realesrgan.RealESRGANer`'s pre-padding / tiling / post-processing, re-done in torch so a
+crop on the GPU stays there (tests/test_sr.py checks it against RealESRGANer.enhance). The upscaler's
 `record()` (name, scale, weight sha256) is stored with the palm set and the palm checkpoint
 so inference feeds the palm model crops made exactly like its training crops.
 
-Unlike RealESRGANer.enhance, calls are pure (per-call tensors live on a throwaway runner,
-not on the upscaler), bit depth comes from the dtype (uint8 or uint16, never guessed from
+Unlike RealESRGANer.enhance, calls are pure (no per-call state is kept on the upscaler), bit depth comes from the dtype (uint8 or uint16, never guessed from
 pixel values), grayscale stays grayscale, fp16 is used only on CUDA, tile errors propagate
 instead of being printed, and the output is checked finite.
 """
@@ -42,27 +42,50 @@ def tile_hint(tile: int) -> str:
 
 
 class Upscaler:
-    """Callable (h, w) uint8/uint16 -> (h·scale, w·scale) same dtype. `device` and `lower`
-    (what to reduce when it runs out of memory) go into that error."""
+    """Callable (h, w) uint8/uint16 numpy -> (h·scale, w·scale) same dtype; `tensor` does the
+    same for a torch image on any device and returns it on the upscaler's device, so a crop
+    that is already there never goes through host memory. `device` and `lower` (what to reduce
+    when it runs out of memory) go into that error."""
 
-    def __init__(self, name: str, scale: int, weight_sha256: str | None, fn: Callable[[np.ndarray, float], np.ndarray],
-                 device: str = "cpu", lower: str = "the crop size (the palm box side × scale)"):
+    def __init__(self, name: str, scale: int, weight_sha256: str | None, fn, device: str = "cpu",
+                 lower: str = "the crop size (the palm box side × scale)", on_tensors: bool = False):
         self.name = name
         self.scale = int(scale)
         self.weight_sha256 = weight_sha256
-        self._fn = fn
+        self._fn = fn  # on_tensors: (h, w) tensor, full-scale value -> rounded float tensor; else numpy -> numpy
+        self._on_tensors = on_tensors
         self.device, self.lower = device, lower
 
     def __call__(self, img: np.ndarray) -> np.ndarray:
+        full = _check_image(img)
+        if not self._on_tensors:
+            return self._run(self._fn, img, full, img.dtype)
+        import torch
+
+        x = torch.from_numpy(img if img.dtype == np.uint8 else img.astype(np.int32))  # torch lacks uint16 maths
+        return self._run(self._fn, x, full, img.dtype).cpu().numpy().astype(img.dtype)
+
+    def tensor(self, img):
+        """(h, w) uint8 torch image on any device -> (h·scale, w·scale) uint8 on the upscaler's
+        device (bicubic: on the image's device), without a host round trip for a network."""
+        import torch
+
+        if not isinstance(img, torch.Tensor) or img.ndim != 2 or img.dtype != torch.uint8:
+            raise TwostageError(f"upscaler input: expected an (h, w) uint8 tensor, got "
+                                f"{getattr(img, 'dtype', type(img).__name__)} {tuple(getattr(img, 'shape', ()))}")
+        if not self._on_tensors:
+            return torch.from_numpy(self(img.cpu().numpy())).to(img.device)
+        return self._run(self._fn, img, 255.0, np.dtype(np.uint8)).to(torch.uint8)
+
+    def _run(self, fn, img, full: float, dtype: np.dtype):
         from .devices import out_of_memory_as_error
 
-        full = _check_image(img)
         h, w = img.shape
         with out_of_memory_as_error(f"{self.name}: upscaling a {w}x{h} crop x{self.scale} on {self.device}", self.lower):
-            out = self._fn(img, full)
-        if out.shape != (h * self.scale, w * self.scale) or out.dtype != img.dtype:
-            raise RuntimeError(f"{self.name}: produced {out.shape} {out.dtype}, expected "
-                               f"{(h * self.scale, w * self.scale)} {img.dtype}")
+            out = fn(img, full)
+        if tuple(out.shape) != (h * self.scale, w * self.scale) or (not self._on_tensors and out.dtype != dtype):
+            raise RuntimeError(f"{self.name}: produced {tuple(out.shape)} {out.dtype}, expected "
+                               f"{(h * self.scale, w * self.scale)} {dtype}")
         return out
 
     def record(self) -> dict:
@@ -83,45 +106,32 @@ def _bicubic(scale: int) -> Callable[[np.ndarray, float], np.ndarray]:
     return run
 
 
-def _runner_class():
-    """A RealESRGANer subclass that reuses its pre/post-processing and tiling around a model we
-    loaded and verified ourselves (RealESRGANer's own loader uses torch.load without
-    weights_only and downloads URLs). One instance per call holds that call's tensors."""
+def _tiled(model, img, scale: int, tile: int, pad: int):
+    """RealESRGANer's tiling: each tile with `pad` pixels of context, its centre kept."""
     import math
 
-    from .compat import install_functional_tensor_shim
-
-    install_functional_tensor_shim()
-    from realesrgan import RealESRGANer
-
-    class _Run(RealESRGANer):
-        def __init__(self, model, scale: int, tile: int, tile_pad: int, pre_pad: int, half: bool, device):
-            # Deliberately not calling RealESRGANer.__init__: it loads weights from a path.
-            self.scale, self.tile_size, self.tile_pad, self.pre_pad = scale, tile, tile_pad, pre_pad
-            self.mod_scale, self.half, self.device, self.model = None, half, device, model
-
-        def tile_process(self) -> None:
-            """RealESRGANer's tiling, without its per-tile print and its swallowed RuntimeError."""
-            _, c, height, width = self.img.shape
-            self.output = self.img.new_zeros((1, c, height * self.scale, width * self.scale))
-            t, pad, s = self.tile_size, self.tile_pad, self.scale
-            for y in range(math.ceil(height / t)):
-                for x in range(math.ceil(width / t)):
-                    x0, y0 = x * t, y * t
-                    x1, y1 = min(x0 + t, width), min(y0 + t, height)
-                    px0, py0 = max(x0 - pad, 0), max(y0 - pad, 0)
-                    px1, py1 = min(x1 + pad, width), min(y1 + pad, height)
-                    out = self.model(self.img[:, :, py0:py1, px0:px1])
-                    ox, oy = (x0 - px0) * s, (y0 - py0) * s
-                    self.output[:, :, y0 * s:y1 * s, x0 * s:x1 * s] = \
-                        out[:, :, oy:oy + (y1 - y0) * s, ox:ox + (x1 - x0) * s]
-
-    return _Run
+    _, c, height, width = img.shape
+    out = img.new_zeros((1, c, height * scale, width * scale))
+    for y in range(math.ceil(height / tile)):
+        for x in range(math.ceil(width / tile)):
+            x0, y0 = x * tile, y * tile
+            x1, y1 = min(x0 + tile, width), min(y0 + tile, height)
+            px0, py0 = max(x0 - pad, 0), max(y0 - pad, 0)
+            px1, py1 = min(x1 + pad, width), min(y1 + pad, height)
+            part = model(img[:, :, py0:py1, px0:px1])
+            ox, oy = (x0 - px0) * scale, (y0 - py0) * scale
+            out[:, :, y0 * scale:y1 * scale, x0 * scale:x1 * scale] = \
+                part[:, :, oy:oy + (y1 - y0) * scale, ox:ox + (x1 - x0) * scale]
+    return out
 
 
-def _realesrgan(model, scale: int, tile: int, tile_pad: int, pre_pad: int, device: str,
-                name: str) -> Callable[[np.ndarray, float], np.ndarray]:
+def _realesrgan(model, scale: int, tile: int, tile_pad: int, pre_pad: int, device: str, name: str):
+    """RealESRGANer.enhance's path for a grey image, in torch on `device`: the grey value
+    repeated to 3 channels in the memory layout of its numpy input (channels last), reflect
+    pre-padding, the mod padding of x2/x1 networks, whole or tiled forward, padding removed,
+    channels averaged back to one, clamped, rounded to the bit depth. fp16 on CUDA only."""
     import torch
+    import torch.nn.functional as F
 
     from .devices import torch_device
 
@@ -130,22 +140,26 @@ def _realesrgan(model, scale: int, tile: int, tile_pad: int, pre_pad: int, devic
     model = model.to(dev)
     if half:
         model = model.half()
-    run_cls = _runner_class()
+    mod = {2: 2, 1: 4}.get(scale)
 
-    def run(img: np.ndarray, full: float) -> np.ndarray:
-        rgb = np.repeat((img.astype(np.float32) / full)[:, :, None], 3, axis=2)  # grayscale -> 3 channels
-        runner = run_cls(model, scale, tile, tile_pad, pre_pad, half, dev)
+    def run(img, full: float):
+        h, w = img.shape
+        x = (img.to(dev).float() / full)[None, None].expand(1, 3, h, w).contiguous(memory_format=torch.channels_last)
+        if half:
+            x = x.half()
         with torch.inference_mode():
-            runner.pre_process(rgb)
-            if tile > 0:
-                runner.tile_process()
-            else:
-                runner.process()
-            out = runner.post_process().float().mean(1)[0]  # channels back to one
+            if pre_pad:
+                x = F.pad(x, (0, pre_pad, 0, pre_pad), "reflect")
+            ph = pw = 0
+            if mod is not None:
+                ph, pw = (-x.shape[2]) % mod, (-x.shape[3]) % mod
+                x = F.pad(x, (0, pw, 0, ph), "reflect")
+            y = _tiled(model, x, scale, tile, tile_pad) if tile > 0 else model(x)
+            y = y[:, :, :y.shape[2] - (ph + pre_pad) * scale, :y.shape[3] - (pw + pre_pad) * scale]
+            out = y.float().mean(1)[0]
             if not torch.isfinite(out).all():
                 raise TwostageError(f"{name}: non-finite output (fp16 overflow or broken weights?)")
-            out = out.clamp_(0, 1).cpu().numpy()
-        return np.rint(out * full).astype(img.dtype)
+            return out.clamp_(0, 1).mul_(full).round_()
 
     return run
 
@@ -189,4 +203,4 @@ def network_upscaler(model, name: str, scale: int, weight_sha256: str | None, ti
     """An Upscaler around a loaded basicsr network (3 channels in and out), run as
     RealESRGANer runs it; `make_upscaler` verifies and loads the file first."""
     return Upscaler(name, scale, weight_sha256, _realesrgan(model, scale, tile, tile_pad, pre_pad, device, name),
-                    device=device, lower=tile_hint(tile))
+                    device=device, lower=tile_hint(tile), on_tensors=True)

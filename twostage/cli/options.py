@@ -43,7 +43,12 @@ def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True) -> Non
     """Every ChainOptions field as a flag. `per_class=False` leaves out --thresholds and
     --fuse-weights (calibrate chooses them)."""
     add_device(p)
-    p.add_argument("--fp16", action="store_true", help="float16 autocast for the networks (CUDA only; an error on CPU)")
+    p.add_argument("--fp16", action="store_true",
+                   help="float16 for the segmentation networks (autocast, channels-last; CUDA only, an error on "
+                        "CPU). A Real-ESRGAN upscaler always runs in float16 on CUDA")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile both networks: compiling takes minutes before the first image, so it "
+                        "pays only on many images of one size (opt-in)")
     p.add_argument("--tta", choices=("hflip",), help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--scales", default=None, metavar="S1,S2,...",
                    help="multi-scale TTA: average the probabilities of the image at these scales, e.g. "
@@ -80,7 +85,8 @@ def chain_options(args: argparse.Namespace) -> dict:
                "feather": DEFAULT_FEATHER if args.feather is None else args.feather,
                "palm_resize": args.palm_resize, "upscaler_tile": args.tile, "weights_dir": args.weights_dir,
                "scales": args.scales if args.scales is not None else (1.0,),
-               "overlap": DEFAULT_OVERLAP if args.overlap is None else args.overlap, "accumulate": args.accumulate}
+               "overlap": DEFAULT_OVERLAP if args.overlap is None else args.overlap, "accumulate": args.accumulate,
+               "compile": args.compile}
     if hasattr(args, "fuse_weights"):
         options.update(thresholds=args.thresholds, fuse_weights=args.fuse_weights, calibration=args.calibration)
     return options
