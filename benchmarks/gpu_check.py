@@ -12,7 +12,7 @@ budget left), so a step that fails or hangs is a FAIL row and the whole run ends
   4. benchmarks/gpu_train.py: both real stages (AMP, channels-last) on 2048² phantoms, and
      whether the GPU or the loader sets the pace;
   5. optional, only while the budget leaves time (else a smaller variant, else SKIP):
-     benchmarks/sr.py and benchmarks/infer.py.
+     benchmarks/infer.py (old vs new chain; fused images/s against its floor) and benchmarks/sr.py.
 Then one table (check, PASS/FAIL/SKIP, seconds, figure, target); --json writes it.
 --inject-bug (shift, swap, nofuse) makes the device infer runs wrong on purpose: the
 comparison rows must then FAIL, on a CPU as on a GPU.
@@ -51,8 +51,8 @@ BENCH = ROOT / "benchmarks"
 STEPS = {
     "tests": (55, 150), "synth": (10, 90), "prepare-sr": (25, 150), "train-sr": (35, 150),
     "train": (90, 240), "models": (25, 120), "infer-cpu": (60, 240), "infer-device": (20, 120),
-    "compare": (15, 90), "bench-sr": (60, 120), "bench-sr-small": (20, 60), "bench-infer": (90, 150),
-    "bench-infer-small": (40, 90),
+    "compare": (15, 90), "bench-sr": (60, 120), "bench-sr-small": (20, 60), "bench-infer": (100, 200),
+    "bench-infer-small": (60, 120),
 }
 RESERVE_S = 10      # kept back for the table and the JSON
 OPTIONAL_MARGIN = 1.5  # an optional step starts only with this multiple of its expected time left
@@ -195,6 +195,21 @@ def train_figures(cuda: bool) -> Callable[[dict], dict]:
     return fn
 
 
+def infer_figures(cuda: bool) -> Callable[[dict], dict]:
+    """benchmarks/infer.py's old-vs-new figures; on CUDA the new chain must reach its floor."""
+    def fn(doc: dict) -> dict:
+        old, new = doc["old"], doc["new"]
+        target = doc["target_images_per_s"]
+        ok = not cuda or new["images_per_s"] >= target
+        return {"pass": ok, "figure": f"{new['images_per_s']:.1f} img/s fused (old {old['images_per_s']:.1f}), "
+                                      f"outside the networks {new['rest_share']:.0%} (old {old['rest_share']:.0%}), "
+                                      f"set-up {new['setup_s']:.1f} s (old {old['setup_s']:.1f}); "
+                                      f"CSVs identical: {doc['csv_identical']}",
+                "target": f">= {target} img/s fused at 2048²" + ("" if cuda else " (on CUDA only)")}
+
+    return fn
+
+
 def leg_figures(doc: dict) -> dict:
     peak = "" if doc.get("peak_gpu_gib") is None else f", peak GPU {doc['peak_gpu_gib']:.2f} GiB"
     mode = "fused" if doc["fused"] else "global only"
@@ -306,16 +321,20 @@ def main(argv: list[str] | None = None) -> int:
 
         bench = "--skip-benchmarks" if a.skip_benchmarks else None
         for key, title, full, small in (
-                ("bench-sr", "benchmarks/sr.py", ["--size", "512", "--tiles", "0,256,512"],
-                 ["--size", "512", "--tiles", "512", "--upscalers", "bicubic,RealESRGAN_x4plus", "--repeats", "1"]),
                 ("bench-infer", "benchmarks/infer.py",
-                 ["--size", a.size, "--images", "3", "--global-input", "1024", "--palm-input", "1024"],
-                 ["--size", a.size, "--images", "1", "--global-input", "1024", "--palm-input", "1024",
-                  "--rounds", "1", "--repeat", "1", "--no-rss"])):
+                 ["--size", a.size, "--images", "8", "--upscaler", "RealESRGAN_x4plus", "--box-side", "0.25,0.35",
+                  *(["--fp16"] if cuda else []), *sets],
+                 ["--size", a.size, "--images", "4", "--upscaler", "realesr-general-x4v3", "--box-side", "0.25,0.35",
+                  *(["--fp16"] if cuda else []), *sets]),
+                ("bench-sr", "benchmarks/sr.py", ["--size", "512", "--tiles", "0,256,512"],
+                 ["--size", "512", "--tiles", "512", "--upscalers", "bicubic,RealESRGAN_x4plus", "--repeats", "1"])):
             use_small = chk.left() < OPTIONAL_MARGIN * STEPS[key][0]
             k, extra = (f"{key}-small", small) if use_small else (key, full)
+            out = runs / f"{key}.json"
+            judge = json_judge(out, infer_figures(cuda)) if key == "bench-infer" else None
             chk.step(title + (" (smaller)" if use_small else ""), k,
-                     [py, BENCH / title.split("/")[1], "--device", a.device, *extra], skip=bench, optional=True)
+                     [py, BENCH / title.split("/")[1], "--device", a.device, *extra,
+                      *(["--json", out] if judge else [])], skip=bench, optional=True, judge=judge)
 
     total = time.perf_counter() - chk.t0
     print_table(chk.rows)

@@ -176,3 +176,20 @@ def test_compile_is_opt_in_and_gives_the_same_masks(world, tmp_path):
         a = np.stack([decode(eager[name][c], (160, 160)) for c in CLASSES])
         b = np.stack([decode(compiled[name][c], (160, 160)) for c in CLASSES])
         assert dice_per_class(b, a).min() >= 0.999
+
+
+def test_compile_failure_is_one_line(monkeypatch):
+    """--compile where the C++ compiler is missing: one line naming the way out (a one-layer
+    network: the failure comes at code generation, whatever the network)."""
+    from torch._inductor import config
+
+    from twostage.errors import TwostageError
+    from twostage.models import Predictor, default_normalization
+
+    meta = {"classes": ["a"], "input_size": 16, "model": {"in_channels": 3}, "normalization": default_normalization(None)}
+    pred = Predictor(torch.nn.Conv2d(3, 1, 3, padding=1), meta).tune(compile=True)
+    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/c++",))
+    torch._dynamo.reset()
+    with pytest.raises(TwostageError, match=r"^--compile: torch.compile failed .*run without --compile$"):
+        pred.native_probs(torch.zeros(1, 16, 16, dtype=torch.uint8))
+    torch._dynamo.reset()

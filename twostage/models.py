@@ -10,6 +10,7 @@ raises otherwise).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import urllib.error
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -392,6 +393,23 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     return (x - m) / s
 
 
+@contextlib.contextmanager
+def compile_errors(compiled: bool) -> Iterator[None]:
+    """A network `torch.compile` cannot compile here (no C compiler, no Triton for this GPU) is
+    one line that names the way out, not the compiler's traceback."""
+    if not compiled:
+        yield
+        return
+    from torch._dynamo.exc import BackendCompilerFailed, TritonUnavailableError
+
+    try:
+        yield
+    except (BackendCompilerFailed, TritonUnavailableError) as e:
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise TwostageError(f"--compile: torch.compile failed on this machine ({first[:200]}); "
+                            "run without --compile") from None
+
+
 def input_hw(input_size: int | Sequence[int]) -> tuple[int, int]:
     """`input_size` (an int for square, or [h, w]) as an (h, w) tuple."""
     if isinstance(input_size, int):
@@ -418,7 +436,7 @@ class Predictor:
         self.mean = list(meta["normalization"]["mean"])
         self.std = list(meta["normalization"]["std"])
         self.window = Window.from_meta(meta)
-        self.channels_last = False
+        self.channels_last = self.compiled = False
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -464,6 +482,7 @@ class Predictor:
             self.channels_last = True
         if compile:
             self.model = torch.compile(self.model, dynamic=False)
+            self.compiled = True
         return self
 
     def preprocess(self, images: torch.Tensor | Sequence[torch.Tensor],
@@ -484,7 +503,7 @@ class Predictor:
         use_amp = fp16 and self.device.type == "cuda"
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with cudnn_autotune(self.device), \
+        with cudnn_autotune(self.device), compile_errors(self.compiled), \
                 torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=use_amp):
             out = self.model(x).float()
             if tta:
