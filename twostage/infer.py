@@ -47,6 +47,7 @@ class InferSummary:
     fused: bool
     device: str
     seconds: float
+    setup_s: float = 0.0  # building the chain: imports, checkpoints, networks, upscaler weights
     skipped: list[str] = field(default_factory=list)  # --skip-bad: images written as empty masks
     boxes: dict[str, list[int]] = field(default_factory=dict)  # fused runs: name -> [x0, y0, side]
     timings: dict[str, float] = field(default_factory=dict)
@@ -156,8 +157,13 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
         log.info("--palm given without --fuse: running the global model alone")
     _check_run(out, batch_size)
     samples = find_images(images, split, shard)
+    t0 = time.perf_counter()
     chain = TwoStage.build(global_ckpt, palm_ckpt if fuse else None, **options)
-    return run(chain, samples, out, fuse=fuse, batch_size=batch_size, save_probs=save_probs, skip_bad=skip_bad)
+    setup = time.perf_counter() - t0
+    log.info("chain built in %.1f s", setup)
+    summary = run(chain, samples, out, fuse=fuse, batch_size=batch_size, save_probs=save_probs, skip_bad=skip_bad)
+    summary.setup_s = setup
+    return summary
 
 
 def _check_run(out: str | os.PathLike, batch_size: int) -> None:

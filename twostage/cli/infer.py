@@ -46,7 +46,7 @@ def handler(args: argparse.Namespace) -> int:
                     skip_bad=args.skip_bad, split=args.split, **chain_options(args))
     mode = "global + palm (fused)" if summary.fused else "global only"
     print(f"wrote {summary.out}: {summary.images} images x 29 classes, {mode}, "
-          f"{summary.seconds:.1f} s on {summary.device}")
+          f"{summary.seconds:.1f} s on {summary.device} (+ {summary.setup_s:.1f} s to build the chain)")
     if summary.skipped:
         print(f"{len(summary.skipped)} image(s) unreadable or failing in the chain, written as empty masks:")
         for path in summary.skipped:
