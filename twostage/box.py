@@ -113,7 +113,7 @@ DEFAULT_MARGIN = 0.08
 """Box margin per side, a fraction of the carpal extent. The global model's boxes are off by
 at most ~0.04 of the side (centre) and ~0.09 (side) on the phantom variants (`calibrate`
 reports it): 0.08 covers that, and a tighter box gives the carpals more of the palm input
-(0.15 before; 0.08 with jitter 0.05/0.1 raised the held-out carpal gain, README)."""
+(0.15 before; 0.08 with jitter 0.05/0.1 raised the held-out carpal gain, docs/results.md)."""
 
 
 @dataclass(frozen=True)
