@@ -309,13 +309,13 @@ def test_amp_skipped_steps_are_counted():
     import numpy as np
 
     from twostage.train.augment import IDENTITY
-    from twostage.train.loop import SKIPPED, UPDATED, _Fit, _train_step
+    from twostage.train.loop import SKIPPED, UPDATED, Fit, train_step
 
     torch.manual_seed(0)
     net = _Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    fit = _Fit(net, net, torch.device("cpu"), None, None, opt, sched, torch.amp.GradScaler("cpu", init_scale=1024.0),
+    fit = Fit(net, net, torch.device("cpu"), None, None, opt, sched, torch.amp.GradScaler("cpu", init_scale=1024.0),
                False, False, None)
     cfg = SimpleNamespace(model=SimpleNamespace(in_channels=3, input_size=8), data=SimpleNamespace(patch=None),
                           loss=SimpleNamespace(bce=1.0, dice=1.0, batch_dice=False),
@@ -329,11 +329,11 @@ def test_amp_skipped_steps_are_counted():
              "params": torch.from_numpy(np.stack([IDENTITY] * 2)), "valid": torch.ones(2, 2)}
     hook = net.conv.weight.register_hook(lambda g: g * float("inf"))
     before = net.conv.weight.detach().clone()
-    loss, did = _train_step(cfg, fit, batch, meta, Dist())
+    loss, did = train_step(cfg, fit, batch, meta, Dist())
     assert did == SKIPPED and torch.isfinite(loss) and torch.equal(net.conv.weight, before)
     assert fit.scaler.get_scale() == 512.0
     hook.remove()
-    assert _train_step(cfg, fit, batch, meta, Dist())[1] == UPDATED
+    assert train_step(cfg, fit, batch, meta, Dist())[1] == UPDATED
     assert not torch.equal(net.conv.weight, before)
 
 

@@ -696,7 +696,7 @@ def test_palm_set_record(folder, data):
 def test_calibration_record(folder, data):
     """calibration.json (sha256 of the pair right or wrong): values the chain can use, None, or one error."""
     from twostage import fusion
-    from twostage.calibrate import find_calibration
+    from twostage.calibration import find_calibration
     from twostage.io import sha256_file
 
     g, p = folder / "g.pt", folder / "p.pt"
