@@ -1,4 +1,4 @@
-"""Per-class fusion weights and thresholds chosen on validation data (docs/DESIGN.md §4).
+"""Per-class fusion weights and thresholds chosen on validation data (docs/DESIGN.md §3, "Calibration").
 
 For every class c the mean Dice of the fused chain depends only on its own weight a_c and
 threshold t_c (channels are independent; the palm box comes from the global probabilities
@@ -107,7 +107,7 @@ def threshold_counts(probs: torch.Tensor, gt: torch.Tensor, thresholds: torch.Te
 
 
 def _dice(inter: torch.Tensor, pred: torch.Tensor, gt_sum: torch.Tensor) -> torch.Tensor:
-    """§2 Dice from counts; gt_sum broadcasts against the trailing threshold axis."""
+    """Dice (docs/DESIGN.md §2) from counts; gt_sum broadcasts against the trailing threshold axis."""
     return (2.0 * inter.double() + DICE_EPS) / (pred.double() + gt_sum.double() + DICE_EPS)
 
 

@@ -1,5 +1,5 @@
 """The calibration record: where `twostage calibrate` writes it, how the chain finds it, and
-which checkpoint pair it is for (docs/DESIGN.md §4).
+which checkpoint pair it is for (docs/DESIGN.md §3, "Calibration").
 
 A record holds per-class fusion weights and thresholds chosen against one global and one palm
 checkpoint; it names both by sha256, and the chain uses it only for that pair. Both

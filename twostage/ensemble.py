@@ -78,7 +78,7 @@ def _rows_of(out_classes: Sequence[str], classes: Sequence[str]) -> slice | list
 # --------------------------------------------------------------------------- hard voting
 
 class CsvIndex:
-    """Where each image's rows sit in a §2 CSV: read once, then one image at a time.
+    """Where each image's rows sit in a submission CSV (docs/DESIGN.md §2): read once, then one image at a time.
 
     Checks the header, that each image's rows are contiguous and that every image has the
     same classes (a CSV is one model's prediction); memory is a few integers per image.
@@ -188,7 +188,7 @@ def vote_csvs(csvs: Sequence[str | os.PathLike], out: str | os.PathLike, *, min_
     no image size is needed (pixels past every input's last run are background in all).
 
     Args:
-        csvs: two or more §2 CSVs over the same images (output order = the first CSV's order).
+        csvs: two or more submission CSVs over the same images (output order = the first CSV's order).
         out: the CSV to write, atomically.
         min_votes: votes a pixel needs (≥ 1); None for a strict majority.
         device: torch device the votes are counted and the runs found on.

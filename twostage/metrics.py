@@ -19,7 +19,7 @@ from .errors import TwostageError, first_few
 log = logging.getLogger(__name__)
 
 DICE_EPS = 1e-4
-"""Smoothing term of the §2 Dice formula (makes both-empty score exactly 1)."""
+"""Smoothing term of the Dice formula (docs/DESIGN.md §2) (makes both-empty score exactly 1)."""
 
 
 def _is_torch(x: Any) -> bool:
@@ -149,7 +149,7 @@ def summarize(per_image: dict[str, np.ndarray], classes: Sequence[str] = CLASSES
 
 def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
               fixes: Any = None, classes: Sequence[str] | None = None) -> ScoreReport:
-    """Score a §2 prediction CSV against the annotated images under `gt_root`.
+    """Score a prediction CSV against the annotated images under `gt_root`.
 
     Args:
         pred_csv: the prediction CSV (may hold more classes than `classes`).

@@ -1,4 +1,4 @@
-"""`twostage pseudo-label`: predictions on unlabelled images → annotations in the §1 layout,
+"""`twostage pseudo-label`: predictions on unlabelled images → annotations in the dataset layout (docs/DESIGN.md §1),
 so train, check and evaluate read them like hand-drawn ones (docs/DESIGN.md §4, "Pseudo-labels").
 
 Masks become polygons (`masks_to_annotations`): one polygon per 8-connected component, from
@@ -6,7 +6,7 @@ its OpenCV contour; each hole hangs from the contour above it by a vertical cut 
 foreground, walked down and back up, so the one polygon, filled alone as `data.rasterize`
 fills it, leaves the hole empty. The round trip mask → polygons → `rasterize` is exact.
 
-Predictions come from a §2 CSV (any model, fusion or ensemble) or from checkpoints run
+Predictions come from a submission CSV (any model, fusion or ensemble) or from checkpoints run
 through `chain.TwoStage` (`infer.predictions`). With probabilities (the chain's, or
 `infer --save-probs` files next to a CSV) each class and image gets a confidence, and
 `min_confidence` leaves out what is below it. OUT/pseudo.json records the source, the
@@ -219,13 +219,13 @@ def pseudo_label(images: str | os.PathLike, out: str | os.PathLike, *, csv: str 
                  global_ckpt: str | os.PathLike | None = None, palm_ckpt: str | os.PathLike | None = None,
                  fuse: bool = False, probs: str | os.PathLike | None = None, min_confidence: float | None = None,
                  copy: bool = False, split: str | None = None, **options) -> PseudoResult:
-    """Write the predictions of IMAGES as a §1 training set at OUT, with OUT/pseudo.json.
+    """Write the predictions of IMAGES as a training set at OUT, with OUT/pseudo.json.
 
     Args:
         images: a folder of PNGs or a dataset root, as `infer` reads it (`split` picks one).
         out: an absent or empty folder; it appears complete or not at all (written beside it,
             then renamed).
-        csv: a §2 prediction CSV with a row for every image and class (rows for other images
+        csv: a prediction CSV with a row for every image and class (rows for other images
             are ignored, with a warning).
         global_ckpt, palm_ckpt, fuse: or predict with checkpoints, exactly as `infer` does.
         probs: with `csv`, the `infer --save-probs` folder of the same predictions, for the

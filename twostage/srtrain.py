@@ -44,7 +44,7 @@ STATE = "state.pt"
 
 @dataclass
 class SRDataConfig:
-    root: str = option("", "dataset root (§1 layout, its train split): native-resolution radiographs with carpal "
+    root: str = option("", "dataset root (DATA/train/DCM/<ID>/*.png with DATA/train/outputs_json; its train split): native-resolution radiographs with carpal "
                        "annotations; the palm regions are the targets")
     fixes: str | None = option(None, "label fixes YAML applied on read (dropped images are left out)")
     margin: float = option(DEFAULT_MARGIN, "palm box margin, as prepare-sr's --margin")

@@ -499,7 +499,7 @@ def _hands(n: int) -> list[tuple[int, str]]:
 
 def synthesize(out: str | os.PathLike, n: int = 20, size: int = 512, seed: int = 0,
                test_n: int = 0, overwrite: bool = False, style: PhantomStyle | str | None = None) -> Path:
-    """Write a phantom dataset in the §1 layout and return its root.
+    """Write a phantom dataset in the dataset layout and return its root.
 
     OUT/train/DCM/IDxxx/image<13 digits>_{L,R}.png with OUT/train/outputs_json/... JSON,
     OUT/test/DCM/... (no JSON, their own IDs) and OUT/meta_data.csv (ID, age, sex, weight,

@@ -290,7 +290,7 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
 
     Args:
         data: dataset root or split folder with annotations.
-        csv: a §2 prediction CSV (any subset of classes); its palm box is derived from its
+        csv: a prediction CSV (any subset of classes); its palm box is derived from its
             carpal masks by the box rule of `palm_ckpt` if given, else the default BoxRule.
         global_ckpt, palm_ckpt, fuse: or predict with checkpoints through `chain.TwoStage`
             (`palm_ckpt` without `fuse` only draws the palm box the chain would use).

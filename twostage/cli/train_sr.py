@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog="example: twostage train-sr DATA --out xray-x4 --stage sr --device cuda",
     )
-    p.add_argument("data", nargs="?", type=Path, help="dataset root (§1 layout; its train split is used)")
+    p.add_argument("data", nargs="?", type=Path, help="dataset root (DATA/train/DCM/<ID>/*.png with DATA/train/outputs_json; its train split is used)")
     p.add_argument("--out", metavar="NAME", help="upscaler name of the result (NAME.pth in the weights folder)")
     p.add_argument("--stage", metavar="NAME", default="sr", help="sr config in stages/: sr, demo-sr (default sr)")
     p.add_argument("--config", metavar="FILE", help="an sr config YAML used instead of stages/<stage>.yaml")
