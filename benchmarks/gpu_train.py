@@ -108,8 +108,8 @@ def stage_figures(stage: str, root: Path, work: Path, args, util: Utilisation | 
 
     from twostage.config import load_config
     from twostage.train.distributed import init_dist
-    from twostage.train.loop import build_fit, stage_datasets, train_epoch, train_step, loader_workers
-    from twostage.train.run import stage_meta, seed_everything
+    from twostage.train.loop import build_fit, loader_workers, stage_datasets, train_epoch, train_step
+    from twostage.train.run import seed_everything, stage_meta
 
     overrides = ["model.encoder_weights=none", "data.fold=-1", f"data.cache={work / 'cache'}", *args.set]
     if batch_size:

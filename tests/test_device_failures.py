@@ -305,10 +305,10 @@ def test_amp_skipped_steps_are_counted():
     the weights are unchanged and the scale halves; the next step updates."""
     from types import SimpleNamespace
 
-    from twostage.train.distributed import Dist
     import numpy as np
 
     from twostage.train.augment import IDENTITY
+    from twostage.train.distributed import Dist
     from twostage.train.loop import SKIPPED, UPDATED, Fit, train_step
 
     torch.manual_seed(0)
@@ -348,7 +348,7 @@ def test_train_reports_skipped_steps_column(world, tmp_path):
         assert [r["skipped_steps"] for r in csv.DictReader(f)] == ["0"]
 
 
-# --------------------------------------------------------------------------- on a CUDA machine (benchmarks/gpu_check.py runs `-k cuda`)
+# ----------------------------------------------------------------- on a CUDA machine (benchmarks/gpu_check.py runs `-k cuda`)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_real_cuda_out_of_memory_in_infer(world, tmp_path, capsys):

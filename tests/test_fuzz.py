@@ -703,7 +703,8 @@ def test_calibration_record(folder, data):
     g.write_bytes(b"global")
     p.write_bytes(b"palm")
     sha = data.draw(st.sampled_from([{"global_sha256": sha256_file(g), "palm_sha256": sha256_file(p)}, {}]))
-    record = st.fixed_dictionaries({"thresholds": PER_CLASS, "fuse_weights": PER_CLASS, **{k: st.just(v) for k, v in sha.items()}})
+    record = st.fixed_dictionaries({"thresholds": PER_CLASS, "fuse_weights": PER_CLASS,
+                                    **{k: st.just(v) for k, v in sha.items()}})
     path = folder / "calibration.json"
     path.write_bytes(data.draw(documents(record, YAML_NASTY)))
     found = outcome(lambda: find_calibration(g, p, path), path)

@@ -16,8 +16,8 @@ from twostage.data import Fixes, find_samples, load_masks
 from twostage.io import read_image
 from twostage.models import resize_images
 from twostage.train import GlobalDataset, PalmDataset, collate, load_palm_items, make_batch
-from twostage.train.datasets import EpochSampler, SeededSampler
 from twostage.train.augment import densify
+from twostage.train.datasets import EpochSampler, SeededSampler
 
 CPU = torch.device("cpu")
 

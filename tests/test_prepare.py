@@ -13,19 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as R
 
 from twostage import box as B
 from twostage.classes import CLASS_TO_INDEX, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main as cli_main
-from twostage.data import find_samples, read_annotations, rasterize, write_annotations
+from twostage.data import find_samples, rasterize, read_annotations, write_annotations
 from twostage.errors import TwostageError
 from twostage.io import read_image
 from twostage.metrics import dice_per_class
 from twostage.prepare import load_palm_set, prepare_sr
 from twostage.sr import make_upscaler
 from twostage.synth import synthesize
-
-import reference as R
 
 SCALE = 4
 SIZE = 512  # carpals of a few hundred source pixels: one pixel moves Dice < 0.5 %

@@ -21,8 +21,7 @@ from twostage.errors import TwostageError
 from twostage.io import sha256_file
 from twostage.metrics import dice_per_class
 from twostage.probs import probs_file_name, read_probs, write_probs
-from twostage.pseudo import (PSEUDO_RECORD, class_confidence, mask_polygons, masks_to_annotations, pseudo_label,
-                             read_pseudo_record)
+from twostage.pseudo import PSEUDO_RECORD, class_confidence, mask_polygons, masks_to_annotations, pseudo_label, read_pseudo_record
 from twostage.rle import decode, encode_masks, read_csv, write_csv
 from twostage.synth import synthesize
 

@@ -47,7 +47,8 @@ def option(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    root: str | list[str] = option("", "dataset root: DATA/train/DCM/<ID>/*.png with annotations in DATA/train/outputs_json (palm: the prepare-sr output folder); global: "
+    root: str | list[str] = option("", "dataset root: DATA/train/DCM/<ID>/*.png with annotations in "
+                                   "DATA/train/outputs_json (palm: the prepare-sr output folder); global: "
                                    "a list of roots trains on all of them, e.g. the labelled set and a "
                                    "`twostage pseudo-label` folder (validation stays on the labelled roots)")
     source_weights: list[float] | None = option(None, "with several data.root: the sampling weight of each root's images "

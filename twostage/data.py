@@ -480,7 +480,7 @@ def load_metadata(root: str | os.PathLike) -> dict[str, dict]:
             book = openpyxl.load_workbook(path, read_only=True, data_only=True)
             rows = [list(r) for r in book.worksheets[0].iter_rows(values_only=True)]
             book.close()
-        except Exception as e:  # openpyxl raises many types for a bad file
+        except Exception as e:  # noqa: BLE001 - openpyxl raises many types for a bad file
             raise TwostageError(f"{path}: cannot read metadata ({e})") from None
     rows = [r for r in rows if any(c not in (None, "") for c in r)]
     if not rows:
@@ -540,7 +540,7 @@ class MaskCache:
                 if str(z["key"]) != key:
                     return None
                 return _unpack_masks(z["shape"], z["boxes"], z["bits"])
-        except Exception as e:  # any unreadable cache file is rebuilt, never fatal
+        except Exception as e:  # noqa: BLE001 - any unreadable cache file is rebuilt, never fatal
             log.warning("%s: corrupt mask cache file, rebuilding (%s)", path, e)
             return None
 

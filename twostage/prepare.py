@@ -34,11 +34,19 @@ from pathlib import Path
 import numpy as np
 
 from . import box as boxes
-from .data import (Annotation, Sample, find_samples, load_annotations, parse_shard, select_samples, shard_slice,
-                   write_annotations)
+from .data import Annotation, Sample, find_samples, load_annotations, parse_shard, select_samples, shard_slice, write_annotations
 from .errors import TwostageError
-from .io import (describe_holder, other_holders, png_size, read_image, read_json, run_lock, sha256_file,
-                 write_json_atomic, write_png_atomic)
+from .io import (
+    describe_holder,
+    other_holders,
+    png_size,
+    read_image,
+    read_json,
+    run_lock,
+    sha256_file,
+    write_json_atomic,
+    write_png_atomic,
+)
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,9 @@ STATE = "state.pt"
 
 @dataclass
 class SRDataConfig:
-    root: str = option("", "dataset root (DATA/train/DCM/<ID>/*.png with DATA/train/outputs_json; its train split): native-resolution radiographs with carpal "
-                       "annotations; the palm regions are the targets")
+    root: str = option("", "dataset root (DATA/train/DCM/<ID>/*.png with DATA/train/outputs_json; its train "
+                           "split): native-resolution radiographs with carpal annotations; the palm regions are "
+                           "the targets")
     fixes: str | None = option(None, "label fixes YAML applied on read (dropped images are left out)")
     margin: float = option(DEFAULT_MARGIN, "palm box margin, as prepare-sr's --margin")
     context: float = option(1.5, "region = the palm box grown by this (prepare-sr's --context: the crop it upscales)")

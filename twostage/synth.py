@@ -345,7 +345,10 @@ def _soft_tissue(chains: list[np.ndarray], bones: list[_Bone], to_px, size: int,
     lo = max(64, size // 4)
     f = lo / size
     canvas = np.zeros((lo, lo), np.uint8)
-    q = lambda p: np.round(to_px(np.atleast_2d(p)) * f).astype(np.int32)  # noqa: E731
+
+    def q(p):
+        return np.round(to_px(np.atleast_2d(p)) * f).astype(np.int32)
+
     by_label = {b.label: b for b in bones}
     carpal_pts = np.concatenate([by_label[c].outline for c in PALM_CLASSES])
     palm = np.concatenate([carpal_pts, *[c[1:2] for c in chains], chains[0][:1],

@@ -31,12 +31,20 @@ from ..metrics import dice_per_class, summarize
 from ..models import Predictor, SegmentationNet, build_model, input_hw, normalize
 from ..prepare import MANIFEST_DIR, load_palm_set
 from .augment import make_batch
-from .datasets import (EpochSampler, GlobalDataset, PalmDataset, PalmItem, SeededSampler, StageDataset, collate,
-                       load_palm_items)
-from .inputs import default_cache_dir
+from .datasets import EpochSampler, GlobalDataset, PalmDataset, PalmItem, SeededSampler, StageDataset, collate, load_palm_items
 from .distributed import Dist, broadcast, gather, has_unused_parameters, init_dist
-from .run import (append_metrics, stage_meta, open_run, prepare_run, rng_state, seed_everything, set_rng_state,
-                  tensorboard_writer, metrics_fields)
+from .inputs import default_cache_dir
+from .run import (
+    append_metrics,
+    metrics_fields,
+    open_run,
+    prepare_run,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    stage_meta,
+    tensorboard_writer,
+)
 from .split import load_or_create_split
 
 log = logging.getLogger(__name__)
