@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from torch import nn
 
 from twostage.checkpoint import load_checkpoint
@@ -50,10 +51,7 @@ def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
 
 
 def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
-    return errors[0]
+    return assert_one_line_error(capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------- the mapping itself

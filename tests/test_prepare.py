@@ -7,13 +7,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import reference as R
+from conftest import twostage_cmd
 
 from twostage import box as B
 from twostage.classes import CLASS_TO_INDEX, PALM_CLASSES, PALM_INDICES
@@ -116,7 +116,7 @@ def test_resume_after_simulated_kill_is_identical(data, palm, tmp_path):
 
 def test_resume_after_sigkill_is_identical(data, palm, tmp_path):
     out = tmp_path / "PALM"
-    cmd = [sys.executable, "-m", "twostage", "prepare-sr", str(data), "--out", str(out), "--scale", str(SCALE)]
+    cmd = twostage_cmd("prepare-sr", data, "--out", out, "--scale", SCALE)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None and not list((out / "manifest").rglob("*.json")):
