@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from twostage.classes import CLASSES
+from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.data import Annotation, write_annotations
 from twostage.io import write_png_atomic
 
@@ -116,6 +116,36 @@ def tiny_dataset(tmp_path: Path, write_sample) -> Path:
     write_sample(root, "ID003/image300_R.png", split="test")
     (root / "meta_data.csv").write_text("ID,Age,Sex,Weight,Height\n1,30,M,70,175\n2,41,F,55,160\n3,8,F,25,120\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def make_phantoms(tmp_path_factory) -> Callable[..., Path]:
+    """make_phantoms(name, n=4, size=128, seed=0, folder="DATA", **synthesize_kwargs): a fresh
+    phantom dataset (`twostage synth`) at <tmp>/<name>N/<folder>; returns its root. Each call
+    writes its own folder, so a test may change what it gets."""
+    from twostage.synth import synthesize
+
+    def _make(name: str, n: int = 4, size: int = 128, seed: int = 0, folder: str = "DATA", **kwargs) -> Path:
+        return synthesize(tmp_path_factory.mktemp(name) / folder, n=n, size=size, seed=seed, **kwargs)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def make_world(tmp_path_factory, make_phantoms, make_tiny_checkpoint) -> Callable[..., dict]:
+    """make_world(name, n=4, size=128, seed=0, palm=True): phantoms and random-init checkpoints
+    in one folder: {"root", "data", "global"[, "palm"]} (paths) for the tests of a command's
+    failure modes."""
+
+    def _make(name: str, n: int = 4, size: int = 128, seed: int = 0, palm: bool = True) -> dict:
+        data = make_phantoms(name, n=n, size=size, seed=seed)
+        root = data.parent
+        world = {"root": root, "data": data, "global": make_tiny_checkpoint(root / "global.pt", "global")}
+        if palm:
+            world["palm"] = make_tiny_checkpoint(root / "palm.pt", "palm", classes=PALM_CLASSES)
+        return world
+
+    return _make
 
 
 # --- sr helper: tiny random-init Real-ESRGAN weights + manifest ------------------------------

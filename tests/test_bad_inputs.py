@@ -33,17 +33,14 @@ def snapshot(*paths: Path) -> dict:
 # --- shared tiny world: dataset, checkpoints, a good CSV, good outputs ------------------------
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
+def world(make_world) -> dict:
     from twostage.cli import main
-    from twostage.synth import synthesize
 
-    root = tmp_path_factory.mktemp("bad")
-    data = synthesize(root / "DATA", n=4, size=128, seed=3)
-    g = make_tiny_checkpoint(root / "global.pt", "global")
-    p = make_tiny_checkpoint(root / "palm.pt", "palm", classes=PALM_CLASSES)
-    csv = root / "pred.csv"
-    assert main(["-q", "infer", str(data), "--global", str(g), "--out", str(csv), "--split", "train"]) == 0
-    return {"root": root, "data": data, "global": g, "palm": p, "csv": csv}
+    world = make_world("bad", seed=3)
+    csv = world["root"] / "pred.csv"
+    assert main(["-q", "infer", str(world["data"]), "--global", str(world["global"]), "--out", str(csv),
+                 "--split", "train"]) == 0
+    return {**world, "csv": csv}
 
 
 def json_of(png: Path) -> Path:

@@ -39,13 +39,10 @@ def cuda_out_of_memory(*_, **__):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
-    from twostage.synth import synthesize
-
-    root = tmp_path_factory.mktemp("device")
-    return {"root": root, "data": synthesize(root / "DATA", n=4, size=96, seed=2),
-            "global": make_tiny_checkpoint(root / "global.pt", "global"),
-            "palm": make_tiny_checkpoint(root / "palm.pt", "palm", classes=PALM_CLASSES),
+def world(make_world, make_tiny_checkpoint) -> dict:
+    world = make_world("device", size=96, seed=2)
+    root = world["root"]
+    return {**world,
             "huge_global": make_tiny_checkpoint(root / "huge_global.pt", "global", input_size=HUGE),
             "huge_palm": make_tiny_checkpoint(root / "huge_palm.pt", "palm", classes=PALM_CLASSES, input_size=HUGE)}
 

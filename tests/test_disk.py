@@ -28,12 +28,8 @@ from twostage.errors import TwostageError
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
-    from twostage.synth import synthesize
-
-    root = tmp_path_factory.mktemp("disk")
-    return {"root": root, "data": synthesize(root / "DATA", n=4, size=96, seed=4),
-            "global": make_tiny_checkpoint(root / "global.pt", "global")}
+def world(make_world) -> dict:
+    return make_world("disk", size=96, seed=4, palm=False)
 
 
 @pytest.fixture

@@ -23,10 +23,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from twostage.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("inputs") / "DATA", n=6, size=160, seed=3)
+def data(make_phantoms) -> Path:
+    return make_phantoms("inputs", n=6, size=160, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -84,10 +84,8 @@ def assert_final_files_parse(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from twostage.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("kill") / "DATA", n=12, size=256, seed=2, test_n=0)
+def data(make_phantoms) -> Path:
+    return make_phantoms("kill", n=12, size=256, seed=2, test_n=0)
 
 
 def contents(root: Path) -> dict[str, bytes]:

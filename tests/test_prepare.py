@@ -31,8 +31,8 @@ SIZE = 512  # carpals of a few hundred source pixels: one pixel moves Dice < 0.5
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("synth") / "DATA", n=6, size=SIZE, seed=0)
+def data(make_phantoms) -> Path:
+    return make_phantoms("synth", n=6, size=SIZE, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,13 @@ from twostage.metrics import dice_per_class
 from twostage.probs import probs_file_name, read_probs, write_probs
 from twostage.pseudo import PSEUDO_RECORD, class_confidence, mask_polygons, masks_to_annotations, pseudo_label, read_pseudo_record
 from twostage.rle import decode, encode_masks, read_csv, write_csv
-from twostage.synth import synthesize
 
 SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("pseudo") / "DATA", n=4, size=SIZE, seed=7)
+def data(make_phantoms) -> Path:
+    return make_phantoms("pseudo", n=4, size=SIZE, seed=7)
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,8 @@ TINY = ["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=none
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from twostage.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("train") / "DATA", n=8, size=128, seed=5)
+def data(make_phantoms) -> Path:
+    return make_phantoms("train", n=8, size=128, seed=5)
 
 
 @pytest.fixture(scope="module")

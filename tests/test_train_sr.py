@@ -24,9 +24,9 @@ TINY = ["net.num_feat=4", "net.num_conv=1", "data.gt_size=96", "train.batch_size
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
+def phantoms(make_phantoms) -> Path:
     """6 phantom radiographs of 256² (3 IDs x L/R hands) with carpal polygons."""
-    return synthesize(tmp_path_factory.mktemp("sr") / "data", n=6, size=256, seed=3)
+    return make_phantoms("sr", n=6, size=256, seed=3, folder="data")
 
 
 def _cfg(data: Path, run: Path, *extra: str):

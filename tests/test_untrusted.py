@@ -16,8 +16,6 @@ import yaml
 from conftest import assert_one_line_error
 from conftest import run_cli as twostage
 
-from twostage.classes import PALM_CLASSES
-
 PACKAGE = Path(__file__).resolve().parents[1] / "twostage"
 
 
@@ -47,13 +45,8 @@ def assert_refused(res: subprocess.CompletedProcess, name: str, marker: Path) ->
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
-    from twostage.synth import synthesize
-
-    root = tmp_path_factory.mktemp("untrusted")
-    data = synthesize(root / "DATA", n=4, size=128, seed=1)
-    return {"root": root, "data": data, "global": make_tiny_checkpoint(root / "global.pt", "global"),
-            "palm": make_tiny_checkpoint(root / "palm.pt", "palm", classes=PALM_CLASSES)}
+def world(make_world) -> dict:
+    return make_world("untrusted", seed=1)
 
 
 def test_payload_is_real(tmp_path):

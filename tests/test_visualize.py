@@ -12,15 +12,14 @@ from twostage.cli import main
 from twostage.data import find_samples, load_masks
 from twostage.errors import TwostageError
 from twostage.rle import encode_masks, write_csv
-from twostage.synth import synthesize
 from twostage.visualize import BOX_COLOUR, CHART_COLOURS, dice_change_chart, visualize
 
 SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("vis") / "DATA", n=2, size=SIZE, seed=4)
+def data(make_phantoms) -> Path:
+    return make_phantoms("vis", n=2, size=SIZE, seed=4)
 
 
 def _prediction(data: Path, csv: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -9,13 +9,12 @@ from conftest import assert_one_line_error, run_cli
 from twostage.config import load_config
 from twostage.errors import TwostageError
 from twostage.models import Predictor
-from twostage.synth import synthesize
 from twostage.window import Window, check_overlap, gaussian_map, parse_scales, sliding_window, window_starts
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("win") / "DATA", n=8, size=128, seed=11)
+def data(make_phantoms):
+    return make_phantoms("win", n=8, size=128, seed=11)
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
