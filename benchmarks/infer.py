@@ -100,7 +100,7 @@ def competition_decode(rle: str, shape) -> np.ndarray:
 
 
 def competition_encode(mask: np.ndarray) -> str:
-    """The §2 reference formula, one class at a time."""
+    """The reference RLE formula (docs/DESIGN.md §2), one class at a time."""
     pixels = np.concatenate([[0], mask.flatten(), [0]])
     runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
     runs[1::2] -= runs[::2]

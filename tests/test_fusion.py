@@ -1,4 +1,4 @@
-"""The fusion rule of DESIGN §3, the feather window and the per-class value files."""
+"""The fusion rule of docs/DESIGN.md §3, the feather window and the per-class value files."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""The phantom dataset: §1 layout, valid labels, determinism, geometry and contrast; the variants."""
+"""The phantom dataset: the dataset layout (docs/DESIGN.md §1), valid labels, determinism, geometry and contrast; the variants."""
 from __future__ import annotations
 
 import csv
