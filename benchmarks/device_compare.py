@@ -201,12 +201,12 @@ def sharpen_head(net, logits, share: float = FOREGROUND, spread: float = SPREAD)
 def _stage_model(stage: str, sets: list[str], extra: dict):
     from twostage.config import load_config
     from twostage.models import build_model
-    from twostage.train.run import _meta
+    from twostage.train.run import stage_meta
 
     cfg = load_config(stage, overrides=["model.encoder_weights=none", *sets])
     net = build_model(cfg.model.arch, cfg.model.encoder, len(cfg.classes), cfg.model.in_channels,
                       **dict(cfg.model.kwargs))
-    return net, _meta(cfg, extra)
+    return net, stage_meta(cfg, extra)
 
 
 def confident_models(images: Path, out: Path, device: str = "cpu", sets: list[str] = (), weights_dir=None,

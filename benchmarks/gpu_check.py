@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from device_compare import BUGS, TARGET  # noqa: E402
-from rehearsal_2048 import work_folders  # noqa: E402  (the same folders and RRDBNet x4 weights)
+from device_compare import BUGS, TARGET
+from rehearsal_2048 import work_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"

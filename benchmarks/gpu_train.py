@@ -10,7 +10,7 @@ the GPU machine has no network; no validation, `data.fold=-1`) measures, in this
 through the trainer's own functions:
 
   cache     the one-time build of the training-input cache (all cores)
-  compute   one training step (`loop._train_step`) on a batch already in pinned memory: what
+  compute   one training step (`loop.train_step`) on a batch already in pinned memory: what
             a step costs when the loader is never waited for (augmentation on the device,
             forward, backward, optimiser; AMP, channels-last), and the GPU utilisation then
   network   the network's part alone (forward, loss, backward, GradScaler step on a ready
@@ -108,8 +108,8 @@ def stage_figures(stage: str, root: Path, work: Path, args, util: Utilisation | 
 
     from twostage.config import load_config
     from twostage.train.distributed import init_dist
-    from twostage.train.loop import _build, _datasets, _train_epoch, _train_step, loader_workers
-    from twostage.train.run import _meta, seed_everything
+    from twostage.train.loop import build_fit, loader_workers, stage_datasets, train_epoch, train_step
+    from twostage.train.run import seed_everything, stage_meta
 
     overrides = ["model.encoder_weights=none", "data.fold=-1", f"data.cache={work / 'cache'}", *args.set]
     if batch_size:
@@ -122,11 +122,11 @@ def stage_figures(stage: str, root: Path, work: Path, args, util: Utilisation | 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t = time.perf_counter()
-    train_ds, _, extra = _datasets(cfg, [root], run, dist, device)
+    train_ds, _, extra = stage_datasets(cfg, [root], run, dist, device)
     cache_s = time.perf_counter() - t
     seed_everything(cfg.train.seed)
-    fit = _build(cfg, train_ds, device, dist)
-    meta = _meta(cfg, extra)
+    fit = build_fit(cfg, train_ds, device, dist)
+    meta = stage_meta(cfg, extra)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -134,11 +134,11 @@ def stage_figures(stage: str, root: Path, work: Path, args, util: Utilisation | 
     if cuda:
         batch = {k: v.pin_memory() for k, v in batch.items()}
     for _ in range(3):  # warm-up: cuDNN autotuning, allocator
-        _train_step(cfg, fit, batch, meta, dist)
+        train_step(cfg, fit, batch, meta, dist)
     sync()
     t = time.perf_counter()
     for _ in range(args.compute_steps):
-        _train_step(cfg, fit, batch, meta, dist)
+        train_step(cfg, fit, batch, meta, dist)
     sync()
     t1 = time.perf_counter()
     compute = (t1 - t) / args.compute_steps
@@ -151,7 +151,7 @@ def stage_figures(stage: str, root: Path, work: Path, args, util: Utilisation | 
     epochs = []
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        _train_epoch(cfg, fit, train_ds, meta, epoch, dist, run)
+        train_epoch(cfg, fit, train_ds, meta, epoch, dist, run)
         sync()
         t1 = time.perf_counter()
         epochs.append((t0, t1))

@@ -31,17 +31,17 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from twostage.box import crop_image, jitter_box  # noqa: E402
-from twostage.config import load_config  # noqa: E402
-from twostage.data import MaskCache, find_samples, load_masks  # noqa: E402
-from twostage.io import read_image  # noqa: E402
-from twostage.models import input_hw, resize_images  # noqa: E402
-from twostage.prepare import prepare_sr  # noqa: E402
-from twostage.synth import synthesize  # noqa: E402
-from twostage.train import GlobalDataset, PalmDataset, collate, item_rng, load_palm_items, make_batch  # noqa: E402
+from twostage.box import crop_image, jitter_box
+from twostage.config import load_config
+from twostage.data import MaskCache, find_samples, load_masks
+from twostage.io import read_image
+from twostage.models import input_hw, resize_images
+from twostage.prepare import prepare_sr
+from twostage.synth import synthesize
+from twostage.train import GlobalDataset, PalmDataset, collate, item_rng, load_palm_items, make_batch
 
 
 def old_augment(aug):

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness import Runner, StepFailed, read_marker, remove, summarize  # noqa: E402
+from robustness import Runner, StepFailed, read_marker, remove, summarize
 
 GLOBALS = {
     "whole-160": ("demo-global", []),

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from twostage.box import BoxRule, box_from_annotations, crop_image
+from twostage.chain import ChainOptions, TwoStage
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.data import find_samples, rasterize, read_annotations
 from twostage.fusion import fuse, thresholds
-from twostage.chain import ChainOptions, TwoStage
 from twostage.infer import STAGES, infer
 from twostage.io import read_image
 from twostage.models import build_model, default_normalization, resize_images
@@ -100,7 +100,7 @@ def competition_decode(rle: str, shape) -> np.ndarray:
 
 
 def competition_encode(mask: np.ndarray) -> str:
-    """The §2 reference formula, one class at a time."""
+    """The reference RLE formula (docs/DESIGN.md §2), one class at a time."""
     pixels = np.concatenate([[0], mask.flatten(), [0]])
     runs = np.where(pixels[1:] != pixels[:-1])[0] + 1
     runs[1::2] -= runs[::2]
@@ -266,7 +266,8 @@ def main() -> None:
         print(f"  {'total':<20}{total_g:>12.4f} {total_f:>10.4f}")
         over = tf["box_crop"] + tf["masks"] + tf["fusion"] + tf["rle_write"]
         pct = 100 * over / total_g
-        print(f"\nbox+crop+masks(upsample+thresholds)+fusion+RLE/write: {over:.4f} s = {pct:.1f} % of global-only time (target <= 10 %)")
+        print(f"\nbox+crop+masks(upsample+thresholds)+fusion+RLE/write: {over:.4f} s = {pct:.1f} % "
+              "of global-only time (target <= 10 %)")
         print(f"  of which box+crop+fusion alone: {100 * (tf['box_crop'] + tf['fusion']) / total_g:.2f} %; "
               f"whole fused chain costs {100 * (total_f / total_g - 1):.1f} % more than global-only")
         result = {"size": args.size, "images": n, "device": args.device, "global_only": tg, "fused": tf,

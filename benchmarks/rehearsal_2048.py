@@ -5,7 +5,7 @@ Nothing is changed in those configs but what this machine forces, each as a --se
   * counts: --n training images (one ID-grouped fold validates), --test-n images inferred,
     --set train.epochs=1 (one epoch = n_train / batch steps); train-sr: 5 steps, 1 ID held out;
   * model.encoder_weights=none: nothing downloads here (a user's first run fills the hub
-    cache with the ImageNet weights; see README "Pretrained encoders");
+    cache with the ImageNet weights; see docs/commands.md, `twostage train`, model.encoder_weights);
   * train.batch_size=2 (--batch-size): the configs' batch 4 is sized for a GPU with AMP; on
     the CPU there is no AMP, fp32 activations are twice the size and batch 4 would not fit
     24 GB.

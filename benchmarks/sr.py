@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rehearsal_2048 import make_rrdb_weights  # noqa: E402  (random official-architecture weights)
+from rehearsal_2048 import make_rrdb_weights  # random official-architecture weights
 
 UPSCALERS = ("bicubic", "RealESRGAN_x4plus", "realesr-general-x4v3")
 

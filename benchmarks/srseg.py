@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustness import Runner, StepFailed, remove, summarize  # noqa: E402
+from robustness import Runner, StepFailed, remove, summarize
 
 
 def heldout_quality(heldout: Path, name: str, weights_dir: Path) -> dict:

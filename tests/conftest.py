@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -9,7 +11,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from twostage.classes import CLASSES
+from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.data import Annotation, write_annotations
 from twostage.io import write_png_atomic
 
@@ -21,7 +23,46 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("TWOSTAGE_CACHE", tempfile.mkdtemp(prefix="twostage-test-cache-"))
 
 
-# --- data helper: tiny §1 datasets written to disk ------------------------------------------
+# --- CLI helper: `python -m twostage ...` as a user runs it, and its one-line errors ---------
+
+REPO = Path(__file__).resolve().parent.parent
+
+CLI_ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+"""Environment of a CLI subprocess: this checkout first on the path, no update nags or warnings."""
+
+
+def twostage_cmd(*args) -> list[str]:
+    """The argv of `python -m twostage ARGS` (for Popen and friends)."""
+    return [sys.executable, "-m", "twostage", *map(str, args)]
+
+
+def run_cli(*args, cwd: Path | None = None, timeout: float = 300, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    """Run `python -m twostage ARGS` in a subprocess with CLI_ENV (plus `env`); text output captured."""
+    return subprocess.run(twostage_cmd(*args), capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          env={**CLI_ENV, **(env or {})})
+
+
+def assert_one_line_error(res: subprocess.CompletedProcess | str, *fragments: str, rc: int | None = None) -> str:
+    """A user mistake as the CLI reports it: (for a process) a non-zero exit, `rc` if given; no
+    traceback; exactly one `error:` line, the last one, holding every fragment (case-insensitive).
+    `res` is a finished process or its stderr text. Returns the line."""
+    stderr = res if isinstance(res, str) else res.stderr
+    if not isinstance(res, str):
+        assert res.returncode != 0, f"exit 0 on bad input; stderr:\n{stderr}"
+        if rc is not None:
+            assert res.returncode == rc, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and "%|" not in line]  # tqdm bars aside
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr  # one line, nothing after it
+    for f in fragments:
+        assert f.lower() in errors[0].lower(), f"{f!r} not in {errors[0]!r}"
+    return errors[0]
+
+
+# --- data helper: tiny datasets written to disk ------------------------------------------------
 
 def grid_annotations(size: int = 128, classes=CLASSES) -> list[Annotation]:
     """One small square polygon per class on a grid, all inside a size×size image."""
@@ -75,6 +116,36 @@ def tiny_dataset(tmp_path: Path, write_sample) -> Path:
     write_sample(root, "ID003/image300_R.png", split="test")
     (root / "meta_data.csv").write_text("ID,Age,Sex,Weight,Height\n1,30,M,70,175\n2,41,F,55,160\n3,8,F,25,120\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def make_phantoms(tmp_path_factory) -> Callable[..., Path]:
+    """make_phantoms(name, n=4, size=128, seed=0, folder="DATA", **synthesize_kwargs): a fresh
+    phantom dataset (`twostage synth`) at <tmp>/<name>N/<folder>; returns its root. Each call
+    writes its own folder, so a test may change what it gets."""
+    from twostage.synth import synthesize
+
+    def _make(name: str, n: int = 4, size: int = 128, seed: int = 0, folder: str = "DATA", **kwargs) -> Path:
+        return synthesize(tmp_path_factory.mktemp(name) / folder, n=n, size=size, seed=seed, **kwargs)
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def make_world(tmp_path_factory, make_phantoms, make_tiny_checkpoint) -> Callable[..., dict]:
+    """make_world(name, n=4, size=128, seed=0, palm=True): phantoms and random-init checkpoints
+    in one folder: {"root", "data", "global"[, "palm"]} (paths) for the tests of a command's
+    failure modes."""
+
+    def _make(name: str, n: int = 4, size: int = 128, seed: int = 0, palm: bool = True) -> dict:
+        data = make_phantoms(name, n=n, size=size, seed=seed)
+        root = data.parent
+        world = {"root": root, "data": data, "global": make_tiny_checkpoint(root / "global.pt", "global")}
+        if palm:
+            world["palm"] = make_tiny_checkpoint(root / "palm.pt", "palm", classes=PALM_CLASSES)
+        return world
+
+    return _make
 
 
 # --- sr helper: tiny random-init Real-ESRGAN weights + manifest ------------------------------

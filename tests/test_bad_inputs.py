@@ -8,38 +8,16 @@ outside the image) are asserted to behave as documented instead.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import assert_one_line_error
+from conftest import run_cli as twostage
 
 from twostage.classes import CLASSES, PALM_CLASSES
-
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def twostage(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "twostage", *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=cwd, timeout=300)
-
-
-def assert_one_line_error(res: subprocess.CompletedProcess, *fragments: str, rc: int | None = None) -> str:
-    """Non-zero exit, no traceback, exactly one `error:` line that contains every fragment."""
-    assert res.returncode != 0, f"exit 0 on bad input; stderr:\n{res.stderr}"
-    if rc is not None:
-        assert res.returncode == rc, res.stderr
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if "error:" in line]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr  # one line, nothing after it
-    for f in fragments:
-        assert f.lower() in errors[0].lower(), f"{f!r} not in {errors[0]!r}"
-    return errors[0]
 
 
 def snapshot(*paths: Path) -> dict:
@@ -55,17 +33,14 @@ def snapshot(*paths: Path) -> dict:
 # --- shared tiny world: dataset, checkpoints, a good CSV, good outputs ------------------------
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
+def world(make_world) -> dict:
     from twostage.cli import main
-    from twostage.synth import synthesize
 
-    root = tmp_path_factory.mktemp("bad")
-    data = synthesize(root / "DATA", n=4, size=128, seed=3)
-    g = make_tiny_checkpoint(root / "global.pt", "global")
-    p = make_tiny_checkpoint(root / "palm.pt", "palm", classes=PALM_CLASSES)
-    csv = root / "pred.csv"
-    assert main(["-q", "infer", str(data), "--global", str(g), "--out", str(csv), "--split", "train"]) == 0
-    return {"root": root, "data": data, "global": g, "palm": p, "csv": csv}
+    world = make_world("bad", seed=3)
+    csv = world["root"] / "pred.csv"
+    assert main(["-q", "infer", str(world["data"]), "--global", str(world["global"]), "--out", str(csv),
+                 "--split", "train"]) == 0
+    return {**world, "csv": csv}
 
 
 def json_of(png: Path) -> Path:

@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+import reference as R
 import torch
 
 from twostage import box as B
@@ -13,8 +14,6 @@ from twostage.data import Annotation, rasterize
 from twostage.errors import TwostageError
 from twostage.metrics import dice_per_class
 from twostage.synth import render_hand
-
-import reference as R
 
 SIZE = 192
 

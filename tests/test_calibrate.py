@@ -77,7 +77,8 @@ def test_calibrate_reports_the_global_models_box_errors(setup, tmp_path):
 
 def test_grid_without_defaults_still_contains_them(setup, tmp_path):
     r = calibrate(setup["root"], setup["global"], setup["palm"], tmp_path, weight_grid=[0.0, 1.0],
-                  threshold_grid=[0.3], images=[Path(p).name for p in sorted((setup["root"] / "train" / "DCM").rglob("*.png"))][:1])
+                  threshold_grid=[0.3],
+                  images=[Path(p).name for p in sorted((setup["root"] / "train" / "DCM").rglob("*.png"))][:1])
     assert r.weight_grid == [0.0, 0.7, 1.0] and r.threshold_grid == [0.3, 0.5] and r.n_images == 1
     assert all(r.calibrated_dice[c] >= r.default_dice[c] for c in CLASSES)
     assert set(r.fuse_weights.values()) <= {0.0, 0.7, 1.0} and set(r.thresholds.values()) <= {0.3, 0.5}

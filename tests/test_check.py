@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import grid_annotations, phantom
+from conftest import grid_annotations, phantom, run_cli
 
 from twostage.check import check_dataset
 from twostage.cli import main
@@ -167,7 +165,6 @@ def test_bad_fixes_file_is_one_line_error(tiny_dataset, tmp_path, capsys):
 
 def test_check_command_runs_as_module(tiny_dataset):
     _break(tiny_dataset, None, "corrupt_png")
-    run = subprocess.run([sys.executable, "-m", "twostage", "check", str(tiny_dataset)],
-                         capture_output=True, text=True, timeout=120)
+    run = run_cli("check", tiny_dataset, timeout=120)
     assert run.returncode == 1, run.stderr
     assert "corrupt_png ×1" in run.stdout and "FAILED" in run.stdout

@@ -4,10 +4,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from twostage.cli import main
-from twostage.config import (StageConfig, all_keys, config_from_dict, describe, load_config,
-                             parse_override, read_config_yaml)
 from twostage.classes import CLASSES, PALM_CLASSES
+from twostage.cli import main
+from twostage.config import StageConfig, all_keys, config_from_dict, describe, load_config, parse_override, read_config_yaml
 from twostage.errors import TwostageError
 
 STAGES = ["global", "palm", "demo-global", "demo-palm"]

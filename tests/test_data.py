@@ -12,8 +12,17 @@ import pytest
 from conftest import phantom
 
 from twostage.classes import CLASSES, PALM_CLASSES
-from twostage.data import (Annotation, Fixes, MaskCache, find_samples, load_annotations, load_masks,
-                           load_metadata, rasterize, read_annotations)
+from twostage.data import (
+    Annotation,
+    Fixes,
+    MaskCache,
+    find_samples,
+    load_annotations,
+    load_masks,
+    load_metadata,
+    rasterize,
+    read_annotations,
+)
 from twostage.errors import TwostageError
 from twostage.io import png_size, read_image
 

@@ -1,10 +1,9 @@
 """`twostage demo --quick` end to end: synth → prepare-sr → train ×2 → infer ×2 → score → pictures."""
 import json
-import subprocess
-import sys
 
 import cv2
 import pytest
+from conftest import run_cli
 
 from twostage.classes import CLASSES
 
@@ -12,8 +11,7 @@ from twostage.classes import CLASSES
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "twostage", "demo", "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    proc = run_cli("demo", "--quick", "--out", out, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # no official weights here: said plainly, and the demo trains its own X-ray upscaler first
     assert "Real-ESRGAN weights not usable" in proc.stderr and "training demo-xray-x4" in proc.stderr

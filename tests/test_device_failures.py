@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_one_line_error
 from torch import nn
 
 from twostage.checkpoint import load_checkpoint
@@ -38,22 +39,16 @@ def cuda_out_of_memory(*_, **__):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
-    from twostage.synth import synthesize
-
-    root = tmp_path_factory.mktemp("device")
-    return {"root": root, "data": synthesize(root / "DATA", n=4, size=96, seed=2),
-            "global": make_tiny_checkpoint(root / "global.pt", "global"),
-            "palm": make_tiny_checkpoint(root / "palm.pt", "palm", classes=PALM_CLASSES),
+def world(make_world, make_tiny_checkpoint) -> dict:
+    world = make_world("device", size=96, seed=2)
+    root = world["root"]
+    return {**world,
             "huge_global": make_tiny_checkpoint(root / "huge_global.pt", "global", input_size=HUGE),
             "huge_palm": make_tiny_checkpoint(root / "huge_palm.pt", "palm", classes=PALM_CLASSES, input_size=HUGE)}
 
 
 def one_error_line(capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]
-    errors = [line for line in err if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
-    return errors[0]
+    return assert_one_line_error(capsys.readouterr().err)
 
 
 # --------------------------------------------------------------------------- the mapping itself
@@ -305,17 +300,17 @@ def test_amp_skipped_steps_are_counted():
     the weights are unchanged and the scale halves; the next step updates."""
     from types import SimpleNamespace
 
-    from twostage.train.distributed import Dist
     import numpy as np
 
     from twostage.train.augment import IDENTITY
-    from twostage.train.loop import SKIPPED, UPDATED, _Fit, _train_step
+    from twostage.train.distributed import Dist
+    from twostage.train.loop import SKIPPED, UPDATED, Fit, train_step
 
     torch.manual_seed(0)
     net = _Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    fit = _Fit(net, net, torch.device("cpu"), None, None, opt, sched, torch.amp.GradScaler("cpu", init_scale=1024.0),
+    fit = Fit(net, net, torch.device("cpu"), None, None, opt, sched, torch.amp.GradScaler("cpu", init_scale=1024.0),
                False, False, None)
     cfg = SimpleNamespace(model=SimpleNamespace(in_channels=3, input_size=8), data=SimpleNamespace(patch=None),
                           loss=SimpleNamespace(bce=1.0, dice=1.0, batch_dice=False),
@@ -329,11 +324,11 @@ def test_amp_skipped_steps_are_counted():
              "params": torch.from_numpy(np.stack([IDENTITY] * 2)), "valid": torch.ones(2, 2)}
     hook = net.conv.weight.register_hook(lambda g: g * float("inf"))
     before = net.conv.weight.detach().clone()
-    loss, did = _train_step(cfg, fit, batch, meta, Dist())
+    loss, did = train_step(cfg, fit, batch, meta, Dist())
     assert did == SKIPPED and torch.isfinite(loss) and torch.equal(net.conv.weight, before)
     assert fit.scaler.get_scale() == 512.0
     hook.remove()
-    assert _train_step(cfg, fit, batch, meta, Dist())[1] == UPDATED
+    assert train_step(cfg, fit, batch, meta, Dist())[1] == UPDATED
     assert not torch.equal(net.conv.weight, before)
 
 
@@ -348,7 +343,7 @@ def test_train_reports_skipped_steps_column(world, tmp_path):
         assert [r["skipped_steps"] for r in csv.DictReader(f)] == ["0"]
 
 
-# --------------------------------------------------------------------------- on a CUDA machine (benchmarks/gpu_check.py runs `-k cuda`)
+# ----------------------------------------------------------------- on a CUDA machine (benchmarks/gpu_check.py runs `-k cuda`)
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_real_cuda_out_of_memory_in_infer(world, tmp_path, capsys):

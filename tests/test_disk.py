@@ -21,20 +21,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CLI_ENV, twostage_cmd
 
 from twostage.cli import main
 from twostage.errors import TwostageError
 
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
-
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
-    from twostage.synth import synthesize
-
-    root = tmp_path_factory.mktemp("disk")
-    return {"root": root, "data": synthesize(root / "DATA", n=4, size=96, seed=4),
-            "global": make_tiny_checkpoint(root / "global.pt", "global")}
+def world(make_world) -> dict:
+    return make_world("disk", size=96, seed=4, palm=False)
 
 
 @pytest.fixture
@@ -193,8 +188,7 @@ def holder():
 
     def start(target: Path, tag: str = "", info: dict | None = None) -> subprocess.Popen:
         p = subprocess.Popen([sys.executable, "-c", HOLD, str(target), tag, json.dumps(info or {})],
-                             stdout=subprocess.PIPE, text=True,
-                             env={**ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+                             stdout=subprocess.PIPE, text=True, env=CLI_ENV)
         procs.append(p)
         assert p.stdout.readline().strip() == "locked"
         return p
@@ -235,9 +229,8 @@ def test_two_infers_at_once(world, tmp_path):
     ref = tmp_path / "ref.csv"
     infer(world["data"], world["global"], ref, split="train")
     out = tmp_path / "out.csv"
-    cmd = [sys.executable, "-m", "twostage", "infer", str(world["data"]), "--split", "train",
-           "--global", str(world["global"]), "--out", str(out)]
-    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=ENV) for _ in range(2)]
+    cmd = twostage_cmd("infer", world["data"], "--split", "train", "--global", world["global"], "--out", out)
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=CLI_ENV) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     for rc, err in results:
         assert rc == 0 or (rc == 2 and "is writing it" in err and "Traceback" not in err), err

@@ -1,13 +1,12 @@
 """`twostage ensemble`: hard voting over CSVs, soft voting over saved probabilities."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
@@ -174,9 +173,7 @@ def test_soft_vote_errors(tmp_path):
 
 def test_cli_subprocess_usage_errors(tmp_path):
     paths, _ = _random_csvs(tmp_path, 2)
-    r = subprocess.run([sys.executable, "-m", "twostage", "ensemble", "--csv", *map(str, paths),
-                        "--weights", "1", "2", "--out", str(tmp_path / "o.csv")], capture_output=True, text=True)
-    assert r.returncode == 2 and "soft voting" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "twostage", "ensemble", "--csv", *map(str, paths),
-                        "--out", str(tmp_path / "o.csv")], capture_output=True, text=True)
+    r = run_cli("ensemble", "--csv", *paths, "--weights", "1", "2", "--out", tmp_path / "o.csv")
+    assert_one_line_error(r, "soft voting", rc=2)
+    r = run_cli("ensemble", "--csv", *paths, "--out", tmp_path / "o.csv")
     assert r.returncode == 0 and "hard voting over 2 inputs" in r.stdout

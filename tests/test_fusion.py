@@ -1,4 +1,4 @@
-"""The fusion rule of DESIGN §3, the feather window and the per-class value files."""
+"""The fusion rule of docs/DESIGN.md §3, the feather window and the per-class value files."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +8,7 @@ import torch
 
 from twostage.classes import CLASSES, NUM_CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.errors import TwostageError
-from twostage.fusion import (DEFAULT_PALM_WEIGHT, binarize, feather_window, fuse, fuse_weights,
-                             thresholds)
+from twostage.fusion import DEFAULT_PALM_WEIGHT, binarize, feather_window, fuse, fuse_weights, thresholds
 
 
 @dataclass

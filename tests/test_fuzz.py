@@ -696,14 +696,15 @@ def test_palm_set_record(folder, data):
 def test_calibration_record(folder, data):
     """calibration.json (sha256 of the pair right or wrong): values the chain can use, None, or one error."""
     from twostage import fusion
-    from twostage.calibrate import find_calibration
+    from twostage.calibration import find_calibration
     from twostage.io import sha256_file
 
     g, p = folder / "g.pt", folder / "p.pt"
     g.write_bytes(b"global")
     p.write_bytes(b"palm")
     sha = data.draw(st.sampled_from([{"global_sha256": sha256_file(g), "palm_sha256": sha256_file(p)}, {}]))
-    record = st.fixed_dictionaries({"thresholds": PER_CLASS, "fuse_weights": PER_CLASS, **{k: st.just(v) for k, v in sha.items()}})
+    record = st.fixed_dictionaries({"thresholds": PER_CLASS, "fuse_weights": PER_CLASS,
+                                    **{k: st.just(v) for k, v in sha.items()}})
     path = folder / "calibration.json"
     path.write_bytes(data.draw(documents(record, YAML_NASTY)))
     found = outcome(lambda: find_calibration(g, p, path), path)

@@ -5,8 +5,6 @@ Models are tiny random-initialised smp networks saved as real checkpoints; the d
 """
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -14,24 +12,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_one_line_error, run_cli
+from reference import source_to_crop
 
 from twostage.box import BoxRule
+from twostage.chain import ChainOptions, TwoStage
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main
 from twostage.data import find_samples, rasterize, read_annotations
 from twostage.errors import TwostageError
-from twostage.chain import ChainOptions, TwoStage
 from twostage.infer import infer
-from twostage.probs import read_probs
 from twostage.io import read_image
 from twostage.metrics import dice_per_class, score_csv
 from twostage.models import build_model, default_normalization
+from twostage.probs import read_probs
 from twostage.rle import decode, read_csv
 from twostage.sr import make_upscaler
 from twostage.synth import synthesize
-
-from reference import source_to_crop
 
 TINY = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "in_channels": 3,
         "kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}
@@ -254,12 +252,11 @@ def test_recorded_upscaler_is_enforced(setup, tmp_path):
 
 def test_module_entry_point_and_fuse_without_palm(setup, tmp_path):
     out = tmp_path / "m.csv"
-    cmd = [sys.executable, "-m", "twostage", "-q", "infer", str(setup["root"]), "--global",
-           str(setup["global"]), "--out", str(out)]
-    r = subprocess.run(cmd + ["--fuse"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()]
-    assert "--palm" in r.stderr and not out.exists()
-    r = subprocess.run(cmd + ["--batch-size", "2"], capture_output=True, text=True, timeout=120)
+    cmd = ["-q", "infer", setup["root"], "--global", setup["global"], "--out", out]
+    r = run_cli(*cmd, "--fuse", timeout=120)
+    assert_one_line_error(r, "--palm", rc=2)
+    assert not out.exists()
+    r = run_cli(*cmd, "--batch-size", "2", timeout=120)
     assert r.returncode == 0, r.stderr
     assert len(read_csv(out)) == 3
 

@@ -16,17 +16,15 @@ from twostage.data import Fixes, find_samples, load_masks
 from twostage.io import read_image
 from twostage.models import resize_images
 from twostage.train import GlobalDataset, PalmDataset, collate, load_palm_items, make_batch
-from twostage.train.datasets import EpochSampler, _SeededSampler
 from twostage.train.augment import densify
+from twostage.train.datasets import EpochSampler, SeededSampler
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from twostage.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("inputs") / "DATA", n=6, size=160, seed=3)
+def data(make_phantoms) -> Path:
+    return make_phantoms("inputs", n=6, size=160, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +160,7 @@ def test_same_seed_same_batches_whatever_the_workers(data, tmp_path):
     ds.attach_cache(tmp_path)
 
     def epochs(workers: int) -> list[torch.Tensor]:
-        sampler = EpochSampler(_SeededSampler(len(ds), seed=0))
+        sampler = EpochSampler(SeededSampler(len(ds), seed=0))
         loader = torch.utils.data.DataLoader(ds, batch_size=3, sampler=sampler, num_workers=workers,
                                              collate_fn=collate, persistent_workers=workers > 0)
         out = []

@@ -4,24 +4,22 @@ half-written file is ever visible under a final name (only dot-prefixed `.*.tmp*
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import CLI_ENV, twostage_cmd
 
 from twostage.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
 TEMP = re.compile(r"^\..+\.(tmp.*|lock(\..+)?)$")  # temporary files; lock files of killed runs
 TINY = ["--set", "model.arch=Unet", "--set", "model.encoder=resnet18", "--set", "model.encoder_weights=none",
         "--set", "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}",
@@ -30,18 +28,18 @@ TINY = ["--set", "model.arch=Unet", "--set", "model.encoder=resnet18", "--set", 
 
 
 def command(*args) -> list[str]:
-    return [sys.executable, "-m", "twostage", "-q", *map(str, args)]
+    return twostage_cmd("-q", *args)
 
 
 def run_ok(*args) -> None:
-    res = subprocess.run(command(*args), capture_output=True, text=True, env=ENV, timeout=600)
+    res = subprocess.run(command(*args), capture_output=True, text=True, env=CLI_ENV, timeout=600)
     assert res.returncode == 0, res.stderr
 
 
 def kill_when(args, ready, rng: random.Random, max_extra: float, timeout: float = 300) -> bool:
     """Start the command, wait until ready() (first output appeared), then a seeded random
     0..max_extra s more, and SIGKILL it. Returns True if it was killed before finishing."""
-    proc = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    proc = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=CLI_ENV)
     t0 = time.monotonic()
     while not ready() and proc.poll() is None and time.monotonic() - t0 < timeout:
         time.sleep(0.02)
@@ -86,10 +84,8 @@ def assert_final_files_parse(root: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from twostage.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("kill") / "DATA", n=12, size=256, seed=2, test_n=0)
+def data(make_phantoms) -> Path:
+    return make_phantoms("kill", n=12, size=256, seed=2, test_n=0)
 
 
 def contents(root: Path) -> dict[str, bytes]:
@@ -113,7 +109,7 @@ def test_prepare_sr_killed_then_rerun(data, tmp_path, seed):
     if len(list((out / "manifest").rglob("*.json"))) < len(list((ref / "manifest").rglob("*.json"))):
         res = subprocess.run(command("train", "--stage", "palm", "--data", out, "--out", tmp_path / "r", *TINY,
                                      "--epochs", "1"),
-                             capture_output=True, text=True, env=ENV, timeout=300)
+                             capture_output=True, text=True, env=CLI_ENV, timeout=300)
         assert res.returncode != 0 and "incomplete" in res.stderr, res.stderr
     run_ok("prepare-sr", data, "--out", out, "--scale", "4")
     a, b = contents(ref), contents(out)

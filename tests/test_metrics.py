@@ -1,4 +1,4 @@
-"""Dice of DESIGN §2 and the score report."""
+"""Dice of docs/DESIGN.md §2 and the score report."""
 from __future__ import annotations
 
 import numpy as np

@@ -8,8 +8,7 @@ import torch
 
 from twostage.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from twostage.errors import TwostageError
-from twostage.models import (Predictor, build_model, default_normalization, load_lite0_weights,
-                             normalize, resize_images)
+from twostage.models import Predictor, build_model, default_normalization, load_lite0_weights, normalize, resize_images
 
 TINY = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
 

@@ -7,17 +7,18 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as R
+from conftest import twostage_cmd
 
 from twostage import box as B
 from twostage.classes import CLASS_TO_INDEX, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main as cli_main
-from twostage.data import find_samples, read_annotations, rasterize, write_annotations
+from twostage.data import find_samples, rasterize, read_annotations, write_annotations
 from twostage.errors import TwostageError
 from twostage.io import read_image
 from twostage.metrics import dice_per_class
@@ -25,15 +26,13 @@ from twostage.prepare import load_palm_set, prepare_sr
 from twostage.sr import make_upscaler
 from twostage.synth import synthesize
 
-import reference as R
-
 SCALE = 4
 SIZE = 512  # carpals of a few hundred source pixels: one pixel moves Dice < 0.5 %
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("synth") / "DATA", n=6, size=SIZE, seed=0)
+def data(make_phantoms) -> Path:
+    return make_phantoms("synth", n=6, size=SIZE, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +116,7 @@ def test_resume_after_simulated_kill_is_identical(data, palm, tmp_path):
 
 def test_resume_after_sigkill_is_identical(data, palm, tmp_path):
     out = tmp_path / "PALM"
-    cmd = [sys.executable, "-m", "twostage", "prepare-sr", str(data), "--out", str(out), "--scale", str(SCALE)]
+    cmd = twostage_cmd("prepare-sr", data, "--out", out, "--scale", SCALE)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None and not list((out / "manifest").rglob("*.json")):

@@ -183,15 +183,15 @@ def test_unknown_weights_name_lists_what_the_encoder_offers(caches):
 
 def test_checkpoint_meta_records_the_normalization_of_the_weights(caches, tmp_path):
     from twostage.config import load_config
-    from twostage.train.run import _meta
+    from twostage.train.run import stage_meta
 
     prefill_smp(caches["hf"], "resnet18", "ssl", [0.4, 0.45, 0.5], [0.2, 0.25, 0.3])
     cfg = load_config("global", overrides=["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=ssl"],
                       data=str(tmp_path), out=str(tmp_path / "run"))
-    assert _meta(cfg, {})["normalization"] == {"mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3]}
+    assert stage_meta(cfg, {})["normalization"] == {"mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3]}
     cfg = load_config("global", overrides=["model.encoder=tu-tf_efficientnet_lite0", "model.encoder_weights=imagenet",
                                            "model.mean=[0.1, 0.2, 0.3]"], data=str(tmp_path), out=str(tmp_path / "r"))
-    assert _meta(cfg, {})["normalization"] == {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]}
+    assert stage_meta(cfg, {})["normalization"] == {"mean": [0.1, 0.2, 0.3], "std": [0.5, 0.5, 0.5]}
 
 
 def test_cli_train_offline_with_an_empty_cache_is_one_line_on_stderr(caches, tiny_dataset, tmp_path, capsys):

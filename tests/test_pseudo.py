@@ -3,16 +3,15 @@ check and find_samples read; pseudo.json; confidence and --min-confidence; one-l
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 from twostage.check import check_dataset
 from twostage.classes import CLASSES
@@ -21,17 +20,15 @@ from twostage.errors import TwostageError
 from twostage.io import sha256_file
 from twostage.metrics import dice_per_class
 from twostage.probs import probs_file_name, read_probs, write_probs
-from twostage.pseudo import (PSEUDO_RECORD, class_confidence, mask_polygons, masks_to_annotations, pseudo_label,
-                             read_pseudo_record)
+from twostage.pseudo import PSEUDO_RECORD, class_confidence, mask_polygons, masks_to_annotations, pseudo_label, read_pseudo_record
 from twostage.rle import decode, encode_masks, read_csv, write_csv
-from twostage.synth import synthesize
 
 SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("pseudo") / "DATA", n=4, size=SIZE, seed=7)
+def data(make_phantoms) -> Path:
+    return make_phantoms("pseudo", n=4, size=SIZE, seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -303,9 +300,7 @@ def test_a_failure_midway_leaves_nothing(data, chain_run, tmp_path):
 # --------------------------------------------------------------------------- one-line errors
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    return subprocess.run([sys.executable, "-m", "twostage", "pseudo-label", *args], capture_output=True, text=True,
-                          env=env, timeout=120)
+    return run_cli("pseudo-label", *args, env={"OMP_NUM_THREADS": "1"}, timeout=120)
 
 
 def _bad_csvs(gt_csv: Path, folder: Path) -> dict[str, Path]:
@@ -318,12 +313,6 @@ def _bad_csvs(gt_csv: Path, folder: Path) -> dict[str, Path]:
     header = folder / "header.csv"
     header.write_text("image,class\n")
     return {"partial": partial, "bad_rle": bad_rle, "header": header}
-
-
-def _one_line(stderr: str, message: str) -> None:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
-    assert "Traceback" not in stderr
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(data, gt_csv, tmp_path):
@@ -341,11 +330,11 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(data, gt_csv, tmp_path
     ]:
         r = _cli(str(data), "--out", str(out), *args)
         assert r.returncode == 2, (args, r.stderr)
-        _one_line(r.stderr, message)
+        assert_one_line_error(r, message)
         assert not out.exists(), args
     r = _cli(str(data), "--out", str(full), "--csv", str(gt_csv))
     assert r.returncode == 2
-    _one_line(r.stderr, f"{full}: folder is not empty")
+    assert_one_line_error(r, f"{full}: folder is not empty")
     assert [p.name for p in full.iterdir()] == ["keep.txt"] and (full / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_rle.csv", "full", "header.csv", "partial.csv"]
 
@@ -368,7 +357,7 @@ def test_more_bad_inputs_through_the_cli(data, gt_csv, chain_run, tmp_path, caps
              "probs": chain_run["probs"], "missing": tmp_path / "nowhere"}
     out = tmp_path / "OUT"
     assert main(["pseudo-label", str(data), "--out", str(out), *(a.format(**paths) for a in args)]) == 2
-    _one_line(capsys.readouterr().err, message)
+    assert_one_line_error(capsys.readouterr().err, message)
     assert not out.exists()
 
 

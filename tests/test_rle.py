@@ -1,4 +1,4 @@
-"""RLE encoder/decoder against the competition formula, and the §2 CSV writer/reader."""
+"""RLE encoder/decoder against the competition formula, and the submission CSV writer/reader (docs/DESIGN.md §2)."""
 from __future__ import annotations
 
 import cv2

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli
 
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
@@ -155,10 +154,8 @@ def test_score_needs_ground_truth(dataset, tmp_path):
 def test_score_command_runs_as_a_program(dataset, tmp_path):
     root, masks = dataset
     pred = gt_csv(tmp_path / "gt.csv", masks)
-    r = subprocess.run([sys.executable, "-m", "twostage", "score", str(pred), "--gt", str(root)],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli("score", pred, "--gt", root, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].split() == ["class", "dice"]
-    r = subprocess.run([sys.executable, "-m", "twostage", "score", str(tmp_path / "nope.csv"), "--gt", str(root)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "nope.csv" in r.stderr
+    r = run_cli("score", tmp_path / "nope.csv", "--gt", root, timeout=120)
+    assert_one_line_error(r, "nope.csv", rc=2)

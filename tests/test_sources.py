@@ -17,7 +17,7 @@ from twostage.data import find_samples
 from twostage.errors import TwostageError
 from twostage.pseudo import PSEUDO_RECORD
 from twostage.train import GlobalDataset, bce_dice_loss, train
-from twostage.train.datasets import _SeededSampler
+from twostage.train.datasets import SeededSampler
 
 TINY = ["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=none",
         "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}", "data.folds=4", "data.preload=true"]
@@ -135,7 +135,7 @@ def test_dropped_pseudo_classes_are_left_out_of_the_loss(roots, tmp_path):
 
 def test_weighted_sampler_draws_by_weight_and_splits_ranks():
     weights = [1.0] * 10 + [0.25] * 10
-    s = _SeededSampler(20, seed=3, weights=weights)
+    s = SeededSampler(20, seed=3, weights=weights)
     counts = Counter()
     for epoch in range(300):
         s.set_epoch(epoch)
@@ -144,7 +144,7 @@ def test_weighted_sampler_draws_by_weight_and_splits_ranks():
     assert 3.4 < heavy / light < 4.6
     s.set_epoch(7)
     assert list(s) == list(s)  # the order is a function of (seed, epoch)
-    ranks = [_SeededSampler(20, seed=3, weights=weights, rank=r, world=3) for r in range(3)]
+    ranks = [SeededSampler(20, seed=3, weights=weights, rank=r, world=3) for r in range(3)]
     for r in ranks:
         r.set_epoch(7)
     orders = [list(r) for r in ranks]

@@ -16,6 +16,7 @@ from twostage.errors import TwostageError
 from twostage.io import sha256_file
 from twostage.sr import make_upscaler
 
+
 @pytest.fixture
 def wdir(tmp_path: Path, make_sr_weights) -> Path:
     d = tmp_path / "weights"

@@ -1,4 +1,4 @@
-"""The phantom dataset: §1 layout, valid labels, determinism, geometry and contrast; the variants."""
+"""The phantom dataset: the dataset layout (docs/DESIGN.md §1), valid labels, determinism, geometry and contrast; the variants."""
 from __future__ import annotations
 
 import csv
@@ -20,8 +20,8 @@ NAME = re.compile(r"^image\d{13}_[LR]\.png$")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("synth") / "DATA", n=6, size=160, seed=3, test_n=3)
+def data(make_phantoms):
+    return make_phantoms("synth", n=6, size=160, seed=3, test_n=3)
 
 
 def _files(root):

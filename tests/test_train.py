@@ -15,8 +15,16 @@ from twostage.cli import main
 from twostage.config import load_config
 from twostage.errors import TwostageError
 from twostage.models import Predictor, build_model, normalize
-from twostage.train import (GlobalDataset, bce_dice_loss, collate, load_or_create_split, make_batch, make_split,
-                            set_head_prior, train)
+from twostage.train import (
+    GlobalDataset,
+    bce_dice_loss,
+    collate,
+    load_or_create_split,
+    make_batch,
+    make_split,
+    set_head_prior,
+    train,
+)
 
 TINY = ["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=none",
         "model.kwargs={encoder_depth: 3, decoder_channels: [16, 8, 8]}",
@@ -24,10 +32,8 @@ TINY = ["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=none
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from twostage.synth import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("train") / "DATA", n=8, size=128, seed=5)
+def data(make_phantoms) -> Path:
+    return make_phantoms("train", n=8, size=128, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
 """`twostage train-sr`: Real-ESRGAN degradations, the training loop, the written file and its use."""
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_cli, twostage_cmd
 
 from twostage import weights as W
 from twostage.cli import main
@@ -24,9 +24,9 @@ TINY = ["net.num_feat=4", "net.num_conv=1", "data.gt_size=96", "train.batch_size
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
+def phantoms(make_phantoms) -> Path:
     """6 phantom radiographs of 256² (3 IDs x L/R hands) with carpal polygons."""
-    return synthesize(tmp_path_factory.mktemp("sr") / "data", n=6, size=256, seed=3)
+    return make_phantoms("sr", n=6, size=256, seed=3, folder="data")
 
 
 def _cfg(data: Path, run: Path, *extra: str):
@@ -188,8 +188,7 @@ def test_existing_run_needs_resume_or_overwrite(phantoms, tmp_path):
 
 
 def test_help_config_lists_degradation_keys():
-    proc = subprocess.run([sys.executable, "-m", "twostage", "train-sr", "--help-config"], capture_output=True,
-                          text=True, timeout=120)
+    proc = run_cli("train-sr", "--help-config", timeout=120)
     assert proc.returncode == 0 and "degradation:" in proc.stdout and "jpeg_range2" in proc.stdout
 
 
@@ -255,8 +254,7 @@ def test_interrupted_run_saves_its_state_and_resumes(phantoms, tmp_path):
 
     wd, run = tmp_path / "w", tmp_path / "run"
     sets = [a for t in [*TINY, "train.steps=100000", "train.save_every=100000"] for a in ("--set", t)]
-    argv = [sys.executable, "-m", "twostage", "train-sr", str(phantoms), "--out", "int", "--stage", "demo-sr",
-            "--weights-dir", str(wd), "--run", str(run), *sets]
+    argv = twostage_cmd("train-sr", phantoms, "--out", "int", "--stage", "demo-sr", "--weights-dir", wd, "--run", run, *sets)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (run / "metrics.csv").is_file() and time.time() < deadline:  # training has started

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import builtins
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import assert_one_line_error
+from conftest import run_cli as twostage
 
-from twostage.classes import PALM_CLASSES
-
-ENV = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "PYTHONWARNINGS": "ignore"}
 PACKAGE = Path(__file__).resolve().parents[1] / "twostage"
 
 
@@ -42,28 +39,14 @@ def evil_file(path: Path, marker: Path, weights: bool = False) -> Path:
     return path
 
 
-def twostage(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "twostage", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-
-
 def assert_refused(res: subprocess.CompletedProcess, name: str, marker: Path) -> None:
-    assert res.returncode != 0, res.stderr
-    assert "Traceback" not in res.stderr, res.stderr
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error:") and name in lines[-1], res.stderr
-    assert sum("error:" in line for line in lines) == 1, res.stderr
+    assert assert_one_line_error(res, name).startswith("error:")
     assert not marker.exists(), "the payload ran"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, make_tiny_checkpoint) -> dict:
-    from twostage.synth import synthesize
-
-    root = tmp_path_factory.mktemp("untrusted")
-    data = synthesize(root / "DATA", n=4, size=128, seed=1)
-    return {"root": root, "data": data, "global": make_tiny_checkpoint(root / "global.pt", "global"),
-            "palm": make_tiny_checkpoint(root / "palm.pt", "palm", classes=PALM_CLASSES)}
+def world(make_world) -> dict:
+    return make_world("untrusted", seed=1)
 
 
 def test_payload_is_real(tmp_path):

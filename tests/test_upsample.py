@@ -6,8 +6,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_infer import tiny_checkpoint
 
-from twostage import chain as chain_module, upsample
+from twostage import chain as chain_module
+from twostage import upsample
 from twostage.chain import TwoStage
 from twostage.classes import CLASSES, PALM_INDICES
 from twostage.data import find_samples, rasterize
@@ -17,7 +19,6 @@ from twostage.io import read_image
 from twostage.models import Predictor, resize_images
 from twostage.rle import decode, encode_masks, read_csv
 from twostage.synth import render_hand, synthesize
-from test_infer import tiny_checkpoint
 
 TIE = 1e-5  # float-rounding ties: the sparse and dense upsample differ by ~1e-6 at most
 

@@ -12,15 +12,14 @@ from twostage.cli import main
 from twostage.data import find_samples, load_masks
 from twostage.errors import TwostageError
 from twostage.rle import encode_masks, write_csv
-from twostage.synth import synthesize
-from twostage.visualize import BOX_COLOUR, visualize
+from twostage.visualize import BOX_COLOUR, CHART_COLOURS, dice_change_chart, visualize
 
 SIZE = 128
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return synthesize(tmp_path_factory.mktemp("vis") / "DATA", n=2, size=SIZE, seed=4)
+def data(make_phantoms) -> Path:
+    return make_phantoms("vis", n=2, size=SIZE, seed=4)
 
 
 def _prediction(data: Path, csv: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -100,3 +99,23 @@ def test_checkpoints_fused_and_errors(data, tmp_path, make_tiny_checkpoint):
         visualize(data, out, global_ckpt=g, images=["nope"])
     with pytest.raises(TwostageError, match="either a prediction CSV"):
         visualize(data, out)
+
+
+def test_dice_change_chart_draws_the_change_carpals_first(tmp_path):
+    """The first bar row is a carpal, its bar length is the change (not the Dice), and odd
+    input (no change at all, a loss, a missing value) still gives a picture."""
+    g = np.full(len(CLASSES), 0.9)
+    f = g.copy()
+    f[CLASSES.index(PALM_CLASSES[0])] = 0.95          # +0.05: the largest change, the axis end
+    f[CLASSES.index("Radius")] = 0.89                 # a loss: a bar left of zero
+    path = tmp_path / "chart.png"
+    dice_change_chart(path, list(CLASSES), {"global": g, "fused": f})
+    img = cv2.imread(str(path))
+    orange = np.all(img == CHART_COLOURS[0], axis=2)
+    bars = np.flatnonzero(orange.sum(axis=1) > 20)   # bar rows (the legend swatch is 13 px wide)
+    assert orange[bars[0]].sum() > img.shape[1] // 3  # +0.05 spans most of the plot, not 5 % of it
+    assert bars[0] < img.shape[0] // 4                # the carpal rows come first
+    f[0] = np.nan
+    for series in ({"global": g, "fused": g}, {"global": g, "fused": f, "calibrated": f}):
+        dice_change_chart(path, list(CLASSES), series)
+        assert cv2.imread(str(path)) is not None

@@ -1,23 +1,20 @@
 """Sliding-window inference, multi-scale TTA and patch training (twostage/window.py)."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+from conftest import assert_one_line_error, run_cli
 
 from twostage.config import load_config
 from twostage.errors import TwostageError
 from twostage.models import Predictor
-from twostage.synth import synthesize
 from twostage.window import Window, check_overlap, gaussian_map, parse_scales, sliding_window, window_starts
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return synthesize(tmp_path_factory.mktemp("win") / "DATA", n=8, size=128, seed=11)
+def data(make_phantoms):
+    return make_phantoms("win", n=8, size=128, seed=11)
 
 
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
@@ -155,10 +152,8 @@ def test_bad_patch_configs_are_one_line_errors(override, match):
                                           (["--scales", "0"], "--scales"), (["--accumulate", "gpu"], "--accumulate")])
 def test_cli_bad_window_options(make_tiny_checkpoint, tmp_path, data, flags, match):
     ckpt = make_tiny_checkpoint(tmp_path / "g.pt", "global")
-    r = subprocess.run([sys.executable, "-m", "twostage", "infer", str(data), "--global", str(ckpt), "--out",
-                        str(tmp_path / "o.csv"), "--split", "train", *flags], capture_output=True, text=True)
-    assert r.returncode == 2, r.stderr
-    assert match in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = run_cli("infer", data, "--global", ckpt, "--out", tmp_path / "o.csv", "--split", "train", *flags)
+    assert_one_line_error(r, match, rc=2)
     assert not (tmp_path / "o.csv").exists()
 
 

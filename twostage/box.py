@@ -113,7 +113,7 @@ DEFAULT_MARGIN = 0.08
 """Box margin per side, a fraction of the carpal extent. The global model's boxes are off by
 at most ~0.04 of the side (centre) and ~0.09 (side) on the phantom variants (`calibrate`
 reports it): 0.08 covers that, and a tighter box gives the carpals more of the palm input
-(0.15 before; 0.08 with jitter 0.05/0.1 raised the held-out carpal gain, README)."""
+(0.15 before; 0.08 with jitter 0.05/0.1 raised the held-out carpal gain, docs/results.md)."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,8 @@ class BoxRule:
             raise TwostageError(f"box rule {d!r}: expected a mapping")
         unknown = set(d) - {"margin", "side_min", "side_max", "fallback"}
         if unknown:
-            raise TwostageError(f"box rule: unknown key(s) {sorted(map(str, unknown))}; valid: margin, side_min, side_max, fallback")
+            raise TwostageError(f"box rule: unknown key(s) {sorted(map(str, unknown))}; "
+                                "valid: margin, side_min, side_max, fallback")
         fb = d.get("fallback")
         return cls(margin=d.get("margin", DEFAULT_MARGIN), side_min=d.get("side_min"), side_max=d.get("side_max"),
                    fallback=tuple(fb) if isinstance(fb, (list, tuple)) else fb)
@@ -294,8 +295,9 @@ def boxes_from_probs(carpal_probs, rule: BoxRule, names: Sequence[str] | None = 
     Robust: the median of the predicted carpal pixels anchors the box; pixels farther than
     1.5x the core spread (10-90 % quantile range) from it are ignored; the remaining pixels'
     min/max extent goes through `BoxRule.square`, as in `box_from_points`. A carpal pixel is
-    one above fusion.DEFAULT_THRESHOLD (the masks' comparison, `fusion.binarize`). An image with no carpal pixel gets the rule's fallback
-    box (or a centred DEFAULT_SIDE box) and a warning naming it.
+    one above fusion.DEFAULT_THRESHOLD (the masks' comparison, `fusion.binarize`). An image with
+    no carpal pixel gets the rule's fallback box (or a centred DEFAULT_SIDE box) and a warning
+    naming it.
 
     Args:
         carpal_probs: (B, K, h, w) torch probabilities (K carpal channels, e.g. 8), any device.

@@ -1,4 +1,4 @@
-"""Per-class fusion weights and thresholds chosen on validation data (docs/DESIGN.md §4).
+"""Per-class fusion weights and thresholds chosen on validation data (docs/DESIGN.md §3, "Calibration").
 
 For every class c the mean Dice of the fused chain depends only on its own weight a_c and
 threshold t_c (channels are independent; the palm box comes from the global probabilities
@@ -25,13 +25,20 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import yaml
+from tqdm import tqdm
 
-from .box import box_error, box_from_annotations
-from .classes import CLASSES, PALM_CLASSES
-from .errors import TwostageError
 from . import fusion
+from .box import box_error, box_from_annotations
+from .calibration import CALIBRATION_FILE, default_dir, pair_fields
+from .chain import TwoStage
+from .classes import CLASSES, PALM_CLASSES
+from .data import load_annotations, load_masks, select_samples
+from .errors import TwostageError
 from .fusion import DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
+from .io import read_image, write_json_atomic, write_text_atomic
 from .metrics import DICE_EPS
+from .models import resize_images
 
 log = logging.getLogger(__name__)
 
@@ -43,63 +50,6 @@ THRESHOLD_GRID: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 2
 
 _CHUNK = 1 << 24
 """Elements bucketed at once (bounds the int64 temporaries at 128 MiB)."""
-
-CALIBRATION_DIR = "calibration"
-"""Folder beside the palm checkpoint where `calibrate` writes by default and the chain looks."""
-
-CALIBRATION_FILE = "calibration.json"
-"""The record: chosen weights and thresholds, the checkpoints' sha256, grids, Dice before/after."""
-
-
-def default_dir(palm_ckpt: str | os.PathLike) -> Path:
-    """Where the calibration of a palm checkpoint lives: <palm run>/calibration."""
-    from .checkpoint import checkpoint_file
-
-    return checkpoint_file(palm_ckpt).parent / CALIBRATION_DIR
-
-
-def _checkpoint_sha(path: str | os.PathLike) -> str:
-    from .checkpoint import checkpoint_file
-    from .io import sha256_file
-
-    return sha256_file(checkpoint_file(path))
-
-
-def find_calibration(global_ckpt: str | os.PathLike, palm_ckpt: str | os.PathLike,
-                     where: str | os.PathLike | None = "auto") -> dict | None:
-    """The calibration record to fuse this checkpoint pair with, or None (defaults).
-
-    `where`: "auto" (beside the palm checkpoint, if there), "none"/None (never), or a folder
-    or calibration.json. A record made for other checkpoints is a warning and is not used:
-    weights chosen against one global model can make a bone worse with another."""
-    if where is None or str(where) == "none":
-        return None
-    path = default_dir(palm_ckpt) if str(where) == "auto" else Path(where)
-    if path.is_dir() or str(where) == "auto":
-        path = path / CALIBRATION_FILE
-    if not path.is_file():
-        if str(where) == "auto":
-            return None
-        raise TwostageError(f"{where}: no {CALIBRATION_FILE} there (write one with `twostage calibrate`)")
-    from .io import read_yaml
-
-    rec = read_yaml(path, "calibration record")  # JSON is YAML
-    if not isinstance(rec, dict) or not isinstance(rec.get("fuse_weights"), dict) \
-            or not isinstance(rec.get("thresholds"), dict):
-        raise TwostageError(f"{path}: not a calibration record (no fuse_weights/thresholds mappings)")
-    try:  # the values, checked where the file is named (the chain checks them again, per palm model)
-        fusion.thresholds(rec["thresholds"])
-        fusion.fuse_weights(rec["fuse_weights"])
-    except TwostageError as e:
-        raise TwostageError(f"{path}: {e}") from None
-    for stage, ckpt in (("global", global_ckpt), ("palm", palm_ckpt)):
-        if rec.get(f"{stage}_sha256") != _checkpoint_sha(ckpt):
-            log.warning("%s: calibrated against another %s checkpoint (%s), not %s; fusing with the default "
-                        "weights and thresholds (re-run `twostage calibrate`, or --calibration none)",
-                        path, stage, rec.get(stage), ckpt)
-            return None
-    return {**rec, "path": str(path)}
-
 
 def parse_grid(spec: str | Sequence[float], name: str) -> tuple[float, ...]:
     """A grid from "0,0.1,0.2" or "0:1:0.1" (start:stop:step, stop included) or a sequence;
@@ -157,7 +107,7 @@ def threshold_counts(probs: torch.Tensor, gt: torch.Tensor, thresholds: torch.Te
 
 
 def _dice(inter: torch.Tensor, pred: torch.Tensor, gt_sum: torch.Tensor) -> torch.Tensor:
-    """§2 Dice from counts; gt_sum broadcasts against the trailing threshold axis."""
+    """Dice (docs/DESIGN.md §2) from counts; gt_sum broadcasts against the trailing threshold axis."""
     return (2.0 * inter.double() + DICE_EPS) / (pred.double() + gt_sum.double() + DICE_EPS)
 
 
@@ -257,8 +207,6 @@ class _Sums:
     def add(self, image: np.ndarray, gt: torch.Tensor, name: str, true_box=None) -> None:
         """One image: (H, W) uint8, its (C, H, W) bool ground truth on the chain's device and
         its true palm box (from the annotations, by the palm set's rule; None: not measured)."""
-        from .models import resize_images
-
         chain, palm, channels, thr = self.chain, self.chain.palm, self.channels, self.thr
         C, K, A, T = self.dice_global.shape[0], len(channels), len(self.a_grid), len(self.t_grid)
         native = chain.native(image[None])
@@ -334,12 +282,6 @@ def calibrate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt
         min_gain: a class keeps the default pair unless another beats it by more than this
             mean Dice on the calibration images.
     """
-    from tqdm import tqdm
-
-    from .chain import TwoStage
-    from .data import load_annotations, load_masks, select_samples
-    from .io import read_image
-
     t_start = time.perf_counter()
     if not 0.0 <= min_gain < 1.0:
         raise TwostageError(f"--min-gain {min_gain}: must be in [0, 1)")
@@ -410,10 +352,6 @@ def _held_out(samples: list, data, metas: Sequence[tuple]) -> list:
 def _write(result: Calibration, out: Path, data, global_ckpt, palm_ckpt, options, names: list[str]) -> None:
     """OUT/fuse_weights.yaml, OUT/thresholds.yaml (for infer) and OUT/calibration.json (the record
     the chain finds, with the sha256 of the checkpoints it is valid for)."""
-    import yaml
-
-    from .io import write_json_atomic, write_text_atomic
-
     head = (f"# written by `twostage calibrate` on {result.n_images} image(s) of {data}\n"
             f"# global: {global_ckpt}\n# palm: {palm_ckpt}\n")
     files = [out / "fuse_weights.yaml", out / "thresholds.yaml", out / CALIBRATION_FILE]
@@ -421,7 +359,6 @@ def _write(result: Calibration, out: Path, data, global_ckpt, palm_ckpt, options
     write_text_atomic(files[1], head + yaml.safe_dump({"thresholds": result.thresholds}, sort_keys=False))
     result.files = [str(f) for f in files]
     write_json_atomic(files[2], {**result.to_dict(), "data": str(data), "images": names,
-                                 "global": str(global_ckpt), "global_sha256": _checkpoint_sha(global_ckpt),
-                                 "palm": str(palm_ckpt), "palm_sha256": _checkpoint_sha(palm_ckpt),
+                                 **pair_fields(global_ckpt, palm_ckpt),
                                  "tta": options.tta, "feather": options.feather, "palm_resize": options.palm_resize,
                                  "scales": list(options.scales)})

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import fusion
 from .box import Box, BoxRule, boxes_from_probs, crop_image
+from .calibration import find_calibration
 from .classes import CLASSES, PALM_INDICES, class_indices
 from .devices import torch_device
 from .errors import TwostageError
@@ -358,8 +359,6 @@ class TwoStage:
 def _with_calibration(options: ChainOptions, global_ckpt, palm_ckpt) -> tuple[ChainOptions, str | None]:
     """`options` with the thresholds / fusion weights of the pair's calibration where they are
     not given explicitly, and the calibration file used (None: defaults)."""
-    from .calibrate import find_calibration
-
     if options.thresholds is not None and options.fuse_weights is not None:
         return options, None
     found = find_calibration(global_ckpt, palm_ckpt, options.calibration)

@@ -1,4 +1,4 @@
-"""`twostage check`: validate a §1 dataset before training on it.
+"""`twostage check`: validate a dataset (docs/DESIGN.md §1) before training on it.
 
 Everything a user can get wrong in the data is collected into one report instead of
 failing on the first problem with a traceback. Errors make the data unusable (no images,
@@ -189,7 +189,7 @@ def _orphan_jsons(base: Path, samples: list[Sample]) -> list[str]:
 
 def check_dataset(root: str | os.PathLike, fixes: Fixes | str | os.PathLike | None = None,
                   expected_size: int | tuple[int, int] | None = None) -> CheckReport:
-    """Check every split (train/, test/) of a §1 dataset and return the findings.
+    """Check every split (train/, test/) of a dataset and return the findings.
 
     Args:
         root: dataset root (or one split folder holding DCM/).

@@ -47,7 +47,8 @@ def option(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    root: str | list[str] = option("", "dataset root in the §1 layout (palm: the prepare-sr output folder); global: "
+    root: str | list[str] = option("", "dataset root: DATA/train/DCM/<ID>/*.png with annotations in "
+                                   "DATA/train/outputs_json (palm: the prepare-sr output folder); global: "
                                    "a list of roots trains on all of them, e.g. the labelled set and a "
                                    "`twostage pseudo-label` folder (validation stays on the labelled roots)")
     source_weights: list[float] | None = option(None, "with several data.root: the sampling weight of each root's images "
@@ -66,7 +67,7 @@ class DataConfig:
                                  "than the RAM)")
     patch: int | None = option(None, "train on random P x P windows of the image resized by data.patch_scale instead of "
                                  "the whole image at model.input_size (null: whole images); inference then slides "
-                                 "P x P windows over the image (docs/DESIGN.md §3)")
+                                 "P x P windows over the image, blended with a Gaussian importance map")
     patch_scale: float = option(1.0, "image scale the windows are cut at (1.0: native resolution, 0.5: half)")
     patch_foreground: float = option(0.5, "share of windows centred on a random bone (the rest are uniform)")
 

@@ -128,12 +128,12 @@ def parse_annotations(obj: object, source: str = "<json>") -> list[Annotation]:
 
 
 def read_annotations(json_path: str | os.PathLike) -> list[Annotation]:
-    """Read one §1 JSON file (label fixes are applied by the caller, see `load_annotations`)."""
+    """Read one annotation JSON file (label fixes are applied by the caller, see `load_annotations`)."""
     return parse_annotations(read_json(json_path, "annotation file"), str(json_path))
 
 
 def annotations_to_json(annotations: Iterable[Annotation], filename: str, shape: tuple[int, int]) -> dict:
-    """The §1 JSON object for a list of annotations (ids kept, running numbers where absent)."""
+    """The annotation JSON object for a list of annotations (ids kept, running numbers where absent)."""
     h, w = shape
     return {
         "annotations": [
@@ -149,7 +149,7 @@ def annotations_to_json(annotations: Iterable[Annotation], filename: str, shape:
 
 def write_annotations(path: str | os.PathLike, annotations: Iterable[Annotation], filename: str,
                       shape: tuple[int, int], metadata: dict | None = None) -> None:
-    """Write a §1 JSON file atomically. `metadata` overrides the (untrusted) metadata block."""
+    """Write an annotation JSON file atomically. `metadata` overrides the (untrusted) metadata block."""
     obj = annotations_to_json(annotations, filename, shape)
     if metadata is not None:
         obj["metadata"] = metadata
@@ -480,7 +480,7 @@ def load_metadata(root: str | os.PathLike) -> dict[str, dict]:
             book = openpyxl.load_workbook(path, read_only=True, data_only=True)
             rows = [list(r) for r in book.worksheets[0].iter_rows(values_only=True)]
             book.close()
-        except Exception as e:  # openpyxl raises many types for a bad file
+        except Exception as e:  # noqa: BLE001 - openpyxl raises many types for a bad file
             raise TwostageError(f"{path}: cannot read metadata ({e})") from None
     rows = [r for r in rows if any(c not in (None, "") for c in r)]
     if not rows:
@@ -540,7 +540,7 @@ class MaskCache:
                 if str(z["key"]) != key:
                     return None
                 return _unpack_masks(z["shape"], z["boxes"], z["bits"])
-        except Exception as e:  # any unreadable cache file is rebuilt, never fatal
+        except Exception as e:  # noqa: BLE001 - any unreadable cache file is rebuilt, never fatal
             log.warning("%s: corrupt mask cache file, rebuilding (%s)", path, e)
             return None
 

@@ -73,8 +73,8 @@ def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: b
     OUT/weights), "bicubic", or any upscaler name.
     """
     from .calibrate import calibrate
-    from .fusion import DEFAULT_THRESHOLD
     from .evaluate import evaluate
+    from .fusion import DEFAULT_THRESHOLD
     from .prepare import prepare_sr
     from .srtrain import load_sr_config, train_sr
     from .synth import synthesize

@@ -26,7 +26,7 @@ import torch
 
 from .classes import CLASS_TO_INDEX, CLASSES
 from .devices import torch_device
-from .errors import TwostageError
+from .errors import TwostageError, first_few
 from .rle import CSV_HEADER, csv_reader
 
 log = logging.getLogger(__name__)
@@ -48,16 +48,11 @@ class EnsembleSummary:
         return asdict(self)
 
 
-def _some(names: Sequence[str], k: int = 5) -> str:
-    shown = ", ".join(names[:k])
-    return f"{shown}, … ({len(names)} in all)" if len(names) > k else shown
-
-
 def _check_same_images(inputs: Sequence[str], name_sets: Sequence[set[str]]) -> None:
     """Every input must hold the same images; the error names what each one lacks."""
     union = set().union(*name_sets)
     problems = [f"{src}: missing {len(union - names)} image(s) present in another input: "
-                f"{_some(sorted(union - names))}" for src, names in zip(inputs, name_sets) if union - names]
+                f"{first_few(sorted(union - names))}" for src, names in zip(inputs, name_sets) if union - names]
     if problems:
         raise TwostageError("inputs cover different images; " + "; ".join(problems))
 
@@ -66,7 +61,7 @@ def _output_classes(inputs: Sequence[str], class_lists: Sequence[Sequence[str]])
     unknown = sorted({c for cl in class_lists for c in cl if c not in CLASS_TO_INDEX})
     if unknown:
         src = next(s for s, cl in zip(inputs, class_lists) if unknown[0] in cl)
-        raise TwostageError(f"{src}: unknown class name(s) {_some(unknown)}")
+        raise TwostageError(f"{src}: unknown class name(s) {first_few(unknown)}")
     have = {c for cl in class_lists for c in cl}
     return [c for c in CLASSES if c in have]
 
@@ -83,7 +78,7 @@ def _rows_of(out_classes: Sequence[str], classes: Sequence[str]) -> slice | list
 # --------------------------------------------------------------------------- hard voting
 
 class CsvIndex:
-    """Where each image's rows sit in a §2 CSV: read once, then one image at a time.
+    """Where each image's rows sit in a submission CSV (docs/DESIGN.md §2): read once, then one image at a time.
 
     Checks the header, that each image's rows are contiguous and that every image has the
     same classes (a CSV is one model's prediction); memory is a few integers per image.
@@ -132,7 +127,7 @@ class CsvIndex:
             if sorted(classes[name]) != sorted(first):
                 missing = sorted(set(first) - set(classes[name])) or sorted(set(classes[name]) - set(first))
                 raise TwostageError(f"{self.path}: image {name} has classes differing from {self.order[0]} "
-                                    f"({_some(missing)}); every image of one CSV needs the same classes")
+                                    f"({first_few(missing)}); every image of one CSV needs the same classes")
         self.classes = list(first)
 
     def _fields(self, line: bytes, line_no: int) -> list[str]:
@@ -193,7 +188,7 @@ def vote_csvs(csvs: Sequence[str | os.PathLike], out: str | os.PathLike, *, min_
     no image size is needed (pixels past every input's last run are background in all).
 
     Args:
-        csvs: two or more §2 CSVs over the same images (output order = the first CSV's order).
+        csvs: two or more submission CSVs over the same images (output order = the first CSV's order).
         out: the CSV to write, atomically.
         min_votes: votes a pixel needs (≥ 1); None for a strict majority.
         device: torch device the votes are counted and the runs found on.
@@ -219,7 +214,7 @@ def vote_csvs(csvs: Sequence[str | os.PathLike], out: str | os.PathLike, *, min_
     need = voters // 2 + 1 if min_votes is None else np.minimum(min_votes, voters)
     if min_votes is not None and (capped := [c for c, v in zip(classes, voters) if v < min_votes]):
         log.info("--min-votes %d: only %d CSV(s) have %s; those need all of their votes", min_votes,
-                 int(voters.min()), _some(capped))
+                 int(voters.min()), first_few(capped))
     if len(csvs) > 255:
         raise TwostageError(f"hard voting counts votes in 8 bits: at most 255 CSVs, got {len(csvs)}")
     need_t = torch.as_tensor(need, dtype=torch.uint8, device=dev)[:, None]
@@ -304,7 +299,7 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
         wsum[[classes.index(c) for c in cl]] += w
     if (wsum == 0).any():
         zero = [c for c, s in zip(classes, wsum) if s == 0]
-        raise TwostageError(f"--weights: classes {_some(zero)} get total weight 0 (every input having them has weight 0)")
+        raise TwostageError(f"--weights: classes {first_few(zero)} get total weight 0 (every input having them has weight 0)")
     thr = fusion.thresholds(thresholds)[[CLASS_TO_INDEX[c] for c in classes]].to(dev)
     norm = torch.as_tensor(1.0 / wsum, dtype=torch.float32, device=dev)[:, None, None]
     rows_of = [_rows_of(classes, cl) for cl in first]

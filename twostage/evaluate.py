@@ -3,7 +3,7 @@
 Runs one chain (`chain.TwoStage`) unfused, fused with the default weights and thresholds, and
 — when `twostage calibrate` wrote a calibration for this checkpoint pair — fused with the
 calibrated ones; scores the CSVs and writes the side-by-side table, a JSON report, a
-per-class Dice bar chart and comparison pictures.
+chart of the change in Dice per class against the global model, and comparison pictures.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt:
     """
     from .chain import TwoStage
     from .infer import find_images, run
-    from .visualize import dice_bar_chart
+    from .visualize import dice_change_chart
 
     out = Path(out)
     if fixes is not None and not isinstance(fixes, Fixes):
@@ -123,7 +123,7 @@ def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt:
     ev.files["table"] = out / "table.txt"
     write_text_atomic(ev.files["table"], ev.table() + "\n")
     ev.files["chart"] = out / "dice_per_class.png"
-    dice_bar_chart(ev.files["chart"], list(CLASSES),
+    dice_change_chart(ev.files["chart"], list(CLASSES),
                    {k: [report[k]["per_class"][c] for c in CLASSES] for k in ("global", "fused", "calibrated")
                     if k in report})
     if pictures:

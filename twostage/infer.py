@@ -134,7 +134,7 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
           palm_ckpt: str | os.PathLike | None = None, fuse: bool = False, batch_size: int = 1,
           save_probs: str | os.PathLike | None = None, shard: str | Sequence[int] = (0, 1),
           skip_bad: bool = False, split: str | None = None, **options) -> InferSummary:
-    """Segment every image under IMAGES and write the §2 CSV to `out` (atomically).
+    """Segment every image under IMAGES and write the submission CSV to `out` (atomically).
 
     Args:
         images: a folder of PNGs (searched recursively) or a dataset root (its test/DCM, or

@@ -14,12 +14,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from .classes import CLASS_TO_INDEX, CLASSES, PALM_CLASSES, class_indices
-from .errors import TwostageError
+from .errors import TwostageError, first_few
 
 log = logging.getLogger(__name__)
 
 DICE_EPS = 1e-4
-"""Smoothing term of the §2 Dice formula (makes both-empty score exactly 1)."""
+"""Smoothing term of the Dice formula (docs/DESIGN.md §2) (makes both-empty score exactly 1)."""
 
 
 def _is_torch(x: Any) -> bool:
@@ -147,15 +147,9 @@ def summarize(per_image: dict[str, np.ndarray], classes: Sequence[str] = CLASSES
     )
 
 
-def _some(names: Sequence[str], k: int = 5) -> str:
-    """'a, b, c, … (12 in all)': the first few names and the count, for error messages."""
-    shown = ", ".join(names[:k])
-    return f"{shown}, … ({len(names)} in all)" if len(names) > k else shown
-
-
 def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
               fixes: Any = None, classes: Sequence[str] | None = None) -> ScoreReport:
-    """Score a §2 prediction CSV against the annotated images under `gt_root`.
+    """Score a prediction CSV against the annotated images under `gt_root`.
 
     Args:
         pred_csv: the prediction CSV (may hold more classes than `classes`).
@@ -178,7 +172,7 @@ def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
     unannotated = [s.rel for s in samples if s.json_path is None]
     if unannotated:
         raise TwostageError(f"{gt_root}: no annotation JSON for {len(unannotated)} image(s) "
-                            f"({_some(unannotated)}); score needs ground truth")
+                            f"({first_few(unannotated)}); score needs ground truth")
     by_name: dict[str, Any] = {}
     for s in samples:
         if s.name in by_name:
@@ -189,19 +183,19 @@ def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
     preds = read_csv(pred_csv)
     unknown = sorted({c for rows in preds.values() for c in rows if c not in CLASS_TO_INDEX})
     if unknown:
-        raise TwostageError(f"{pred_csv}: unknown class name(s) {_some(unknown)}")
+        raise TwostageError(f"{pred_csv}: unknown class name(s) {first_few(unknown)}")
     missing_images = [n for n in by_name if n not in preds]
     if missing_images:
         raise TwostageError(f"{pred_csv}: missing {len(missing_images)} of {len(by_name)} ground-truth "
-                            f"image(s): {_some(missing_images)}")
+                            f"image(s): {first_few(missing_images)}")
     missing = [f"{n}/{c}" for n in by_name for c in classes if c not in preds[n]]
     if missing:
         absent = [c for c in classes if all(c not in preds[n] for n in by_name)]
-        what = f"no rows for class(es) {_some(absent)}" if absent else f"missing rows {_some(missing)}"
+        what = f"no rows for class(es) {first_few(absent)}" if absent else f"missing rows {first_few(missing)}"
         raise TwostageError(f"{pred_csv}: {what} ({len(missing)} image/class row(s) missing)")
     extra = [n for n in preds if n not in by_name]
     if extra:
-        log.warning("%s: %d image(s) not in the ground truth, not scored: %s", pred_csv, len(extra), _some(extra))
+        log.warning("%s: %d image(s) not in the ground truth, not scored: %s", pred_csv, len(extra), first_few(extra))
 
     per_image = {}
     for name, sample in tqdm(by_name.items(), desc="score", unit="img", disable=None):
@@ -270,7 +264,7 @@ def breakdown_by(report: ScoreReport | dict[str, np.ndarray], metadata: dict[str
         raise TwostageError(f"metadata has no column {key!r}{hint}; columns: {', '.join(columns) or 'none'}")
     missing_ids = [n for n in per_image if n not in ids]
     if missing_ids:
-        raise TwostageError(f"no person ID for image(s) {_some(missing_ids)}")
+        raise TwostageError(f"no person ID for image(s) {first_few(missing_ids)}")
     values = {n: metadata.get(ids[n], {}).get(key) for n in per_image}
     numbers = {n: _number(v) for n, v in values.items()}
     known = [x for x in numbers.values() if x is not None]

@@ -347,7 +347,7 @@ def build_model(arch: str, encoder: str, classes: int, in_channels: int = 3,
     try:
         net = smp.create_model(archs[arch.lower()], in_channels=in_channels, classes=int(classes),
                                **create, **kwargs)
-    except Exception as e:  # noqa: BLE001 - sorted below; anything else propagates
+    except Exception as e:  # sorted below; anything else propagates
         fetch = _fetch_error(e, encoder, weights, spec) if spec is not None else None
         if fetch is not None:
             raise fetch from e

@@ -3,10 +3,11 @@
 For every training image: the palm box from its carpal polygons (`twostage.box`), the
 CONTEXT box (box side × `context`, same centre, inside the image) so palm training can
 jitter the box inside the crop, the context crop upscaled (`twostage.sr`), every polygon
-mapped into crop coordinates × scale and clipped to the crop. Output, in the §1 layout so
-the same data layer reads it:
+mapped into crop coordinates × scale and clipped to the crop. Output, in the dataset layout
+(docs/DESIGN.md §1) so the same data layer reads it:
 
-    PALMDATA/palmset.json                         # palm-set record (see `palm_set_record`)
+    PALMDATA/palmset.json                         # palm-set record: upscaler and weight sha256, box rule,
+                                                  # context, split_ids (read by `load_palm_set`)
     PALMDATA/train/DCM/<ID>/<stem>.png            # upscaled context crop, 8-bit grayscale
     PALMDATA/train/outputs_json/<ID>/<stem>.json  # polygons in crop coordinates
     PALMDATA/manifest/<ID>/<stem>.json            # source + hashes, boxes, upscaler record;
@@ -33,11 +34,19 @@ from pathlib import Path
 import numpy as np
 
 from . import box as boxes
-from .data import (Annotation, Sample, find_samples, load_annotations, parse_shard, select_samples, shard_slice,
-                   write_annotations)
+from .data import Annotation, Sample, find_samples, load_annotations, parse_shard, select_samples, shard_slice, write_annotations
 from .errors import TwostageError
-from .io import (describe_holder, other_holders, png_size, read_image, read_json, run_lock, sha256_file,
-                 write_json_atomic, write_png_atomic)
+from .io import (
+    describe_holder,
+    other_holders,
+    png_size,
+    read_image,
+    read_json,
+    run_lock,
+    sha256_file,
+    write_json_atomic,
+    write_png_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +110,7 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     """Write the palm training set of `data` into `out`; returns counts {done, skipped, no_carpals, dropped}.
 
     Args:
-        data: dataset root (§1 layout; its train split is used).
+        data: dataset root (docs/DESIGN.md §1; its train split is used).
         out: PALMDATA folder (created).
         upscaler, scale, tile, device, weights_dir, trust_unpinned: see `twostage.sr.make_upscaler`
             (bicubic defaults to ×4; a network's scale is its own).

@@ -1,5 +1,5 @@
 """The saved-probabilities file (`infer --save-probs`, read by `ensemble --probs`): one
-compressed npz per image, named after its PNG (docs/DESIGN.md §5).
+compressed npz per image, named after its PNG (docs/DESIGN.md §3, "Inference").
 
 Arrays: `probs` (C, H, W) uint8 = round(p·PROBS_SCALE) and `classes` (C,) str. uint8 is 4×
 smaller than float32 at a worst-case error of 1/510.

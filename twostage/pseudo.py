@@ -1,4 +1,4 @@
-"""`twostage pseudo-label`: predictions on unlabelled images → annotations in the §1 layout,
+"""`twostage pseudo-label`: predictions on unlabelled images → annotations in the dataset layout (docs/DESIGN.md §1),
 so train, check and evaluate read them like hand-drawn ones (docs/DESIGN.md §4, "Pseudo-labels").
 
 Masks become polygons (`masks_to_annotations`): one polygon per 8-connected component, from
@@ -6,7 +6,7 @@ its OpenCV contour; each hole hangs from the contour above it by a vertical cut 
 foreground, walked down and back up, so the one polygon, filled alone as `data.rasterize`
 fills it, leaves the hole empty. The round trip mask → polygons → `rasterize` is exact.
 
-Predictions come from a §2 CSV (any model, fusion or ensemble) or from checkpoints run
+Predictions come from a submission CSV (any model, fusion or ensemble) or from checkpoints run
 through `chain.TwoStage` (`infer.predictions`). With probabilities (the chain's, or
 `infer --save-probs` files next to a CSV) each class and image gets a confidence, and
 `min_confidence` leaves out what is below it. OUT/pseudo.json records the source, the
@@ -30,9 +30,8 @@ import torch
 
 from .classes import CLASSES
 from .data import IMAGE_DIR, JSON_DIR, Annotation, Sample, write_annotations
-from .errors import TwostageError
+from .errors import TwostageError, first_few
 from .io import make_dir, png_size, read_json, run_lock, sha256_file, write_error, write_json_atomic
-from .metrics import _some
 
 log = logging.getLogger(__name__)
 
@@ -220,13 +219,13 @@ def pseudo_label(images: str | os.PathLike, out: str | os.PathLike, *, csv: str 
                  global_ckpt: str | os.PathLike | None = None, palm_ckpt: str | os.PathLike | None = None,
                  fuse: bool = False, probs: str | os.PathLike | None = None, min_confidence: float | None = None,
                  copy: bool = False, split: str | None = None, **options) -> PseudoResult:
-    """Write the predictions of IMAGES as a §1 training set at OUT, with OUT/pseudo.json.
+    """Write the predictions of IMAGES as a training set at OUT, with OUT/pseudo.json.
 
     Args:
         images: a folder of PNGs or a dataset root, as `infer` reads it (`split` picks one).
         out: an absent or empty folder; it appears complete or not at all (written beside it,
             then renamed).
-        csv: a §2 prediction CSV with a row for every image and class (rows for other images
+        csv: a prediction CSV with a row for every image and class (rows for other images
             are ignored, with a warning).
         global_ckpt, palm_ckpt, fuse: or predict with checkpoints, exactly as `infer` does.
         probs: with `csv`, the `infer --save-probs` folder of the same predictions, for the
@@ -253,7 +252,7 @@ def pseudo_label(images: str | os.PathLike, out: str | os.PathLike, *, csv: str 
         rows, result.ignored_csv_images = _csv_rows(csv, samples)
         if result.ignored_csv_images:
             log.warning("%s: %d image(s) not under %s, ignored: %s", csv, len(result.ignored_csv_images), images,
-                        _some(result.ignored_csv_images))
+                        first_few(result.ignored_csv_images))
         prob_files = _probs_files(probs, samples) if probs is not None else None
         source = {"csv": str(Path(csv).resolve()), "sha256": sha256_file(csv)}
         if probs is not None:
@@ -357,14 +356,14 @@ def _csv_rows(csv: str | os.PathLike, samples: list[Sample]) -> tuple[dict[str, 
     rows = read_csv(csv)
     unknown = sorted({c for r in rows.values() for c in r if c not in CLASSES})
     if unknown:
-        raise TwostageError(f"{csv}: unknown class name(s) {_some(unknown)}")
+        raise TwostageError(f"{csv}: unknown class name(s) {first_few(unknown)}")
     missing = [s.name for s in samples if s.name not in rows]
     if missing:
-        raise TwostageError(f"{csv}: no rows for {len(missing)} of the {len(samples)} image(s): {_some(missing)}")
+        raise TwostageError(f"{csv}: no rows for {len(missing)} of the {len(samples)} image(s): {first_few(missing)}")
     for s in samples:
         absent = [c for c in CLASSES if c not in rows[s.name]]
         if absent:
-            raise TwostageError(f"{csv}: image {s.name} has no row for class(es) {_some(absent)}; "
+            raise TwostageError(f"{csv}: image {s.name} has no row for class(es) {first_few(absent)}; "
                                 "pseudo-labels need every class")
         shape = png_size(s.image_path)
         for c in CLASSES:
@@ -387,7 +386,7 @@ def _probs_files(folder: str | os.PathLike, samples: list[Sample]) -> list[Path]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise TwostageError(f"{folder}: no probabilities for {len(missing)} of the {len(samples)} image(s): "
-                            f"{_some(missing)}")
+                            f"{first_few(missing)}")
     for f in files:
         classes = probs_classes(f)
         if sorted(classes) != sorted(CLASSES):

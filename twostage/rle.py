@@ -154,7 +154,7 @@ def _format_runs(values: np.ndarray, channel: np.ndarray, num_channels: int) -> 
 
 def encode_masks(masks: Any, thresholds: Any = None, rows: Any = None) -> list[str]:
     """RLE strings of every channel of a (C, H, W) mask stack (bool/uint8/int/float, nonzero =
-    foreground), numpy or torch on any device; byte-identical to the §2 reference formula.
+    foreground), numpy or torch on any device; byte-identical to the reference formula (docs/DESIGN.md §2).
 
     With (C,) `thresholds`, `masks` are probabilities and foreground is masks[c] > thresholds[c]:
     the same strings as `encode_masks(fusion.binarize(masks, thresholds))` without the
@@ -235,7 +235,7 @@ def csv_reader(lines: Iterable[str]) -> Iterator[list[str]]:
 
 
 class CsvWriter:
-    """Stream the §2 CSV to a temporary file, renamed onto `path` only if the block succeeds.
+    """Stream the submission CSV to a temporary file, renamed onto `path` only if the block succeeds.
 
     `with CsvWriter(path) as w: w.add(image_name, rles)` — one `rles` string per class in
     `classes` order; images in the order added (the caller sorts), each at most once.
@@ -282,14 +282,14 @@ class CsvWriter:
 
 def write_csv(path: str | os.PathLike, rows: Iterable[tuple[str, Sequence[str]]],
               classes: Sequence[str] = CLASSES) -> None:
-    """Write (image_name, rles) rows as the §2 CSV, atomically."""
+    """Write (image_name, rles) rows as the submission CSV, atomically."""
     with CsvWriter(path, classes) as w:
         for name, rles in rows:
             w.add(name, rles)
 
 
 def read_csv(path: str | os.PathLike) -> dict[str, dict[str, str]]:
-    """{image_name: {class: rle}} from a §2 CSV (any subset of classes; empty rle → "").
+    """{image_name: {class: rle}} from a submission CSV (any subset of classes; empty rle → "").
 
     Structure errors (missing or wrong header, wrong field count, a repeated image/class
     row, unreadable file) are TwostageErrors naming the file and line.

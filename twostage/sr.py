@@ -3,13 +3,14 @@
 `make_upscaler(name)` gives a deterministic `bicubic` (no weights, any integer scale) or a
 Real-ESRGAN network (RealESRGAN_x4plus, RealESRGAN_x2plus, realesr-general-x4v3) run with
 `realesrgan.RealESRGANer`'s pre-padding / tiling / post-processing, re-done in torch so a
-crop on the GPU stays there (tests/test_sr.py checks it against RealESRGANer.enhance). The upscaler's
-`record()` (name, scale, weight sha256) is stored with the palm set and the palm checkpoint
-so inference feeds the palm model crops made exactly like its training crops.
+crop on the GPU stays there (tests/test_sr.py checks it against RealESRGANer's own code).
+The upscaler's `record()` (name, scale, weight sha256) is stored with the palm set and the
+palm checkpoint so inference feeds the palm model crops made exactly like its training crops.
 
-Unlike RealESRGANer.enhance, calls are pure (no per-call state is kept on the upscaler), bit depth comes from the dtype (uint8 or uint16, never guessed from
-pixel values), grayscale stays grayscale, fp16 is used only on CUDA, tile errors propagate
-instead of being printed, and the output is checked finite.
+Unlike RealESRGANer.enhance, calls are pure (no per-call state is kept on the upscaler), bit
+depth comes from the dtype (uint8 or uint16, never guessed from pixel values), grayscale stays
+grayscale, fp16 is used only on CUDA, tile errors propagate instead of being printed, and the
+output is checked finite.
 """
 from __future__ import annotations
 

@@ -44,8 +44,9 @@ STATE = "state.pt"
 
 @dataclass
 class SRDataConfig:
-    root: str = option("", "dataset root (§1 layout, its train split): native-resolution radiographs with carpal "
-                       "annotations; the palm regions are the targets")
+    root: str = option("", "dataset root (DATA/train/DCM/<ID>/*.png with DATA/train/outputs_json; its train "
+                           "split): native-resolution radiographs with carpal annotations; the palm regions are "
+                           "the targets")
     fixes: str | None = option(None, "label fixes YAML applied on read (dropped images are left out)")
     margin: float = option(DEFAULT_MARGIN, "palm box margin, as prepare-sr's --margin")
     context: float = option(1.5, "region = the palm box grown by this (prepare-sr's --context: the crop it upscales)")
@@ -403,7 +404,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     from .devices import torch_device
     from .io import atomic_path, make_dir, sha256_file, write_text_atomic
     from .train.loop import lr_lambda
-    from .train.run import _append_metrics, check_resume_config, seed_everything
+    from .train.run import append_metrics, check_resume_config, seed_everything
 
     t0 = time.perf_counter()
     check_name(name, weights_dir, overwrite or resume)
@@ -505,7 +506,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
             if step % cfg.train.val_every == 0 or step == cfg.train.steps:
                 last_q = quality({"network": _live(ema, cfg.net.scale, dev), "bicubic": bicubic}, pairs, cfg.net.scale)
                 log.info("train-sr step %d: held-out PSNR/SSIM\n%s", step, quality_table(last_q))
-                _append_metrics(run / "metrics.csv", _metrics_row(step, loss.item(), last_q), METRICS_FIELDS,
+                append_metrics(run / "metrics.csv", _metrics_row(step, loss.item(), last_q), METRICS_FIELDS,
                                 key="step")
             if interrupted:
                 save()

@@ -345,7 +345,10 @@ def _soft_tissue(chains: list[np.ndarray], bones: list[_Bone], to_px, size: int,
     lo = max(64, size // 4)
     f = lo / size
     canvas = np.zeros((lo, lo), np.uint8)
-    q = lambda p: np.round(to_px(np.atleast_2d(p)) * f).astype(np.int32)  # noqa: E731
+
+    def q(p):
+        return np.round(to_px(np.atleast_2d(p)) * f).astype(np.int32)
+
     by_label = {b.label: b for b in bones}
     carpal_pts = np.concatenate([by_label[c].outline for c in PALM_CLASSES])
     palm = np.concatenate([carpal_pts, *[c[1:2] for c in chains], chains[0][:1],
@@ -499,7 +502,7 @@ def _hands(n: int) -> list[tuple[int, str]]:
 
 def synthesize(out: str | os.PathLike, n: int = 20, size: int = 512, seed: int = 0,
                test_n: int = 0, overwrite: bool = False, style: PhantomStyle | str | None = None) -> Path:
-    """Write a phantom dataset in the §1 layout and return its root.
+    """Write a phantom dataset in the dataset layout and return its root.
 
     OUT/train/DCM/IDxxx/image<13 digits>_{L,R}.png with OUT/train/outputs_json/... JSON,
     OUT/test/DCM/... (no JSON, their own IDs) and OUT/meta_data.csv (ID, age, sex, weight,

@@ -1,4 +1,4 @@
-"""Pictures a person reads to judge a model: GT / prediction / overlap views and Dice bars.
+"""Pictures a person reads to judge a model: GT / prediction / overlap views and the per-class change in Dice.
 
 Colours: in the overlap view green = predicted and true, red = predicted only (false
 positive), blue = true only (missed); errors are drawn over agreement so they stay visible.
@@ -101,36 +101,106 @@ def write_comparison(path: str | os.PathLike, image: np.ndarray, gt: np.ndarray,
     write_png_atomic(path, picture)
 
 
-def dice_bar_chart(path: str | os.PathLike, classes: Sequence[str], series: dict[str, Sequence[float]],
-                   width: int = 900) -> None:
-    """Horizontal bar chart of per-class Dice for each named series (e.g. global vs fused)."""
+CHART_COLOURS = [(0, 140, 255), (80, 200, 60), (230, 120, 30), (180, 80, 200)]
+"""BGR colours of the compared series (the reference has no bar)."""
+
+
+def _tick_step(span: float) -> float:
+    """A round step that puts at most 8 grid lines over `span`."""
+    for step in (0.001, 0.002, 0.005, 0.01, 0.02, 0.025, 0.05, 0.1, 0.2, 0.25, 0.5):
+        if span / step <= 8:
+            return step
+    return 1.0
+
+
+def dice_change_chart(path: str | os.PathLike, classes: Sequence[str], series: dict[str, Sequence[float]],
+                      reference: str = "global", width: int = 960) -> None:
+    """Per class, the change in Dice of each series against `reference` (the global model), as
+    bars around zero: carpals first, then the carpal mean and the overall mean, then the other
+    classes. The palm stage changes Dice by a few hundredths, which a 0-1 axis shrinks to a few
+    pixels; an axis fitted to the changes shows them. Numbers sit in their own columns (the
+    reference's Dice on the left; each series' Dice and change on the right) and tick labels
+    above and below the plot, so no text crosses a bar or a grid line."""
     import cv2
 
-    colours = [(160, 160, 160), (0, 140, 255), (80, 200, 60), (230, 120, 30)]
-    names = list(series)
-    row_h, bar_h, left, top = 8 + 12 * len(names), 11, 150, 40
-    height = top + row_h * len(classes) + 20
+    others = [n for n in series if n != reference]
+    values = {n: np.asarray(series[n], np.float64) for n in series}
+    carpal = [i for i, c in enumerate(classes) if c in PALM_CLASSES]
+    rest = [i for i, c in enumerate(classes) if c not in PALM_CLASSES]
+    # rows: (label, {series: value}, bold); None is a gap
+    rows: list[tuple[str, dict[str, float], bool] | None] = [
+        (classes[i], {n: values[n][i] for n in series}, True) for i in carpal]
+    if carpal:
+        rows += [None, ("carpal mean", {n: float(np.mean(values[n][carpal])) for n in series}, True)]
+    rows.append(("overall", {n: float(np.mean(values[n])) for n in series}, True))
+    if rest:
+        rows.append(None)
+        rows += [(classes[i], {n: values[n][i] for n in series}, False) for i in rest]
+    deltas = [r[1][n] - r[1][reference] for r in rows if r for n in others]
+    deltas = [d for d in deltas if np.isfinite(d)] or [0.0]
+    lo, hi = min(0.0, min(deltas)), max(0.0, max(deltas))
+    step = _tick_step(max(hi - lo, 0.005))
+    lo, hi = np.floor(lo / step + 1e-9) * step, np.ceil(hi / step - 1e-9) * step
+    hi = max(hi, lo + step)
+
+    font, bar_h, gap = cv2.FONT_HERSHEY_SIMPLEX, 8, 2
+    row_h = 6 + len(others) * (bar_h + gap)
+    name_w, ref_w, col_w = 118, 70, 128
+    plot_x0, plot_x1 = name_w + ref_w + 24, width - col_w * len(others) - 24
+    top = 92
+    body = sum(row_h if r else 10 for r in rows)
+    height = top + body + 34
     img = np.full((height, width, 3), 255, np.uint8)
-    span = width - left - 60
-    for k, name in enumerate(names):
-        x = left + k * 160
-        cv2.rectangle(img, (x, 10), (x + 14, 24), colours[k % len(colours)], -1)
-        cv2.putText(img, name, (x + 20, 23), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    for i, c in enumerate(classes):
-        y = top + i * row_h
-        weight = 2 if c in PALM_CLASSES else 1
-        cv2.putText(img, c, (8, y + row_h - 6), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), weight, cv2.LINE_AA)
-        for k, name in enumerate(names):
-            v = float(series[name][i])
-            y0 = y + 4 + k * 12
-            cv2.rectangle(img, (left, y0), (left + int(span * max(v, 0.0)), y0 + bar_h - 2),
-                          colours[k % len(colours)], -1)
-            cv2.putText(img, f"{v:.2f}", (left + int(span * max(v, 0.0)) + 4, y0 + bar_h - 3),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 1, cv2.LINE_AA)
-    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x = left + int(span * t)
-        cv2.line(img, (x, top - 4), (x, height - 16), (220, 220, 220), 1)
-        cv2.putText(img, f"{t:g}", (x - 8, height - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (90, 90, 90), 1)
+    ink, grey, light = (0, 0, 0), (90, 90, 90), (225, 225, 225)
+
+    def text(s: str, x: int, y: int, scale: float = 0.42, colour=ink, bold: bool = False, right: bool = False):
+        if right:
+            x -= cv2.getTextSize(s, font, scale, 2 if bold else 1)[0][0]
+        cv2.putText(img, s, (x, y), font, scale, colour, 2 if bold else 1, cv2.LINE_AA)
+
+    def px(d: float) -> int:
+        return int(round(plot_x0 + (d - lo) / (hi - lo) * (plot_x1 - plot_x0)))
+
+    text(f"Dice per class: change against the {reference} model", 8, 22, 0.6, bold=True)
+    text(f"{reference} Dice", name_w + ref_w, top - 24, 0.4, grey, right=True)
+    for k, n in enumerate(others):
+        x = plot_x1 + 28 + k * col_w
+        cv2.rectangle(img, (x, 34), (x + 12, 46), CHART_COLOURS[k % len(CHART_COLOURS)], -1)
+        text(n, x + 18, 45, 0.45)
+        text("Dice   change", x, top - 24, 0.4, grey)
+    ticks = np.arange(lo, hi + step / 2, step)
+    y_plot0, y_plot1 = top - 4, top + body + 2
+    for t in ticks:
+        x = px(t)
+        cv2.line(img, (x, y_plot0), (x, y_plot1), (150, 150, 150) if abs(t) < 1e-12 else light, 1)
+        label = "0" if abs(t) < 1e-12 else f"{t:+.3f}".rstrip("0")
+        w = cv2.getTextSize(label, font, 0.36, 1)[0][0]
+        text(label, x - w // 2, top - 10, 0.36, grey)
+        text(label, x - w // 2, y_plot1 + 14, 0.36, grey)
+    text(f"change in Dice ({' / '.join(others)} minus {reference})", plot_x0, height - 6, 0.38, grey)
+    y = top
+    for row in rows:
+        if row is None:
+            cv2.line(img, (8, y + 5), (width - 8, y + 5), light, 1)
+            y += 10
+            continue
+        label, vals, bold = row
+        mid = y + row_h // 2 + 4
+        text(label, 8, mid, 0.45, bold=bold)
+        r = vals[reference]
+        text(f"{r:.4f}" if np.isfinite(r) else "-", name_w + ref_w, mid, 0.42, right=True)
+        for k, n in enumerate(others):
+            colour = CHART_COLOURS[k % len(CHART_COLOURS)]
+            d = vals[n] - r
+            y0 = y + 3 + k * (bar_h + gap)
+            if np.isfinite(d) and abs(d) > 0:
+                x0, x1 = sorted((px(0.0), px(d)))
+                cv2.rectangle(img, (x0, y0), (max(x1, x0 + 1), y0 + bar_h - 1), colour, -1)
+            x = plot_x1 + 28 + k * col_w
+            moved = np.isfinite(d) and abs(d) >= 5e-5
+            shown = "-" if not np.isfinite(d) else f"{vals[n]:.4f}   {d:+.4f}" if moved else f"{vals[n]:.4f}   0"
+            text(shown, x, mid, 0.4, ink if moved else grey)
+        y += row_h
     write_png_atomic(path, img)
 
 
@@ -290,7 +360,7 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
 
     Args:
         data: dataset root or split folder with annotations.
-        csv: a §2 prediction CSV (any subset of classes); its palm box is derived from its
+        csv: a prediction CSV (any subset of classes); its palm box is derived from its
             carpal masks by the box rule of `palm_ckpt` if given, else the default BoxRule.
         global_ckpt, palm_ckpt, fuse: or predict with checkpoints through `chain.TwoStage`
             (`palm_ckpt` without `fuse` only draws the palm box the chain would use).

@@ -51,7 +51,8 @@ def handler(args: argparse.Namespace) -> int:
     result = calibrate(
         args.data, args.global_ckpt, args.palm_ckpt, args.out,
         weight_grid=parse_grid(args.grid, "grid"), threshold_grid=parse_grid(args.thresholds_grid, "thresholds-grid"),
-        split=args.split, fixes=args.fixes, images=args.image, holdout=not args.all_images, min_gain=args.min_gain, **chain_options(args),
+        split=args.split, fixes=args.fixes, images=args.image, holdout=not args.all_images, min_gain=args.min_gain,
+        **chain_options(args),
     )
     print(result.table())
     print(f"wrote {', '.join(result.files)} ({result.seconds:.1f} s)")

@@ -13,8 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compare global-only and fused predictions on annotated data",
         description="Run inference twice on annotated images (the global model alone, then fused with the "
                     "palm model), score both and write OUT/table.txt, OUT/evaluation.json, "
-                    "OUT/dice_per_class.png and comparison pictures (ground truth / prediction / overlap, "
-                    "palm box drawn) under OUT/pictures.",
+                    "OUT/dice_per_class.png (the change in Dice per class against the global model) and "
+                    "comparison pictures (ground truth / prediction / overlap, palm box drawn) under OUT/pictures.",
     )
     p.add_argument("data", type=Path, metavar="DATA", help="dataset root or split folder with DCM/ and outputs_json/")
     add_checkpoints(p)

@@ -10,7 +10,8 @@ from .options import add_chain_options, add_checkpoints, chain_options
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "infer",
-        help="segment images into the §2 RLE CSV (global model, optionally fused with the palm model)",
+        help="segment images into a submission CSV of RLE masks (image_name,class,rle; global model, "
+             "optionally fused with the palm model)",
         description="Run the global model on every PNG under IMAGES and write the submission CSV "
                     "(image_name,class,rle; 29 rows per image, images in sorted path order). With "
                     "--fuse, the palm box is derived from the global carpal prediction, the source "

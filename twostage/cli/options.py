@@ -1,14 +1,31 @@
 """The command-line form of `chain.ChainOptions`, shared by every command that runs the
 networks (infer, evaluate, calibrate, visualize) and, for --device and --thresholds, by
-ensemble: an option defined here reaches all of them the same way."""
+ensemble: an option defined here reaches all of them the same way. Also the --classes parser
+of score and visualize."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from ..classes import CLASSES, PALM_CLASSES
+
 THRESHOLDS_HELP = ("per-class probability thresholds: one number, or a YAML mapping class: threshold "
                    "(optional 'default:'; may sit under a 'thresholds:' key, e.g. thresholds.yaml from "
                    "`twostage calibrate`). Default 0.5")
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    """'palm', 'all' or a comma-separated list of class names."""
+    if text == "palm":
+        return PALM_CLASSES
+    if text == "all":
+        return CLASSES
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CLASSES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown class name(s) {unknown or [text]}; use 'palm', 'all' "
+                                         f"or names from: {', '.join(CLASSES)}")
+    return names
 
 
 def add_checkpoints(p: argparse.ArgumentParser, palm_help: str = "palm-stage checkpoint or run folder",

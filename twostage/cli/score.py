@@ -4,21 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..classes import CLASSES, PALM_CLASSES
-
-
-def _classes(text: str) -> tuple[str, ...]:
-    """'palm', 'all' or a comma-separated list of class names."""
-    if text == "palm":
-        return PALM_CLASSES
-    if text == "all":
-        return CLASSES
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in CLASSES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown class name(s) {unknown or [text]}; use 'palm', 'all' "
-                                         f"or names from: {', '.join(CLASSES)}")
-    return names
+from .options import parse_classes
 
 
 def _bins(text: str) -> list[float] | int:
@@ -45,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gt", type=Path, required=True, metavar="DATA",
                    help="ground truth: dataset root (uses train/) or a split folder with DCM/ and outputs_json/")
     p.add_argument("--fixes", type=Path, metavar="FIXES.yaml", help="label fixes applied to the ground truth")
-    p.add_argument("--classes", type=_classes, default=None, metavar="NAMES",
+    p.add_argument("--classes", type=parse_classes, default=None, metavar="NAMES",
                    help="classes to score: 'all' (default), 'palm' (the 8 carpals, e.g. for a palm-only "
                         "CSV) or a comma-separated list")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the report (with per-image Dice) as JSON")

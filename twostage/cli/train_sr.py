@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog="example: twostage train-sr DATA --out xray-x4 --stage sr --device cuda",
     )
-    p.add_argument("data", nargs="?", type=Path, help="dataset root (§1 layout; its train split is used)")
+    p.add_argument("data", nargs="?", type=Path,
+                   help="dataset root (DATA/train/DCM/<ID>/*.png with DATA/train/outputs_json; its train split is used)")
     p.add_argument("--out", metavar="NAME", help="upscaler name of the result (NAME.pth in the weights folder)")
     p.add_argument("--stage", metavar="NAME", default="sr", help="sr config in stages/: sr, demo-sr (default sr)")
     p.add_argument("--config", metavar="FILE", help="an sr config YAML used instead of stages/<stage>.yaml")
@@ -37,8 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--run", metavar="DIR", help="run folder (train.out; default runs/sr-NAME)")
     p.add_argument("--init", metavar="NAME", help="start from this manifest network (net.init), e.g. "
                                                   "realesr-general-x4v3 (set net.* to its sizes)")
-    p.add_argument("--weights-dir", type=Path, metavar="DIR", help="weights folder the result goes to (default: $TWOSTAGE_WEIGHTS, "
-                                                    "else weights/ of a checkout, else ~/.cache/twostage/weights)")
+    p.add_argument("--weights-dir", type=Path, metavar="DIR",
+                   help="weights folder the result goes to (default: $TWOSTAGE_WEIGHTS, "
+                        "else weights/ of a checkout, else ~/.cache/twostage/weights)")
     p.add_argument("--resume", action="store_true", help="continue the run folder's state.pt")
     p.add_argument("--overwrite", action="store_true",
                    help="start again over an earlier run folder and replace a trained network of that name")

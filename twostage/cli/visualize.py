@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .options import add_chain_options, add_prediction_source, chain_options
-from .score import _classes
+from .options import add_chain_options, add_prediction_source, chain_options, parse_classes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           "palm checkpoint: its box is drawn; with --fuse its prediction is fused in")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--image", nargs="+", metavar="NAME", help="only these images (file names or stems)")
-    p.add_argument("--classes", type=_classes, default=None, metavar="all|palm|NAMES",
+    p.add_argument("--classes", type=parse_classes, default=None, metavar="all|palm|NAMES",
                    help="classes to draw: 'all' (default), 'palm' or a comma-separated list")
     p.add_argument("--per-class", action="store_true", help="also one zoomed picture per class with errors")
     p.add_argument("--split", choices=("train", "test"), help="split of a dataset root (default: train)")

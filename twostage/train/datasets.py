@@ -47,7 +47,7 @@ def window_origin(shape: tuple[int, int], side: int, present: Sequence[int],
     return int(rng.integers(max(0, H - side) + 1)), int(rng.integers(max(0, W - side) + 1))
 
 
-class _StageDataset(torch.utils.data.Dataset):
+class StageDataset(torch.utils.data.Dataset):
     """Items of the network input size: the whole image (or palm box) resized, or with
     `data.patch` a random P×P window of the image at `data.patch_scale`. `attach_cache` must
     run first (it builds the cache where missing)."""
@@ -115,7 +115,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
             "valid": torch.from_numpy(np.stack([it["valid"] for it in items]))}
 
 
-class GlobalDataset(_StageDataset):
+class GlobalDataset(StageDataset):
     """Whole images resized to the input size; with `data.patch` the canvas is the image at
     `data.patch_scale` and every item is a P×P window of it."""
 
@@ -181,7 +181,7 @@ def load_palm_items(root: Path, samples: list) -> list[PalmItem]:
     return items
 
 
-class PalmDataset(_StageDataset):
+class PalmDataset(StageDataset):
     """Palm crops: a (jittered) palm box of the upscaled context crop, at the input size. The
     canvas is the context crop resized so that the un-jittered box is the input size: a
     jittered box is resampled by at most its jitter scale, never from the source crop."""
@@ -234,7 +234,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.inner)
 
 
-class _SeededSampler(torch.utils.data.Sampler):
+class SeededSampler(torch.utils.data.Sampler):
     """A fresh order per epoch from (seed, epoch): reproducible across resumes. Uniform: a
     permutation. With `weights`: n draws with replacement, each item as likely as its weight;
     under DDP every rank draws the same order and takes every world-th item from its rank."""

@@ -41,7 +41,7 @@ def init_dist(device_pref: str) -> tuple[Dist, torch.device]:
     return dist, device
 
 
-def _gather(obj: Any, dist: Dist) -> list:
+def gather(obj: Any, dist: Dist) -> list:
     if dist.world == 1:
         return [obj]
     out = [None] * dist.world
@@ -49,7 +49,7 @@ def _gather(obj: Any, dist: Dist) -> list:
     return out
 
 
-def _broadcast(obj: Any, dist: Dist) -> Any:
+def broadcast(obj: Any, dist: Dist) -> Any:
     if dist.world == 1:
         return obj
     box = [obj]
@@ -57,7 +57,7 @@ def _broadcast(obj: Any, dist: Dist) -> Any:
     return box[0]
 
 
-def _has_unused_parameters(model: SegmentationNet, in_channels: int, device: torch.device) -> bool:
+def has_unused_parameters(model: SegmentationNet, in_channels: int, device: torch.device) -> bool:
     """Whether some parameters get no gradient (smp keeps the deeper encoder stages when
     encoder_depth < 5); DDP must then be told. Probed in eval mode: BN statistics unchanged."""
     x = torch.zeros(2, in_channels, 2 * model.stride, 2 * model.stride, device=device)

@@ -31,12 +31,20 @@ from ..metrics import dice_per_class, summarize
 from ..models import Predictor, SegmentationNet, build_model, input_hw, normalize
 from ..prepare import MANIFEST_DIR, load_palm_set
 from .augment import make_batch
-from .datasets import (EpochSampler, GlobalDataset, PalmDataset, PalmItem, _SeededSampler, _StageDataset, collate,
-                       load_palm_items)
+from .datasets import EpochSampler, GlobalDataset, PalmDataset, PalmItem, SeededSampler, StageDataset, collate, load_palm_items
+from .distributed import Dist, broadcast, gather, has_unused_parameters, init_dist
 from .inputs import default_cache_dir
-from .distributed import Dist, _broadcast, _gather, _has_unused_parameters, init_dist
-from .run import (_append_metrics, _meta, _open_run, _prepare_run, _rng_state, seed_everything, _set_rng_state,
-                  _tensorboard, metrics_fields)
+from .run import (
+    append_metrics,
+    metrics_fields,
+    open_run,
+    prepare_run,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    stage_meta,
+    tensorboard_writer,
+)
 from .split import load_or_create_split
 
 log = logging.getLogger(__name__)
@@ -145,7 +153,7 @@ class _Validator:
         finally:
             model.train()
         merged = {}
-        for part in _gather(out, dist):
+        for part in gather(out, dist):
             merged.update(part)
         return dict(sorted(merged.items()))
 
@@ -227,7 +235,7 @@ def _fold_indices(cfg: StageConfig, run: Path, samples: list, dist: Dist,
     if dist.main:
         ids = split_ids if split_ids else [s.id for s in samples]
         assign = load_or_create_split(split_path, ids, cfg.data.folds, cfg.train.seed)
-    assign = _broadcast(assign if dist.main else None, dist)
+    assign = broadcast(assign if dist.main else None, dist)
     is_val = [cfg.data.fold >= 0 and assign[s.id] == cfg.data.fold for s in samples]
     tr_idx = [i for i, v in enumerate(is_val) if not v]
     va_idx = [i for i, v in enumerate(is_val) if v]
@@ -255,8 +263,8 @@ def _window_warning(cfg: StageConfig, samples: list) -> str | None:
             f"data.patch_scale (global-patch.yaml covers half the side)")
 
 
-def _datasets(cfg: StageConfig, roots: list[Path], run: Path, dist: Dist,
-              device: torch.device) -> tuple[_StageDataset, _Validator, dict]:
+def stage_datasets(cfg: StageConfig, roots: list[Path], run: Path, dist: Dist,
+              device: torch.device) -> tuple[StageDataset, _Validator, dict]:
     """The training dataset, the validator of the held-out fold and the stage's extra meta.
 
     With several data.root, the folds are drawn over the IDs of the labelled roots only and
@@ -316,7 +324,7 @@ def loader_workers(cfg: StageConfig) -> int:
     return min(int(cfg.train.workers), share)  # augmentation is seeded per item: same batches either way
 
 
-def _attach_cache(cfg: StageConfig, train_ds: _StageDataset, dist: Dist) -> None:
+def _attach_cache(cfg: StageConfig, train_ds: StageDataset, dist: Dist) -> None:
     """Open the training-input cache (data.cache), built first where missing: by local rank 0 of
     every node on all its cores while the other ranks wait, then opened by them."""
     root = Path(cfg.data.cache) if cfg.data.cache else default_cache_dir()
@@ -334,13 +342,13 @@ def _attach_cache(cfg: StageConfig, train_ds: _StageDataset, dist: Dist) -> None
 # --------------------------------------------------------------------------- setup: model, optimiser
 
 @dataclass
-class _Fit:
+class Fit:
     """What the epochs train with: the model (and its DDP wrapper), the data order, the optimiser."""
 
     model: SegmentationNet
     net: nn.Module  # `model`, or its DistributedDataParallel wrapper
     device: torch.device
-    sampler: Any  # _SeededSampler or DistributedSampler (both have set_epoch)
+    sampler: Any  # SeededSampler or DistributedSampler (both have set_epoch)
     loader: torch.utils.data.DataLoader
     opt: torch.optim.Optimizer
     sched: torch.optim.lr_scheduler.LambdaLR
@@ -364,15 +372,15 @@ class _Best:
     epoch: int | None = None
 
 
-def _loader(cfg: StageConfig, train_ds: _StageDataset, dist: Dist, cuda: bool):
+def _loader(cfg: StageConfig, train_ds: StageDataset, dist: Dist, cuda: bool):
     """(sampler, DataLoader) of the training set: this rank's share, in a seeded order per epoch."""
     if train_ds.weights is not None:  # several sources of unequal weight: drawn with replacement
-        sampler = _SeededSampler(len(train_ds), cfg.train.seed, train_ds.weights, dist.rank, dist.world)
+        sampler = SeededSampler(len(train_ds), cfg.train.seed, train_ds.weights, dist.rank, dist.world)
     elif dist.world > 1:
         sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world, rank=dist.rank,
                                                       shuffle=True, seed=cfg.train.seed)
     else:
-        sampler = _SeededSampler(len(train_ds), cfg.train.seed)
+        sampler = SeededSampler(len(train_ds), cfg.train.seed)
     sampler = EpochSampler(sampler)
     per_rank = math.ceil(len(train_ds) / dist.world)
     drop_last = per_rank > cfg.train.batch_size
@@ -386,7 +394,7 @@ def _loader(cfg: StageConfig, train_ds: _StageDataset, dist: Dist, cuda: bool):
     return sampler, loader
 
 
-def _build(cfg: StageConfig, train_ds: _StageDataset, device: torch.device, dist: Dist) -> _Fit:
+def build_fit(cfg: StageConfig, train_ds: StageDataset, device: torch.device, dist: Dist) -> Fit:
     """Model (seeded init, head prior, DDP wrapper), loader, AdamW, warm-up + cosine schedule, AMP scaler."""
     model = build_model(cfg.model.arch, cfg.model.encoder, len(cfg.classes), cfg.model.in_channels,
                         encoder_weights=cfg.model.encoder_weights, **cfg.model.kwargs).to(device)
@@ -401,7 +409,7 @@ def _build(cfg: StageConfig, train_ds: _StageDataset, device: torch.device, dist
     net = model
     if dist.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
-                                                  find_unused_parameters=_has_unused_parameters(
+                                                  find_unused_parameters=has_unused_parameters(
                                                       model, cfg.model.in_channels, device))
     sampler, loader = _loader(cfg, train_ds, dist, cuda)
     steps_per_epoch = len(loader)
@@ -411,16 +419,16 @@ def _build(cfg: StageConfig, train_ds: _StageDataset, device: torch.device, dist
         cfg.schedule.min_lr_ratio))
     amp = cfg.train.amp and cuda
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    return _Fit(model, net, device, sampler, loader, opt, sched, scaler, amp, channels_last, loss_weights(cfg))
+    return Fit(model, net, device, sampler, loader, opt, sched, scaler, amp, channels_last, loss_weights(cfg))
 
 
-def _restore(fit: _Fit, last: dict, best: _Best) -> int:
+def _restore(fit: Fit, last: dict, best: _Best) -> int:
     """Load last.pt's weights, optimiser, schedule, scaler, RNG state and best epoch; returns the epochs done."""
     fit.model.load_state_dict(last["state_dict"])
     fit.opt.load_state_dict(last["optimizer"])
     fit.sched.load_state_dict(last["scheduler"])
     fit.scaler.load_state_dict(last["scaler"])
-    _set_rng_state(last["rng"])
+    set_rng_state(last["rng"])
     best.value = float(last["best"]["value"])
     best.epoch = last["best"]["epoch"]
     return int(last["meta"]["epoch"])
@@ -432,7 +440,7 @@ NON_FINITE, SKIPPED, UPDATED = "non-finite loss", "skipped by GradScaler", "upda
 """What one training step did."""
 
 
-def _train_step(cfg: StageConfig, fit: _Fit, batch: dict, meta: dict, dist: Dist) -> tuple[torch.Tensor, str]:
+def train_step(cfg: StageConfig, fit: Fit, batch: dict, meta: dict, dist: Dist) -> tuple[torch.Tensor, str]:
     """One optimiser step on one batch; returns the loss and what the step did. A non-finite
     loss (on any rank) returns before the update, so the weights stay those of the last good
     step; with AMP, GradScaler skips an update whose gradients overflowed and lowers its scale."""
@@ -471,7 +479,7 @@ def _last_good(run: Path, epoch: int) -> str:
     return f"{run / 'last.pt'} (after epoch {epoch})" if epoch else "none (no epoch has finished)"
 
 
-def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dict, epoch: int, dist: Dist,
+def train_epoch(cfg: StageConfig, fit: Fit, train_ds: StageDataset, meta: dict, epoch: int, dist: Dist,
                  run: Path) -> tuple[float, int]:
     """One pass over this rank's share of the training set; returns the mean loss over all ranks
     and the number of updates GradScaler skipped. Out of memory, or a non-finite loss, stops
@@ -492,7 +500,7 @@ def _train_epoch(cfg: StageConfig, fit: _Fit, train_ds: _StageDataset, meta: dic
                                 f"--batch-size (now {cfg.train.batch_size}) or --input-size (now {cfg.model.input_size})"):
         for step, batch in enumerate(bar, start=1):
             where = f"epoch {epoch + 1}/{cfg.train.epochs}, step {step}/{steps}"
-            loss, did = _train_step(cfg, fit, batch, meta, dist)
+            loss, did = train_step(cfg, fit, batch, meta, dist)
             if did == NON_FINITE:
                 raise TwostageError(f"training stopped: non-finite loss ({loss.item()}) at {where}, before its "
                                     f"update; last good checkpoint: {_last_good(run, epoch)}. Lower optim.lr or "
@@ -518,7 +526,7 @@ def _report_columns(report, classes: Sequence[str]) -> dict[str, Any]:
                 **{f"dice/{c}": round(float(v), 6) for c, v in zip(classes, report.per_class)})
 
 
-def _save_epoch(cfg: StageConfig, run: Path, fit: _Fit, meta: dict, row: dict, report, best: _Best,
+def _save_epoch(cfg: StageConfig, run: Path, fit: Fit, meta: dict, row: dict, report, best: _Best,
                 has_val: bool) -> bool:
     """Rank 0 after an epoch: best.pt (+ val.json) if the best metric improved (every epoch
     without validation images), last.pt, metrics.csv. Returns whether it improved."""
@@ -539,9 +547,9 @@ def _save_epoch(cfg: StageConfig, run: Path, fit: _Fit, meta: dict, row: dict, r
             write_json_atomic(run / "val.json", {"epoch": done, **report.to_dict()})
     save_checkpoint(run / "last.pt", fit.model.state_dict(), meta_now, extra={
         "optimizer": fit.opt.state_dict(), "scheduler": fit.sched.state_dict(),
-        "scaler": fit.scaler.state_dict(), "rng": _rng_state(),
+        "scaler": fit.scaler.state_dict(), "rng": rng_state(),
         "best": {"metric": best.metric, "value": best.value, "epoch": best.epoch}})
-    _append_metrics(run / "metrics.csv", row, metrics_fields(cfg.classes))
+    append_metrics(run / "metrics.csv", row, metrics_fields(cfg.classes))
     return improved
 
 
@@ -583,26 +591,26 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     roots = _data_roots(cfg)
-    run, last = _prepare_run(cfg, resume)
-    _open_run(cfg, run, last, dist)
+    run, last = prepare_run(cfg, resume)
+    open_run(cfg, run, last, dist)
     with out_of_memory_as_error(f"preparing the training input (at input size {cfg.model.input_size}, "
                                 f"data.patch={cfg.data.patch}, data.preload={cfg.data.preload})",
                                 "--input-size" + (", or set data.preload=false" if cfg.data.preload else "")):
-        train_ds, validator, extra_meta = _datasets(cfg, roots, run, dist, device)
+        train_ds, validator, extra_meta = stage_datasets(cfg, roots, run, dist, device)
     seed_everything(cfg.train.seed)
-    fit = _build(cfg, train_ds, device, dist)
-    meta = _meta(cfg, extra_meta)
+    fit = build_fit(cfg, train_ds, device, dist)
+    meta = stage_meta(cfg, extra_meta)
     best, start = _Best(cfg.best_metric), 0
     if last is not None:
         start = _restore(fit, last, best)
         log.info("resuming %s at epoch %d/%d", run, start + 1, cfg.train.epochs)
 
-    writer = _tensorboard(run) if dist.main else None
+    writer = tensorboard_writer(run) if dist.main else None
     stop = cfg.train.epochs if cfg.train.stop_at_epoch is None else min(cfg.train.epochs, cfg.train.stop_at_epoch)
     report, skipped_total = None, 0
     for epoch in range(start, stop):
         t0 = time.time()
-        train_loss, skipped = _train_epoch(cfg, fit, train_ds, meta, epoch, dist, run)
+        train_loss, skipped = train_epoch(cfg, fit, train_ds, meta, epoch, dist, run)
         skipped_total += skipped
         done = epoch + 1
         row: dict[str, Any] = {"epoch": done, "lr": fit.opt.param_groups[0]["lr"], "train_loss": round(train_loss, 6),

@@ -48,7 +48,7 @@ def check_resume_config(cfg: Any, run: Path, from_dict: Any, runtime_keys: Any, 
                             f"saved config or {instead}")
 
 
-def _prepare_run(cfg: StageConfig, resume: bool) -> tuple[Path, dict | None]:
+def prepare_run(cfg: StageConfig, resume: bool) -> tuple[Path, dict | None]:
     """Check the run folder against --resume; returns (run dir, last.pt contents or None)."""
     run = cfg.out_dir
     last = run / "last.pt"
@@ -68,7 +68,7 @@ def _prepare_run(cfg: StageConfig, resume: bool) -> tuple[Path, dict | None]:
     return run, None
 
 
-def _open_run(cfg: StageConfig, run: Path, last: dict | None, dist: Dist) -> None:
+def open_run(cfg: StageConfig, run: Path, last: dict | None, dist: Dist) -> None:
     """Create the run folder (rank 0, after every rank checked it) and save config.yaml on a new run."""
     if dist.world > 1:
         torch.distributed.barrier()
@@ -80,7 +80,8 @@ def _open_run(cfg: StageConfig, run: Path, last: dict | None, dist: Dist) -> Non
 
 # --------------------------------------------------------------------------- checkpoint meta, RNG
 
-def _meta(cfg: StageConfig, extra: dict) -> dict:
+def stage_meta(cfg: StageConfig, extra: dict) -> dict:
+    """The checkpoint meta of a stage run: config, model spec, normalisation, plus `extra`."""
     norm = default_normalization(cfg.model.encoder_weights, cfg.model.encoder)
     if cfg.model.mean is not None:
         norm["mean"] = list(cfg.model.mean)
@@ -100,14 +101,14 @@ def _meta(cfg: StageConfig, extra: dict) -> dict:
     }
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
@@ -130,7 +131,7 @@ def metrics_fields(classes: Sequence[str]) -> list[str]:
     return ["epoch", "lr", "train_loss", "skipped_steps", "overall", "carpal_mean", *(f"dice/{c}" for c in classes), "seconds"]
 
 
-def _append_metrics(path: Path, row: dict, fields: list[str], key: str = "epoch") -> None:
+def append_metrics(path: Path, row: dict, fields: list[str], key: str = "epoch") -> None:
     """Rewrite metrics.csv atomically: earlier rows (by `key`: epoch, or train-sr's step) plus
     `row` (a resumed run drops rows of the epochs or steps it redoes)."""
     rows = []
@@ -145,7 +146,7 @@ def _append_metrics(path: Path, row: dict, fields: list[str], key: str = "epoch"
     write_text_atomic(path, buf.getvalue())
 
 
-def _tensorboard(run: Path):
+def tensorboard_writer(run: Path):
     """A SummaryWriter in <run>/tb if TensorBoard is installed, else None."""
     try:
         from torch.utils.tensorboard import SummaryWriter
