@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -101,6 +102,37 @@ def make_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise TwostageError(f"{path}: cannot create the folder ({e.strerror or e})") from None
     return path
+
+
+def check_new_dir(out: str | os.PathLike) -> None:
+    """`out` must be absent or an empty folder: a command that fills a folder never mixes its
+    files into existing ones."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TwostageError(f"{out}: exists and is not a folder; --out takes a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise TwostageError(f"{out}: folder is not empty; --out takes a new or empty folder")
+
+
+@contextlib.contextmanager
+def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed onto it (absent or empty, `check_new_dir`) when
+    the block succeeds, else removed: the folder appears complete or not at all."""
+    out = Path(out)
+    make_dir(out.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise write_error(out, e) from None
+    try:
+        yield tmp
+        check_new_dir(out)
+        try:
+            os.replace(tmp, out)  # onto an empty folder too
+        except OSError as e:
+            raise write_error(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- run locks

@@ -43,13 +43,16 @@ def tile_hint(tile: int) -> str:
 
 class Upscaler:
     """Callable (h, w) uint8/uint16 -> (h·scale, w·scale) same dtype. `device` and `lower`
-    (what to reduce when it runs out of memory) go into that error."""
+    (what to reduce when it runs out of memory) go into that error. `network` is the
+    basicsr network a Real-ESRGAN upscaler runs (None for bicubic): what `twostage export`
+    writes as ONNX."""
 
     def __init__(self, name: str, scale: int, weight_sha256: str | None, fn: Callable[[np.ndarray, float], np.ndarray],
-                 device: str = "cpu", lower: str = "the crop size (the palm box side × scale)"):
+                 device: str = "cpu", lower: str = "the crop size (the palm box side × scale)", network=None):
         self.name = name
         self.scale = int(scale)
         self.weight_sha256 = weight_sha256
+        self.network = network
         self._fn = fn
         self.device, self.lower = device, lower
 
@@ -186,7 +189,8 @@ def make_upscaler(name: str, scale: int | None = None, tile: int = 0, tile_pad: 
 
 def network_upscaler(model, name: str, scale: int, weight_sha256: str | None, tile: int = 0, tile_pad: int = 10,
                      pre_pad: int = 0, device: str = "cpu") -> Upscaler:
-    """An Upscaler around a loaded basicsr network (3 channels in and out), run as
-    RealESRGANer runs it; `make_upscaler` verifies and loads the file first."""
+    """An Upscaler around a loaded network (3 channels in and out: a basicsr network, or its
+    ONNX form from `onnx_backend`), run as RealESRGANer runs it; `make_upscaler` verifies and
+    loads the file first."""
     return Upscaler(name, scale, weight_sha256, _realesrgan(model, scale, tile, tile_pad, pre_pad, device, name),
-                    device=device, lower=tile_hint(tile))
+                    device=device, lower=tile_hint(tile), network=model)
