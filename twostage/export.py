@@ -189,9 +189,9 @@ def _network_meta(predictor, file: str, record: dict, source: str | os.PathLike)
     """chain.yaml's section of a segmentation network: what `Predictor` needs to feed it."""
     from .checkpoint import checkpoint_file
 
-    m = predictor.meta["model"]
-    return {"file": file, "source": {"checkpoint": str(checkpoint_file(source)), "sha256": sha256_file(checkpoint_file(source)),
-                                     "arch": m["arch"], "encoder": m["encoder"]},
+    m, ckpt = predictor.meta["model"], checkpoint_file(source)
+    return {"file": file, "source": {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt), "arch": m["arch"],
+                                     "encoder": m["encoder"]},
             "classes": list(predictor.classes), "input_size": list(predictor.input_size),
             "in_channels": predictor.in_channels,
             "normalization": {"mean": list(predictor.mean), "std": list(predictor.std)},
@@ -252,7 +252,8 @@ def export(global_ckpt: str | os.PathLike, out: str | os.PathLike, *, palm_ckpt:
             spec["palm"] = _network_meta(palm.predictor, "palm.onnx", network(palm.predictor, "palm", tmp), palm_ckpt)
             spec["palm"]["box_rule"] = {**palm.rule.to_dict(), "extent": extent_rule()}
             spec["upscaler"] = _upscaler(palm.upscaler, opts, tmp, fp16, opset, summary)
-            spec["fusion"] = {"fuse_weights": {c: _f32(chain.weights.tolist()[i]) for c, i in zip(palm.classes, palm.channels)},
+            weights = chain.weights.tolist()
+            spec["fusion"] = {"fuse_weights": {c: _f32(weights[i]) for c, i in zip(palm.classes, palm.channels)},
                               "feather": opts.feather, "palm_resize": opts.palm_resize,
                               "calibration": chain.calibrated_by,
                               "rule": "inside the box p = (1 - a_c*w)*p_global + a_c*w*p_palm, w the feather "
@@ -264,8 +265,16 @@ def export(global_ckpt: str | os.PathLike, out: str | os.PathLike, *, palm_ckpt:
 
         write_text_atomic(tmp / CHAIN_FILE, "# twostage export: run with `twostage infer IMAGES --exported DIR "
                                             "--backend onnxruntime`; see docs/deploying.md\n"
-                          + yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, default_flow_style=None, width=100))
+                          + yaml.safe_dump(spec, sort_keys=False, default_flow_style=None, width=100))
     return summary
+
+
+def export_upscaler(network: nn.Module, path: Path, *, fp16: bool = False, opset: int = DEFAULT_OPSET) -> dict:
+    """`export_network` for an upscaler (RGB in [0, 1] in, RGB x scale out): only with dynamic
+    sizes, since crops and tiles vary."""
+    return export_network(network, "upscaler", (2, 3, 32, 32), path, fp16=fp16, opset=opset, allow_fixed=False,
+                          fixed_reason="crops and tiles vary in size", activation=lambda t: t,
+                          sample=lambda s, g: torch.rand(s, generator=g))
 
 
 def _upscaler(upscaler, opts, tmp: Path, fp16: bool, opset: int, summary: ExportSummary) -> dict:
@@ -275,9 +284,7 @@ def _upscaler(upscaler, opts, tmp: Path, fp16: bool, opset: int, summary: Export
     if upscaler.network is None:
         section["rule"] = "cv2.resize INTER_CUBIC of the uint8 crop by scale"
         return section
-    record = export_network(upscaler.network, "upscaler", (2, 3, 32, 32), tmp / "upscaler.onnx", fp16=fp16,
-                            opset=opset, allow_fixed=False, fixed_reason="crops and tiles vary in size",
-                            activation=lambda t: t, sample=lambda s, g: torch.rand(s, generator=g))
+    record = export_upscaler(upscaler.network, tmp / "upscaler.onnx", fp16=fp16, opset=opset)
     summary.networks["upscaler"] = record
     section.update(file="upscaler.onnx", export=record,
                    io={"input": "(B, 3, h, w) float32 RGB in [0, 1]: the grey crop /255 repeated, reflect-padded "

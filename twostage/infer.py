@@ -164,8 +164,8 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike | None, out:
         from .onnx_backend import check_runtime_options, exported_chain
 
         if backend == "pytorch" or global_ckpt is not None or palm_ckpt is not None or fuse:
-            raise TwostageError("--exported DIR is the whole chain, run by --backend onnxruntime: leave out "
-                                "--global, --palm, --fuse and --backend pytorch (it fuses when DIR holds a palm network)")
+            raise TwostageError("--exported DIR is the whole chain, run by --backend onnxruntime: leave out --global, "
+                                "--palm, --fuse and --backend pytorch (it fuses when DIR holds a palm network)")
         check_runtime_options(options, exported)
         _check_run(out, batch_size)
         samples = find_images(images, split, shard)

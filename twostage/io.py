@@ -45,6 +45,13 @@ def write_error(path: str | os.PathLike, e: OSError) -> TwostageError:
     return TwostageError(f"{path}: cannot write ({e.strerror or e}); nothing was written under this name")
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -56,6 +63,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename: a plain file's mode
     except OSError as e:
         raise write_error(path, e) from None
     tmp_path = Path(tmp)
@@ -122,6 +130,7 @@ def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
     make_dir(out.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # a plain folder's mode, not mkdtemp's 0700
     except OSError as e:
         raise write_error(out, e) from None
     try:

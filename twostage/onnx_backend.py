@@ -27,13 +27,15 @@ def providers(device: torch.device) -> list:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise TwostageError("--backend onnxruntime: onnxruntime is not installed (pip install 'twostage[onnx]')") from None
+        raise TwostageError("--backend onnxruntime: onnxruntime is not installed "
+                            "(pip install 'twostage[onnx]')") from None
     if device.type == "cpu":
         return ["CPUExecutionProvider"]
     if device.type == "cuda":
         if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise TwostageError(f"--device {device}: this onnxruntime has no CUDA provider (it has "
-                                f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu or use --device cpu")
+            have = ", ".join(ort.get_available_providers())
+            raise TwostageError(f"--device {device}: this onnxruntime has no CUDA provider (it has {have}); "
+                                "install onnxruntime-gpu or use --device cpu")
         return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
     raise TwostageError(f"--device {device}: --backend onnxruntime runs on cpu or cuda")
 
@@ -79,8 +81,9 @@ def _predictor(folder: Path, section: dict, device: torch.device):
     """A `Predictor` whose network is the ONNX file: the one preprocessing path, TTA and windows."""
     from .models import Predictor
 
-    meta = {"classes": section["classes"], "input_size": section["input_size"], "normalization": section["normalization"],
-            "model": {"in_channels": section["in_channels"]}, "window": section.get("window")}
+    meta = {"classes": section["classes"], "input_size": section["input_size"],
+            "normalization": section["normalization"], "model": {"in_channels": section["in_channels"]},
+            "window": section.get("window")}
     return Predictor(_net(folder, section, device), meta, device)
 
 
@@ -92,7 +95,7 @@ def check_runtime_options(options: dict, folder: str | os.PathLike) -> None:
     given = sorted(k for k, v in options.items() if k not in RUNTIME_OPTIONS and v != getattr(default, k))
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise TwostageError(f"{flags}: fixed in {folder}/chain.yaml at export (`twostage export ... {flags.split(',')[0]}`); "
+        raise TwostageError(f"{flags}: fixed in {folder}/chain.yaml at export (give it to `twostage export`); "
                             "with --exported only --device, --tile and --accumulate apply")
 
 
