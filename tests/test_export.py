@@ -148,6 +148,22 @@ def test_global_only_export(setup, tmp_path):
     assert min(_class_dice(pt, ort, (256, 256)).values()) >= 0.999
 
 
+def test_recorded_windows_and_tta_run_as_in_pytorch(setup, tmp_path, make_tiny_checkpoint):
+    """A patch-trained global model (sliding windows), exported with --tta hflip and --overlap:
+    chain.yaml carries them and the exported chain's CSV is the PyTorch chain's with those flags
+    (--scales: recorded likewise; other input sizes are the network test's)."""
+    g = make_tiny_checkpoint(tmp_path / "w.pt", "global", window={"size": [64, 64], "scale": 0.5})
+    flags = ["--tta", "hflip", "--overlap", "0.25"]
+    assert main(["export", "--global", str(g), "--out", str(tmp_path / "w"), *flags]) == 0
+    spec = read_exported(tmp_path / "w")
+    assert spec["global"]["window"] == {"size": [64, 64], "scale": 0.5}
+    assert spec["inference"]["tta"] == "hflip" and spec["inference"]["overlap"] == 0.25
+    pt, ort = tmp_path / "pt.csv", tmp_path / "ort.csv"
+    for args, csv in ((["--global", str(g), *flags], pt), (["--exported", str(tmp_path / "w")], ort)):
+        assert main(["infer", str(setup["root"]), "--split", "train", *args, "--out", str(csv)]) == 0
+    assert min(_class_dice(pt, ort, (256, 256)).values()) >= 0.999
+
+
 @pytest.mark.parametrize("name", ["rrdb-x4", "rrdb-x2"])
 def test_real_esrgan_rrdb_networks_export_with_dynamic_sizes(setup, tmp_path, name):
     """RRDBNet (RealESRGAN_x4plus / x2plus; x2 unshuffles pixels first), as the chain exports it."""

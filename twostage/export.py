@@ -46,7 +46,7 @@ MIN_OPSET, MAX_OPSET = 13, 21
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 """Largest difference (probability, or upscaled pixel in [0, 1]) between ONNX Runtime and the
-traced PyTorch module at export; above it the attempt is not used."""
+PyTorch network in float32 at export; above it the attempt is not used."""
 
 ATTEMPTS = (("torchscript", True), ("torchscript", False), ("dynamo", False))
 """(exporter, dynamic height/width) tried in order. The TorchScript exporter is fast and keeps
@@ -153,7 +153,7 @@ def export_network(net: nn.Module, name: str, shape: tuple[int, ...], path: Path
             reasons.append(f"{method}{' (dynamic height/width)' if dynamic else ''}: {_first_line(e)}")
             continue
         other = _other_shape(shape) if dynamic else (1, *shape[1:])
-        diff = _max_difference(module, path, [shape, other], activation, sample)
+        diff = _max_difference(net, path, [shape, other], activation, sample)  # float16 files too: against float32
         if diff <= TOLERANCE[precision]:
             record = {"method": method, "opset": opset if method == "torchscript" else max(opset, 18),
                       "dynamic": {"batch": True, "height": dynamic, "width": dynamic},

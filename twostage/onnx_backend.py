@@ -112,6 +112,8 @@ def exported_chain(folder: str | os.PathLike, device: str = "cpu", upscaler_tile
     folder = Path(folder)
     spec = read_exported(folder)
     dev = torch_device(device)
+    providers(dev)  # a missing runtime or provider is said as such, before chain.yaml's values
+    where = folder / CHAIN_FILE
     try:
         inference, up, fusion = spec["inference"], spec.get("upscaler") or {}, spec.get("fusion") or {}
         options = ChainOptions(
@@ -133,5 +135,9 @@ def exported_chain(folder: str | os.PathLike, device: str = "cpu", upscaler_tile
                 {k: v for k, v in spec["palm"]["box_rule"].items() if k != "extent"}), upscaler, options,
                 folder / spec["palm"]["file"])
         return TwoStage(glob, palm, options, dev, calibrated_by=fusion.get("calibration"))
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise TwostageError(f"{folder / CHAIN_FILE}: damaged ({type(e).__name__}: {e})") from None
+    except TwostageError as e:  # a value's own check: named here unless it names a file of the folder
+        if str(folder) in str(e):
+            raise
+        raise TwostageError(f"{where}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
+        raise TwostageError(f"{where}: damaged ({type(e).__name__}: {e})") from None
