@@ -13,19 +13,25 @@ with --demo DIR (its runs/global, runs/palm and weights/).
     .venv/bin/python benchmarks/onnx.py --sizes 512,2048 --images 4
     .venv/bin/python benchmarks/onnx.py --demo twostage-demo --sizes 512,2048
 """
+# ruff: noqa: E402 - the imports follow the sys.path fix below
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# this file is onnx.py: run as a script, its folder would shadow the onnx package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import numpy as np
 import torch
 import yaml
 
-from infer import make_checkpoint  # benchmarks/infer.py: the biased random demo-architecture models
 from twostage.chain import TwoStage
 from twostage.checkpoint import load_checkpoint, save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES
@@ -38,6 +44,15 @@ from twostage.onnx_backend import exported_chain
 from twostage.rle import decode, read_csv
 from twostage.sr import make_upscaler
 from twostage.synth import synthesize
+
+
+def _bench_infer():
+    """benchmarks/infer.py (its biased random demo-architecture models), loaded by path."""
+    spec = importlib.util.spec_from_file_location("bench_infer", HERE / "infer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 SR = {"num_in_ch": 3, "num_out_ch": 3, "num_feat": 32, "num_conv": 8, "upscale": 4, "act_type": "prelu"}
 """The demo's upscaler (stages/demo-sr.yaml)."""
@@ -55,6 +70,7 @@ def random_pair(tmp: Path, sample: np.ndarray) -> tuple[Path, Path, Path]:
     entry = {"file": "demo-sr.pth", "arch": "SRVGGNetCompact", "scale": 4, "url": "https://example.invalid/demo-sr.pth",
              "sha256": sha256_file(weights / "demo-sr.pth"), "params": SR}
     (weights / "manifest.yaml").write_text(yaml.safe_dump({"weights": {"demo-sr": entry}}))
+    make_checkpoint = _bench_infer().make_checkpoint
     g = make_checkpoint(tmp / "g.pt", "global", CLASSES, 160, sample, 0)
     p = make_checkpoint(tmp / "p.pt", "palm", PALM_CLASSES, 160, sample, 1)
     obj = load_checkpoint(p)

@@ -147,9 +147,7 @@ def export_network(net: nn.Module, name: str, shape: tuple[int, ...], path: Path
         example = sample(shape, torch.Generator().manual_seed(1))
         try:
             _write_onnx(module, example, path, method, dynamic, opset)
-        except TwostageError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the exporters raise many types; each is one reason
+        except Exception as e:  # noqa: BLE001 - the exporters raise many types (onnxscript missing too); each is a reason
             reasons.append(f"{method}{' (dynamic height/width)' if dynamic else ''}: {_first_line(e)}")
             continue
         other = _other_shape(shape) if dynamic else (1, *shape[1:])
@@ -293,10 +291,12 @@ def _upscaler(upscaler, opts, tmp: Path, fp16: bool, opset: int, summary: Export
     return section
 
 
-def _version(module: str) -> str | None:
+def _version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return str(__import__(module).__version__)
-    except ImportError:
+        return version(distribution)
+    except PackageNotFoundError:
         return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -45,8 +46,9 @@ def write_error(path: str | os.PathLike, e: OSError) -> TwostageError:
     return TwostageError(f"{path}: cannot write ({e.strerror or e}); nothing was written under this name")
 
 
+@functools.lru_cache(maxsize=1)
 def _umask() -> int:
-    """The process's umask (read by setting and restoring it)."""
+    """The process's umask, read once (by setting and restoring it: not while threads write)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

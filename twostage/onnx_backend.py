@@ -53,6 +53,9 @@ class OnnxNet(nn.Module):
         self.path, self.fixed, self.why = Path(path), fixed, why
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only: the runtime's notes on unused initialisers are noise here
+        # no spinning between calls: the chain's own torch work runs in between, on the same cores
+        # (benchmarks/onnx.py: at 512² the ONNX Runtime chain went from 2x slower than PyTorch to faster)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers(device))
         except TwostageError:
