@@ -33,7 +33,7 @@ from torch import nn
 
 from .classes import CLASSES
 from .errors import TwostageError
-from .io import check_new_dir, read_yaml, sha256_file, staging_dir, write_text_atomic
+from .io import check_new_dir, native_messages, read_yaml, sha256_file, staging_dir, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +82,11 @@ class _Float16(nn.Module):
 
 
 def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, method: str, dynamic: bool, opset: int) -> None:
-    """One export attempt; the exporters' warnings and progress lines are not the user's business."""
+    """One export attempt; the exporters' warnings and progress lines are not the user's business,
+    nor is the whole graph the TorchScript exporter writes to fd 1 when it fails (its log switch
+    is always on in torch 2.14)."""
     axes = {0: "batch", 2: "height", 3: "width"} if dynamic else {0: "batch"}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), native_messages(re.compile(""), fd=1):
         warnings.simplefilter("ignore")
         if method == "torchscript":
             torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,

@@ -384,12 +384,13 @@ def _check_chunks(data: bytes | memoryview, path: str | os.PathLike) -> None:
 
 
 _NATIVE_LINE = re.compile(r"^(libpng (warning|error)|\[ ?(WARN|ERROR|INFO|DEBUG):)")
-_NATIVE_LOCK = threading.Lock()
+_NATIVE_LOCK = threading.RLock()  # re-entrant: one block may hold fd 1 and fd 2
 
 
 @contextlib.contextmanager
-def _native_messages() -> Iterator[list[str]]:
-    """Collect what libpng and OpenCV's logger write to file descriptor 2 during the block.
+def native_messages(collect: re.Pattern = _NATIVE_LINE, fd: int = 2) -> Iterator[list[str]]:
+    """Collect the lines native code (libpng, OpenCV's logger; the ONNX exporter's graph dump,
+    on fd 1) writes to file descriptor `fd` during the block, those matching `collect`.
 
     Their lines ("libpng error: IDAT: CRC error") become the detail of our one-line error
     instead of loose lines on the terminal; anything else written meanwhile (another
@@ -397,26 +398,26 @@ def _native_messages() -> Iterator[list[str]]:
     messages: list[str] = []
     with _NATIVE_LOCK:
         try:
-            sys.stderr.flush()
-            saved = os.dup(2)
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+            saved = os.dup(fd)
         except (OSError, AttributeError, ValueError):  # no usable fd 2: nothing to collect
             saved = None
         if saved is None:
             yield messages
             return
         with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 2)
+            os.dup2(sink.fileno(), fd)
             try:
                 yield messages
             finally:
-                os.dup2(saved, 2)
+                os.dup2(saved, fd)
                 os.close(saved)
                 sink.seek(0)
                 other = []
                 for line in sink.read().decode("utf-8", "replace").splitlines(keepends=True):
-                    (messages if _NATIVE_LINE.match(line) else other).append(line)
+                    (messages if collect.match(line) else other).append(line)
                 if other:
-                    os.write(2, "".join(other).encode())
+                    os.write(fd, "".join(other).encode())
 
 
 def _detail(messages: list[str]) -> str:
@@ -443,7 +444,7 @@ def read_image_raw(path: str | os.PathLike) -> np.ndarray:
         raise TwostageError(f"{path}: file too large to read into memory") from None
     h, w = png_header_size(data[:24].tobytes(), path)
     _check_chunks(memoryview(data), path)
-    with _native_messages() as messages:
+    with native_messages() as messages:
         try:
             img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
         except cv2.error as e:  # OpenCV's own limits; ours are checked above
