@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", type=Path, metavar="IMAGES",
                    help="a folder of PNGs (recursive) or a dataset root (uses test/DCM, else train/DCM)")
-    add_checkpoints(p, "palm-stage checkpoint or run folder (used with --fuse)", palm_required=False, exported=True)
+    add_checkpoints(p, "palm-stage checkpoint or run folder (used with --fuse)", palm_required=False,
+                    exported=True)
     p.add_argument("--backend", choices=("pytorch", "onnxruntime"),
                    help="what runs the networks: pytorch (checkpoints; the default) or onnxruntime (--exported "
                         "DIR; --device cuda uses its CUDA provider where installed)")

@@ -50,7 +50,8 @@ def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True, runtim
     --accumulate (export records the chain, not where it runs)."""
     if runtime:
         add_device(p)
-        p.add_argument("--fp16", action="store_true", help="float16 autocast for the networks (CUDA only; an error on CPU)")
+        p.add_argument("--fp16", action="store_true",
+                       help="float16 autocast for the networks (CUDA only; an error on CPU)")
     p.add_argument("--tta", choices=("hflip",), help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--scales", default=None, metavar="S1,S2,...",
                    help="multi-scale TTA: average the probabilities of the image at these scales, e.g. "
