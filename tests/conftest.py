@@ -161,31 +161,33 @@ SR_TEST_ENTRIES = {
 }
 
 
-@pytest.fixture(scope="session")
-def make_sr_weights() -> Callable[..., Path]:
-    """make_sr_weights(directory, url_base=...) saves random-init networks as the official files
-    are saved ({"params_ema": state_dict}) plus a manifest pinning their sha256; returns the manifest."""
+def write_sr_weights(directory: Path, url_base: str = "https://example.invalid/") -> Path:
+    """Random-init networks of SR_TEST_ENTRIES saved as the official files are saved
+    ({"params_ema": state_dict}) plus a manifest pinning their sha256; returns the manifest."""
     import torch
     import yaml
 
     from twostage.compat import import_basicsr
     from twostage.io import sha256_file
 
-    def _make(directory: Path, url_base: str = "https://example.invalid/") -> Path:
-        RRDBNet, SRVGGNetCompact = import_basicsr()
-        classes = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}
-        torch.manual_seed(0)
-        entries = {}
-        for name, (arch, scale, params) in SR_TEST_ENTRIES.items():
-            path = Path(directory) / f"{name}.pth"
-            torch.save({"params_ema": classes[arch](**params).state_dict()}, path)
-            entries[name] = {"file": path.name, "arch": arch, "scale": scale, "url": url_base + path.name,
-                             "sha256": sha256_file(path), "params": params}
-        manifest = Path(directory) / "manifest.yaml"
-        manifest.write_text(yaml.safe_dump({"weights": entries}))
-        return manifest
+    RRDBNet, SRVGGNetCompact = import_basicsr()
+    classes = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}
+    torch.manual_seed(0)
+    entries = {}
+    for name, (arch, scale, params) in SR_TEST_ENTRIES.items():
+        path = Path(directory) / f"{name}.pth"
+        torch.save({"params_ema": classes[arch](**params).state_dict()}, path)
+        entries[name] = {"file": path.name, "arch": arch, "scale": scale, "url": url_base + path.name,
+                         "sha256": sha256_file(path), "params": params}
+    manifest = Path(directory) / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump({"weights": entries}))
+    return manifest
 
-    return _make
+
+@pytest.fixture(scope="session")
+def make_sr_weights() -> Callable[..., Path]:
+    """make_sr_weights(directory, url_base=...): `write_sr_weights` (usable from any fixture scope)."""
+    return write_sr_weights
 
 
 # --- ensemble helper: tiny random-init checkpoints for visualize / calibrate -------------------

@@ -727,3 +727,45 @@ def test_metadata_table(folder, data):
     path.write_bytes(data)
     table = outcome(lambda: load_metadata(folder), path)
     assert isinstance(table, (dict, TwostageError))
+
+
+# --------------------------------------------------------------------------- exported chain
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, make_tiny_checkpoint) -> Path:
+    """A `twostage export` folder of tiny random checkpoints (global + palm, bicubic)."""
+    pytest.importorskip("onnxruntime")
+    from twostage.export import export
+
+    base = tmp_path_factory.mktemp("exported")
+    g = make_tiny_checkpoint(base / "g.pt", "global")
+    p = make_tiny_checkpoint(base / "p.pt", "palm", classes=PALM_CLASSES, seed=1)
+    export(g, base / "ok", palm_ckpt=p)
+    return base / "ok"
+
+
+@budget(30)
+@given(data=st.data())
+def test_exported_chain_yaml(folder, exported, data):
+    """onnx_backend.read_exported + exported_chain on a damaged chain.yaml (a value of a
+    section replaced, the text mutated, nasty YAML): a chain, or one error naming the folder."""
+    import copy
+    import shutil
+
+    from twostage.onnx_backend import exported_chain
+
+    text = (exported / "chain.yaml").read_text()
+    spec = yaml.safe_load(text)
+    section = data.draw(st.sampled_from(sorted(spec)))
+    changed = copy.deepcopy(spec)
+    if isinstance(spec[section], dict) and spec[section] and data.draw(st.booleans()):
+        changed[section][data.draw(st.sampled_from(sorted(spec[section])))] = data.draw(VALUES)
+    else:
+        changed[section] = data.draw(VALUES)
+    raw = data.draw(st.one_of(st.just(json.dumps(changed, allow_nan=True).encode()), mutated_text(text),
+                              st.sampled_from(YAML_NASTY[:12]).map(str.encode)))
+    target = folder / "exported"
+    if not target.is_dir():
+        shutil.copytree(exported, target)
+    (target / "chain.yaml").write_bytes(raw)
+    outcome(lambda: exported_chain(target), target)

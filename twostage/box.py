@@ -278,6 +278,16 @@ _WINDOW = 1.5
 """Pixels farther than _WINDOW * R from the median (per axis) are ignored as outliers."""
 
 
+def extent_rule() -> dict:
+    """How `boxes_from_probs` measures the carpal extent, as data (written into an exported
+    chain's chain.yaml for runtimes that reimplement it)."""
+    from .fusion import DEFAULT_THRESHOLD
+
+    return {"carpal_pixel": f"any palm class p > {DEFAULT_THRESHOLD}", "centre": "per-axis median",
+            "core_quantiles": list(_CORE_Q), "outlier_window": _WINDOW,
+            "extent": "min/max of the kept pixels, scaled to the source size, then BoxRule.square"}
+
+
 def _quantile_index(hist, qs: Sequence[float]):
     """Per-row index where the cumulative histogram first reaches each quantile. hist: (B, L) -> (B, len(qs))."""
     import torch

@@ -155,28 +155,36 @@ def fuse_box(native: torch.Tensor, palm_probs: torch.Tensor, channels: Sequence[
 
 
 class PalmStage:
-    """The palm half of the chain, rebuilt from a palm checkpoint: box rule, recorded upscaler
-    and palm model. Pure per call (no per-image state)."""
+    """The palm half of the chain: box rule, upscaler and palm model (`PalmStage.load` rebuilds
+    them from a palm checkpoint; `onnx_backend` from an exported folder). Pure per call (no
+    per-image state)."""
 
-    def __init__(self, ckpt: str | os.PathLike, device: torch.device, options: ChainOptions = ChainOptions()):
-        from .sr import make_upscaler
-
-        self.predictor = Predictor.from_checkpoint(ckpt, device, expect_stage="palm")
-        meta = self.predictor.meta
-        for key in ("box_rule", "palm_set"):
-            if not meta.get(key):
-                raise TwostageError(f"{ckpt}: palm checkpoint lacks {key!r} (train it with `twostage train --stage palm`)")
-        self.classes = list(self.predictor.classes)
+    def __init__(self, predictor: Predictor, rule: BoxRule, upscaler, options: ChainOptions = ChainOptions(),
+                 source: str | os.PathLike = "palm model"):
+        self.predictor, self.rule, self.upscaler = predictor, rule, upscaler
+        self.classes = list(predictor.classes)
         try:
             self.channels = class_indices(self.classes)  # palm channel → global channel
         except TwostageError as e:
-            raise TwostageError(f"{ckpt}: palm model classes do not fit the 29 CSV classes ({e})") from None
-        self.rule = palm_box_rule(meta)
+            raise TwostageError(f"{source}: palm model classes do not fit the 29 CSV classes ({e})") from None
+        self.fp16, self.tta, self.palm_resize = options.fp16, options.hflip, options.palm_resize
+        self.scales, self.overlap = options.scales, options.overlap
+
+    @classmethod
+    def load(cls, ckpt: str | os.PathLike, device: torch.device, options: ChainOptions = ChainOptions()) -> "PalmStage":
+        """The palm stage of a palm checkpoint, with exactly the upscaler its crops were made by."""
+        from .sr import make_upscaler
+
+        predictor = Predictor.from_checkpoint(ckpt, device, expect_stage="palm")
+        meta = predictor.meta
+        for key in ("box_rule", "palm_set"):
+            if not meta.get(key):
+                raise TwostageError(f"{ckpt}: palm checkpoint lacks {key!r} (train it with `twostage train --stage palm`)")
         record = meta["palm_set"]
-        self.upscaler = make_upscaler(record["upscaler"], scale=record.get("scale"), tile=options.upscaler_tile,
-                                      tile_pad=options.upscaler_tile_pad, pre_pad=options.upscaler_pre_pad,
-                                      device=str(device), weights_dir=options.weights_dir)
-        have = self.upscaler.record()
+        upscaler = make_upscaler(record["upscaler"], scale=record.get("scale"), tile=options.upscaler_tile,
+                                 tile_pad=options.upscaler_tile_pad, pre_pad=options.upscaler_pre_pad,
+                                 device=str(device), weights_dir=options.weights_dir)
+        have = upscaler.record()
         for key in ("upscaler", "scale", "weight_sha256"):
             if have.get(key) != record.get(key):
                 raise TwostageError(
@@ -184,8 +192,7 @@ class PalmStage:
                     f"x{record.get('scale')} (weights sha256 {record.get('weight_sha256')}); this machine's "
                     f"upscaler has {key}={have.get(key)!r}. Install the recorded weights (see "
                     f"`twostage weights`); a different upscaler is never substituted")
-        self.fp16, self.tta, self.palm_resize = options.fp16, options.hflip, options.palm_resize
-        self.scales, self.overlap = options.scales, options.overlap
+        return cls(predictor, palm_box_rule(meta), upscaler, options, ckpt)
 
     def boxes(self, probs: torch.Tensor, names: Sequence[str],
               image_shape: tuple[int, int] | None = None) -> list[Box]:
@@ -272,7 +279,7 @@ class TwoStage:
         glob.tune(compile=options.compile)
         if palm_ckpt is None:
             return cls(glob, None, options, device)
-        palm = PalmStage(palm_ckpt, device, options)
+        palm = PalmStage.load(palm_ckpt, device, options)
         palm.predictor.tune(compile=options.compile)
         options, used = _with_calibration(options, global_ckpt, palm_ckpt)
         return cls(glob, palm, options, device, used)

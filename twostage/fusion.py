@@ -80,7 +80,7 @@ def feather_window(crop_shape: tuple[int, int], box, image_shape: tuple[int, int
 
 def check_feather(feather: float) -> float:
     """`feather` if it is a fraction of the box side in [0, 0.5] (a wider ramp would cross the box)."""
-    if not 0.0 <= feather <= 0.5:
+    if isinstance(feather, bool) or not isinstance(feather, (int, float)) or not 0.0 <= feather <= 0.5:
         raise TwostageError(f"feather {feather}: must be a fraction of the box side in [0, 0.5]")
     return feather
 

@@ -130,27 +130,58 @@ def find_images(images: str | os.PathLike, split: str | None = None,
     return samples
 
 
-def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | os.PathLike, *,
-          palm_ckpt: str | os.PathLike | None = None, fuse: bool = False, batch_size: int = 1,
-          save_probs: str | os.PathLike | None = None, shard: str | Sequence[int] = (0, 1),
-          skip_bad: bool = False, split: str | None = None, **options) -> InferSummary:
+BACKENDS = ("pytorch", "onnxruntime")
+"""What computes the networks: PyTorch (checkpoints) or ONNX Runtime (a `twostage export` folder)."""
+
+
+def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike | None, out: str | os.PathLike, *,
+          palm_ckpt: str | os.PathLike | None = None, fuse: bool = False, exported: str | os.PathLike | None = None,
+          backend: str | None = None, batch_size: int = 1, save_probs: str | os.PathLike | None = None,
+          shard: str | Sequence[int] = (0, 1), skip_bad: bool = False, split: str | None = None,
+          **options) -> InferSummary:
     """Segment every image under IMAGES and write the submission CSV to `out` (atomically).
 
     Args:
         images: a folder of PNGs (searched recursively) or a dataset root (its test/DCM, or
             train/DCM if it has no test split; `split` picks one explicitly).
-        global_ckpt: checkpoint (or run folder) of a global model predicting all 29 CLASSES.
+        global_ckpt: checkpoint (or run folder) of a global model predicting all 29 CLASSES
+            (None with `exported`).
         out: the CSV; written only if every image succeeds (an existing file is untouched).
         palm_ckpt, fuse: with `fuse`, blend the palm model's predictions into the
             global ones inside the palm box (docs/DESIGN.md §3); without, the global model alone.
+        exported, backend: a `twostage export` folder instead of checkpoints, run by ONNX Runtime
+            (`backend` "onnxruntime"; "pytorch", the default, runs checkpoints). It is the whole
+            chain: fused when it holds a palm network, with its recorded settings.
         batch_size: images per global forward pass (same-size images only).
         save_probs: folder; also write per-image uint8 probabilities (`probs.write_probs`).
         shard: "i/n": process only the i-th of n contiguous slices of the sorted images.
         skip_bad: write empty masks for images that are unreadable or fail inside the chain
             (out of memory on that image, say; listed in the summary) instead of stopping the run.
         options: `chain.ChainOptions` fields (device, fp16, tta, thresholds, fuse_weights,
-            feather, palm_resize, upscaler_tile, ...).
+            feather, palm_resize, upscaler_tile, ...); with `exported` only device,
+            upscaler_tile (0: the recorded one) and accumulate.
     """
+    if backend not in (None, *BACKENDS):
+        raise TwostageError(f"--backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if exported is not None:
+        from .onnx_backend import check_runtime_options, exported_chain
+
+        if backend == "pytorch" or global_ckpt is not None or palm_ckpt is not None or fuse:
+            raise TwostageError("--exported DIR is the whole chain, run by --backend onnxruntime: leave out --global, "
+                                "--palm, --fuse and --backend pytorch (it fuses when DIR holds a palm network)")
+        check_runtime_options(options, exported)
+        _check_run(out, batch_size)
+        samples = find_images(images, split, shard)
+        t0 = time.perf_counter()
+        chain = exported_chain(exported, options.get("device", "cpu"), options.get("upscaler_tile") or None,
+                               options.get("accumulate", "device"))
+        return _timed_run(chain, samples, out, time.perf_counter() - t0, batch_size=batch_size,
+                          save_probs=save_probs, skip_bad=skip_bad)
+    if backend == "onnxruntime":
+        raise TwostageError("--backend onnxruntime runs an exported chain: give --exported DIR (make it with "
+                            "`twostage export`)")
+    if global_ckpt is None:
+        raise TwostageError("give --global CKPT or --exported DIR")
     if fuse and palm_ckpt is None:
         raise TwostageError("--fuse needs a palm checkpoint (--palm CKPT)")
     if not fuse and palm_ckpt is not None:
@@ -159,9 +190,14 @@ def infer(images: str | os.PathLike, global_ckpt: str | os.PathLike, out: str | 
     samples = find_images(images, split, shard)
     t0 = time.perf_counter()
     chain = TwoStage.build(global_ckpt, palm_ckpt if fuse else None, **options)
-    setup = time.perf_counter() - t0
+    return _timed_run(chain, samples, out, time.perf_counter() - t0, fuse=fuse, batch_size=batch_size,
+                      save_probs=save_probs, skip_bad=skip_bad)
+
+
+def _timed_run(chain: TwoStage, samples: list[Sample], out, setup: float, **kw) -> InferSummary:
+    """`run`, its summary carrying the `setup` seconds it took to build the chain."""
     log.info("chain built in %.1f s", setup)
-    summary = run(chain, samples, out, fuse=fuse, batch_size=batch_size, save_probs=save_probs, skip_bad=skip_bad)
+    summary = run(chain, samples, out, **kw)
     summary.setup_s = setup
     return summary
 

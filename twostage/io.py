@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -44,6 +46,14 @@ def write_error(path: str | os.PathLike, e: OSError) -> TwostageError:
     return TwostageError(f"{path}: cannot write ({e.strerror or e}); nothing was written under this name")
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process's umask, read once (by setting and restoring it: not while threads write)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -55,6 +65,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
         os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename: a plain file's mode
     except OSError as e:
         raise write_error(path, e) from None
     tmp_path = Path(tmp)
@@ -101,6 +112,38 @@ def make_dir(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise TwostageError(f"{path}: cannot create the folder ({e.strerror or e})") from None
     return path
+
+
+def check_new_dir(out: str | os.PathLike) -> None:
+    """`out` must be absent or an empty folder: a command that fills a folder never mixes its
+    files into existing ones."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TwostageError(f"{out}: exists and is not a folder; --out takes a new or empty folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise TwostageError(f"{out}: folder is not empty; --out takes a new or empty folder")
+
+
+@contextlib.contextmanager
+def staging_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `out`, renamed onto it (absent or empty, `check_new_dir`) when
+    the block succeeds, else removed: the folder appears complete or not at all."""
+    out = Path(out)
+    make_dir(out.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # a plain folder's mode, not mkdtemp's 0700
+    except OSError as e:
+        raise write_error(out, e) from None
+    try:
+        yield tmp
+        check_new_dir(out)
+        try:
+            os.replace(tmp, out)  # onto an empty folder too
+        except OSError as e:
+            raise write_error(out, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- run locks
@@ -341,12 +384,13 @@ def _check_chunks(data: bytes | memoryview, path: str | os.PathLike) -> None:
 
 
 _NATIVE_LINE = re.compile(r"^(libpng (warning|error)|\[ ?(WARN|ERROR|INFO|DEBUG):)")
-_NATIVE_LOCK = threading.Lock()
+_NATIVE_LOCK = threading.RLock()  # re-entrant: one block may hold fd 1 and fd 2
 
 
 @contextlib.contextmanager
-def _native_messages() -> Iterator[list[str]]:
-    """Collect what libpng and OpenCV's logger write to file descriptor 2 during the block.
+def native_messages(collect: re.Pattern = _NATIVE_LINE, fd: int = 2) -> Iterator[list[str]]:
+    """Collect the lines native code (libpng, OpenCV's logger; the ONNX exporter's graph dump,
+    on fd 1) writes to file descriptor `fd` during the block, those matching `collect`.
 
     Their lines ("libpng error: IDAT: CRC error") become the detail of our one-line error
     instead of loose lines on the terminal; anything else written meanwhile (another
@@ -354,26 +398,26 @@ def _native_messages() -> Iterator[list[str]]:
     messages: list[str] = []
     with _NATIVE_LOCK:
         try:
-            sys.stderr.flush()
-            saved = os.dup(2)
+            (sys.stdout if fd == 1 else sys.stderr).flush()
+            saved = os.dup(fd)
         except (OSError, AttributeError, ValueError):  # no usable fd 2: nothing to collect
             saved = None
         if saved is None:
             yield messages
             return
         with tempfile.TemporaryFile() as sink:
-            os.dup2(sink.fileno(), 2)
+            os.dup2(sink.fileno(), fd)
             try:
                 yield messages
             finally:
-                os.dup2(saved, 2)
+                os.dup2(saved, fd)
                 os.close(saved)
                 sink.seek(0)
                 other = []
                 for line in sink.read().decode("utf-8", "replace").splitlines(keepends=True):
-                    (messages if _NATIVE_LINE.match(line) else other).append(line)
+                    (messages if collect.match(line) else other).append(line)
                 if other:
-                    os.write(2, "".join(other).encode())
+                    os.write(fd, "".join(other).encode())
 
 
 def _detail(messages: list[str]) -> str:
@@ -400,7 +444,7 @@ def read_image_raw(path: str | os.PathLike) -> np.ndarray:
         raise TwostageError(f"{path}: file too large to read into memory") from None
     h, w = png_header_size(data[:24].tobytes(), path)
     _check_chunks(memoryview(data), path)
-    with _native_messages() as messages:
+    with native_messages() as messages:
         try:
             img = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
         except cv2.error as e:  # OpenCV's own limits; ours are checked above

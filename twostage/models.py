@@ -197,7 +197,9 @@ def default_normalization(encoder_weights: str | os.PathLike | None,
 
 class SegmentationNet(nn.Module):
     """An smp model that accepts any input size: pads (N, C, H, W) to the encoder stride
-    with zeros (the normalised mean) and crops the (N, classes, H, W) logits back."""
+    with zeros (the normalised mean) and crops the (N, classes, H, W) logits back. While traced
+    (ONNX export) it always pads, by an amount computed from the traced shape: a size-dependent
+    branch would be frozen into the graph for the example's size."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
@@ -208,7 +210,7 @@ class SegmentationNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         ph, pw = (-h) % self.stride, (-w) % self.stride
-        if ph or pw:
+        if ph or pw or torch.jit.is_tracing():
             x = F.pad(x, (0, pw, 0, ph))
         return self.net(x)[..., :h, :w]
 

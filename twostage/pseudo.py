@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 from .classes import CLASSES
 from .data import IMAGE_DIR, JSON_DIR, Annotation, Sample, write_annotations
 from .errors import TwostageError, first_few
-from .io import make_dir, png_size, read_json, run_lock, sha256_file, write_error, write_json_atomic
+from .io import check_new_dir, make_dir, png_size, read_json, run_lock, sha256_file, staging_dir, write_error, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +241,7 @@ def pseudo_label(images: str | os.PathLike, out: str | os.PathLike, *, csv: str 
     t0 = time.perf_counter()
     _check_arguments(csv, global_ckpt, palm_ckpt, fuse, probs, min_confidence)
     out = Path(out)
-    _check_empty(out)
+    check_new_dir(out)
     samples = find_images(images, split)
     result = PseudoResult(out=str(out), record=str(out / PSEUDO_RECORD), images=0)
     if csv is not None:
@@ -271,7 +270,7 @@ def pseudo_label(images: str | os.PathLike, out: str | os.PathLike, *, csv: str 
               "confidence": confidence, "dropped_images": result.dropped_images,
               "dropped_classes": result.dropped_classes, "min_confidence": min_confidence}
 
-    with run_lock(out, "twostage pseudo-label"), _staging(out) as tmp, contextlib.closing(predicted):
+    with run_lock(out, "twostage pseudo-label"), staging_dir(out) as tmp, contextlib.closing(predicted):
         for sample, masks, p in tqdm(predicted, total=len(samples), desc="pseudo-label", unit="img", disable=None):
             masks = np.asarray(masks, dtype=np.uint8)
             if p is not None:
@@ -319,33 +318,6 @@ def _check_arguments(csv, global_ckpt, palm_ckpt, fuse: bool, probs, min_confide
     if csv is not None and probs is None:
         raise TwostageError("--min-confidence needs probabilities: a CSV has none; give --probs DIR (the "
                             "`infer --save-probs` folder of the same run) or predict with --global")
-
-
-def _check_empty(out: Path) -> None:
-    """OUT must be absent or an empty folder: a pseudo-label run never writes into data."""
-    if out.exists() and not out.is_dir():
-        raise TwostageError(f"{out}: exists and is not a folder; --out takes a new or empty folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise TwostageError(f"{out}: folder is not empty; --out takes a new or empty folder")
-
-
-@contextlib.contextmanager
-def _staging(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out`, renamed onto it when the block succeeds, else removed."""
-    make_dir(out.parent)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise write_error(out, e) from None
-    try:
-        yield tmp
-        _check_empty(out)
-        try:
-            os.replace(tmp, out)  # onto an empty folder too
-        except OSError as e:
-            raise write_error(out, e) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _csv_rows(csv: str | os.PathLike, samples: list[Sample]) -> tuple[dict[str, dict[str, str]], list[str]]:

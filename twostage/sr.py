@@ -49,10 +49,11 @@ class Upscaler:
     when it runs out of memory) go into that error."""
 
     def __init__(self, name: str, scale: int, weight_sha256: str | None, fn, device: str = "cpu",
-                 lower: str = "the crop size (the palm box side × scale)", on_tensors: bool = False):
+                 lower: str = "the crop size (the palm box side × scale)", on_tensors: bool = False, network=None):
         self.name = name
         self.scale = int(scale)
         self.weight_sha256 = weight_sha256
+        self.network = network  # the network a Real-ESRGAN upscaler runs (None: bicubic); `twostage export` writes it
         self._fn = fn  # on_tensors: (h, w) tensor, full-scale value -> rounded float tensor; else numpy -> numpy
         self._on_tensors = on_tensors
         self.device, self.lower = device, lower
@@ -201,7 +202,8 @@ def make_upscaler(name: str, scale: int | None = None, tile: int = 0, tile_pad: 
 
 def network_upscaler(model, name: str, scale: int, weight_sha256: str | None, tile: int = 0, tile_pad: int = 10,
                      pre_pad: int = 0, device: str = "cpu") -> Upscaler:
-    """An Upscaler around a loaded basicsr network (3 channels in and out), run as
-    RealESRGANer runs it; `make_upscaler` verifies and loads the file first."""
+    """An Upscaler around a loaded network (3 channels in and out: a basicsr network, or its
+    ONNX form from `onnx_backend`), run as RealESRGANer runs it; `make_upscaler` verifies and
+    loads the file first."""
     return Upscaler(name, scale, weight_sha256, _realesrgan(model, scale, tile, tile_pad, pre_pad, device, name),
-                    device=device, lower=tile_hint(tile), on_tensors=True)
+                    device=device, lower=tile_hint(tile), on_tensors=True, network=model)

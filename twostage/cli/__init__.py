@@ -16,7 +16,7 @@ from ..errors import TwostageError
 # Order is the order shown in `twostage --help`.
 COMMANDS = [
     "demo", "synth", "check", "train_sr", "prepare_sr", "weights", "train", "infer",
-    "score", "evaluate", "ensemble", "visualize", "calibrate", "pseudo_label",
+    "score", "evaluate", "ensemble", "visualize", "calibrate", "pseudo_label", "export",
 ]
 
 

@@ -1,4 +1,5 @@
-"""`twostage infer IMAGES --global CKPT [--palm CKPT --fuse] --out submission.csv`."""
+"""`twostage infer IMAGES --global CKPT [--palm CKPT --fuse] --out submission.csv`, or
+`twostage infer IMAGES --exported DIR --backend onnxruntime --out submission.csv`."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", type=Path, metavar="IMAGES",
                    help="a folder of PNGs (recursive) or a dataset root (uses test/DCM, else train/DCM)")
-    add_checkpoints(p, "palm-stage checkpoint or run folder (used with --fuse)", palm_required=False)
+    add_checkpoints(p, "palm-stage checkpoint or run folder (used with --fuse)", palm_required=False,
+                    exported=True)
+    p.add_argument("--backend", choices=("pytorch", "onnxruntime"),
+                   help="what runs the networks: pytorch (checkpoints; the default) or onnxruntime (--exported "
+                        "DIR; --device cuda uses its CUDA provider where installed)")
     p.add_argument("--fuse", action="store_true", help="fuse the palm model into the global prediction (needs --palm)")
     p.add_argument("--out", type=Path, required=True, metavar="CSV", help="CSV to write, e.g. submission.csv")
     p.add_argument("--split", choices=("train", "test"), help="which split of a dataset root to read (default: test, else train)")
@@ -43,6 +48,7 @@ def handler(args: argparse.Namespace) -> int:
     from ..infer import infer
 
     summary = infer(args.images, args.global_ckpt, args.out, palm_ckpt=args.palm_ckpt, fuse=args.fuse,
+                    exported=args.exported, backend=args.backend,
                     batch_size=args.batch_size, save_probs=args.save_probs, shard=args.shard,
                     skip_bad=args.skip_bad, split=args.split, **chain_options(args))
     mode = "global + palm (fused)" if summary.fused else "global only"

@@ -29,10 +29,15 @@ def parse_classes(text: str) -> tuple[str, ...]:
 
 
 def add_checkpoints(p: argparse.ArgumentParser, palm_help: str = "palm-stage checkpoint or run folder",
-                    palm_required: bool = True) -> None:
-    """--global CKPT (required) and --palm CKPT, as `args.global_ckpt` and `args.palm_ckpt`."""
-    p.add_argument("--global", dest="global_ckpt", type=Path, required=True, metavar="CKPT",
-                   help="global-stage checkpoint (best.pt) or its run folder")
+                    palm_required: bool = True, exported: bool = False) -> None:
+    """--global CKPT (required) and --palm CKPT, as `args.global_ckpt` and `args.palm_ckpt`;
+    `exported`: --global or --exported DIR (a `twostage export` folder, `args.exported`)."""
+    source = p.add_mutually_exclusive_group(required=True) if exported else p
+    if exported:
+        source.add_argument("--exported", type=Path, metavar="DIR",
+                            help="a `twostage export` folder (the whole chain; with --backend onnxruntime)")
+    source.add_argument("--global", dest="global_ckpt", type=Path, required=not exported, metavar="CKPT",
+                        help="global-stage checkpoint (best.pt) or its run folder")
     p.add_argument("--palm", dest="palm_ckpt", type=Path, required=palm_required, metavar="CKPT", help=palm_help)
 
 
@@ -56,25 +61,28 @@ def add_thresholds(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thresholds", default=None, metavar="T|FILE.yaml", help=THRESHOLDS_HELP)
 
 
-def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True) -> None:
+def add_chain_options(p: argparse.ArgumentParser, per_class: bool = True, runtime: bool = True) -> None:
     """Every ChainOptions field as a flag. `per_class=False` leaves out --thresholds and
-    --fuse-weights (calibrate chooses them)."""
-    add_device(p)
-    p.add_argument("--fp16", action="store_true",
-                   help="float16 for the segmentation networks (autocast, channels-last; CUDA only, an error on "
-                        "CPU). A Real-ESRGAN upscaler always runs in float16 on CUDA")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile both networks: compiling takes minutes before the first image, so it "
-                        "pays only on many images of one size (opt-in)")
+    --fuse-weights (calibrate chooses them); `runtime=False` leaves out --device, --fp16,
+    --compile and --accumulate (export records the chain, not where it runs)."""
+    if runtime:
+        add_device(p)
+        p.add_argument("--fp16", action="store_true",
+                       help="float16 for the segmentation networks (autocast, channels-last; CUDA only, an error "
+                            "on CPU). A Real-ESRGAN upscaler always runs in float16 on CUDA")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile both networks: compiling takes minutes before the first image, so it "
+                            "pays only on many images of one size (opt-in)")
     p.add_argument("--tta", choices=("hflip",), help="test-time augmentation: average with the horizontal flip")
     p.add_argument("--scales", default=None, metavar="S1,S2,...",
                    help="multi-scale TTA: average the probabilities of the image at these scales, e.g. "
                         "0.75,1.0,1.25 (both networks; combines with --tta). Default 1.0")
     p.add_argument("--overlap", type=float, default=None, metavar="F",
                    help="sliding-window overlap of patch-trained checkpoints, 0 to <1 (default 0.5)")
-    p.add_argument("--accumulate", default="device", metavar="device|cpu",
-                   help="where sliding-window outputs are accumulated: the compute device (default) or "
-                        "the CPU, for images whose probabilities do not fit the GPU")
+    if runtime:
+        p.add_argument("--accumulate", default="device", metavar="device|cpu",
+                       help="where sliding-window outputs are accumulated: the compute device (default) or "
+                            "the CPU, for images whose probabilities do not fit the GPU")
     if per_class:
         p.add_argument("--calibration", default="auto", metavar="DIR|none",
                        help="fusion weights and thresholds from `twostage calibrate`: 'auto' (default) uses "
@@ -98,12 +106,12 @@ def chain_options(args: argparse.Namespace) -> dict:
     from ..fusion import DEFAULT_FEATHER
     from ..window import DEFAULT_OVERLAP
 
-    options = {"device": args.device, "fp16": args.fp16, "tta": args.tta,
-               "feather": DEFAULT_FEATHER if args.feather is None else args.feather,
+    options = {"tta": args.tta, "feather": DEFAULT_FEATHER if args.feather is None else args.feather,
                "palm_resize": args.palm_resize, "upscaler_tile": args.tile, "weights_dir": args.weights_dir,
                "scales": args.scales if args.scales is not None else (1.0,),
-               "overlap": DEFAULT_OVERLAP if args.overlap is None else args.overlap, "accumulate": args.accumulate,
-               "compile": args.compile}
+               "overlap": DEFAULT_OVERLAP if args.overlap is None else args.overlap}
+    if hasattr(args, "accumulate"):
+        options.update(device=args.device, fp16=args.fp16, accumulate=args.accumulate, compile=args.compile)
     if hasattr(args, "fuse_weights"):
         options.update(thresholds=args.thresholds, fuse_weights=args.fuse_weights, calibration=args.calibration)
     return options
