@@ -129,9 +129,10 @@ def _tiled(model, img, scale: int, tile: int, pad: int):
 
 def _realesrgan(model, scale: int, tile: int, tile_pad: int, pre_pad: int, device: str, name: str):
     """RealESRGANer.enhance's path for a grey image, in torch on `device`: the grey value
-    repeated to 3 channels in the memory layout of its numpy input (channels last), reflect
-    pre-padding, the mod padding of x2/x1 networks, whole or tiled forward, padding removed,
-    channels averaged back to one, clamped, rounded to the bit depth. fp16 on CUDA only."""
+    repeated to 3 channels in the memory layout of its numpy input (the same strides: the
+    convolutions then round exactly as there), reflect pre-padding, the mod padding of x2/x1
+    networks, whole or tiled forward, padding removed, channels averaged back to one, clamped,
+    rounded to the bit depth. fp16 on CUDA only."""
     import torch
     import torch.nn.functional as F
 
@@ -146,7 +147,7 @@ def _realesrgan(model, scale: int, tile: int, tile_pad: int, pre_pad: int, devic
 
     def run(img, full: float):
         h, w = img.shape
-        x = (img.to(dev).float() / full)[None, None].expand(1, 3, h, w).contiguous(memory_format=torch.channels_last)
+        x = (img.to(dev).float() / full)[:, :, None].expand(h, w, 3).contiguous().permute(2, 0, 1).unsqueeze(0)
         if half:
             x = x.half()
         with torch.inference_mode():
