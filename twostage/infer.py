@@ -338,16 +338,16 @@ def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse:
         # the RLE of one image is made in a thread while the next image is computed: on a GPU
         # the networks then never wait for it; rows reach the CSV in order
         encoder = stack.enter_context(ThreadPoolExecutor(max_workers=1))
-        pending: list = []
+        pending: list = []  # (name, future RLE) of the image being encoded, at most one
 
-        def write_oldest() -> None:
-            name, rles = pending.pop(0)
-            writer.add(name, rles.result())
-            bar.update(1)
+        def flush() -> None:
+            while pending:
+                name, rles = pending.pop(0)
+                writer.add(name, rles.result())
+                bar.update(1)
 
         def skipped(sample: Sample) -> None:
-            while pending:
-                write_oldest()
+            flush()
             writer.add(sample.name, [""] * len(CLASSES))
             bar.update(1)
 
@@ -358,13 +358,11 @@ def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse:
                 write_probs(Path(save_probs) / probs_file_name(sample.name),
                             chain.full_probs(native, tuple(seg.masks.shape[-2:]), seg))
                 clock.lap("save_probs")
-            while pending:
-                write_oldest()
+            flush()
             pending.append((sample.name, encoder.submit(encode_masks, seg.masks, rows=seg.rows)))
             clock.lap("rle_write")
             del seg, native  # freed (once encoded) before the next image is computed
-        while pending:
-            write_oldest()
+        flush()
         clock.lap("rle_write")
     summary.timings, summary.seconds = clock.totals, time.perf_counter() - t_start
     log.info("seconds per image by step: %s",

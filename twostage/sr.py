@@ -61,11 +61,11 @@ class Upscaler:
     def __call__(self, img: np.ndarray) -> np.ndarray:
         full = _check_image(img)
         if not self._on_tensors:
-            return self._run(self._fn, img, full, img.dtype)
+            return self._run(img, full, img.dtype)
         import torch
 
         x = torch.from_numpy(img if img.dtype == np.uint8 else img.astype(np.int32))  # torch lacks uint16 maths
-        return self._run(self._fn, x, full, img.dtype).cpu().numpy().astype(img.dtype)
+        return self._run(x, full, img.dtype).cpu().numpy().astype(img.dtype)
 
     def tensor(self, img):
         """(h, w) uint8 torch image on any device -> (h·scale, w·scale) uint8 on the upscaler's
@@ -77,14 +77,14 @@ class Upscaler:
                                 f"{getattr(img, 'dtype', type(img).__name__)} {tuple(getattr(img, 'shape', ()))}")
         if not self._on_tensors:
             return torch.from_numpy(self(img.cpu().numpy())).to(img.device)
-        return self._run(self._fn, img, 255.0, np.dtype(np.uint8)).to(torch.uint8)
+        return self._run(img, 255.0, np.dtype(np.uint8)).to(torch.uint8)
 
-    def _run(self, fn, img, full: float, dtype: np.dtype):
+    def _run(self, img, full: float, dtype: np.dtype):
         from .devices import out_of_memory_as_error
 
         h, w = img.shape
         with out_of_memory_as_error(f"{self.name}: upscaling a {w}x{h} crop x{self.scale} on {self.device}", self.lower):
-            out = fn(img, full)
+            out = self._fn(img, full)
         if tuple(out.shape) != (h * self.scale, w * self.scale) or (not self._on_tensors and out.dtype != dtype):
             raise RuntimeError(f"{self.name}: produced {tuple(out.shape)} {out.dtype}, expected "
                                f"{(h * self.scale, w * self.scale)} {dtype}")
