@@ -137,7 +137,7 @@ def compare_legs(ref: Path, dev: Path) -> dict:
     """Compare two `leg` folders (probs/*.npz, out.csv, summary.json) image by image."""
     from twostage.classes import CLASSES
     from twostage.fusion import thresholds
-    from twostage.probs import probs_file_name, read_probs
+    from twostage.inference.probs import probs_file_name, read_probs
     from twostage.rle import decode, read_csv
 
     thr = thresholds(None).numpy()
@@ -221,13 +221,13 @@ def confident_models(images: Path, out: Path, device: str = "cpu", sets: list[st
     import torch
 
     from twostage.box import DEFAULT_MARGIN, BoxRule
-    from twostage.chain import TwoStage
     from twostage.checkpoint import save_checkpoint
     from twostage.classes import CLASSES
-    from twostage.infer import find_images
+    from twostage.inference.chain import TwoStage
+    from twostage.inference.infer import find_images
     from twostage.io import read_image, write_png_atomic
     from twostage.models import Predictor
-    from twostage.sr import make_upscaler
+    from twostage.sr.upscale import make_upscaler
 
     out.mkdir(parents=True, exist_ok=True)
     samples = find_images(images)
@@ -311,7 +311,7 @@ def run_leg(images: Path, global_ckpt: Path, palm_ckpt: Path | None, device: str
     makes; summary.json adds the peak GPU memory."""
     import torch
 
-    from twostage.infer import infer
+    from twostage.inference.infer import infer
 
     if autocast:
         emulate_autocast(autocast)

@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from twostage.prepare import prepare_sr
-    from twostage.synth import synthesize
+    from twostage.data.synth import synthesize
+    from twostage.sr.prepare import prepare_sr
 
     cuda = a.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():

@@ -76,8 +76,8 @@ def worker(a: argparse.Namespace) -> dict:
     import torch
 
     import twostage
-    from twostage.chain import TwoStage
-    from twostage.infer import find_images, run
+    from twostage.inference.chain import TwoStage
+    from twostage.inference.infer import find_images, run
 
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from device_compare import confident_models
     from rehearsal_2048 import make_rrdb_weights
 
-    from twostage.synth import synthesize
+    from twostage.data.synth import synthesize
 
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as d:
         tmp = Path(d)

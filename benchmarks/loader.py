@@ -3,7 +3,7 @@ side in one run, at the real configs.
 
     python benchmarks/loader.py [--n 8] [--size 2048] [--stages global palm] [--repeats 2]
 
-Writes phantoms (`twostage.synth`, 2048²) and their palm crops (`prepare-sr`, bicubic x4:
+Writes phantoms (`twostage.data.synth`, 2048²) and their palm crops (`prepare-sr`, bicubic x4:
 the crop size RealESRGAN_x4plus gives, ~3000²) to a temporary folder; then, for
 stages/global.yaml and stages/palm.yaml (their input size, augmentation and batch size),
 times in this one process, i.e. what one DataLoader worker delivers:
@@ -36,11 +36,11 @@ import torch
 
 from twostage.box import crop_image, jitter_box
 from twostage.config import load_config
-from twostage.data import MaskCache, find_samples, load_masks
+from twostage.data.layout import MaskCache, find_samples, load_masks
+from twostage.data.synth import synthesize
 from twostage.io import read_image
 from twostage.models import input_hw, resize_images
-from twostage.prepare import prepare_sr
-from twostage.synth import synthesize
+from twostage.sr.prepare import prepare_sr
 from twostage.train import GlobalDataset, PalmDataset, collate, item_rng, load_palm_items, make_batch
 
 

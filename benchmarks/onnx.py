@@ -32,18 +32,18 @@ import numpy as np
 import torch
 import yaml
 
-from twostage.chain import TwoStage
 from twostage.checkpoint import load_checkpoint, save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES
-from twostage.compat import import_basicsr
-from twostage.data import find_samples
-from twostage.export import export
-from twostage.infer import run
+from twostage.data.layout import find_samples
+from twostage.data.synth import synthesize
+from twostage.inference.chain import TwoStage
+from twostage.inference.export import export
+from twostage.inference.infer import run
+from twostage.inference.onnx_backend import exported_chain
 from twostage.io import read_image, sha256_file
-from twostage.onnx_backend import exported_chain
 from twostage.rle import decode, read_csv
-from twostage.sr import make_upscaler
-from twostage.synth import synthesize
+from twostage.sr.compat import import_basicsr
+from twostage.sr.upscale import make_upscaler
 
 
 def _bench_infer():

@@ -54,8 +54,8 @@ def seconds_per_image(global_ckpt: Path, palm_ckpt: Path, heldout: Path, calibra
     """Held-out seconds per image of the global model alone and of the calibrated fused chain."""
     import logging
 
-    from twostage.chain import TwoStage
-    from twostage.infer import find_images, run
+    from twostage.inference.chain import TwoStage
+    from twostage.inference.infer import find_images, run
 
     logging.disable(logging.INFO)
     samples = find_images(heldout, "train" if (heldout / "train" / "DCM").is_dir() else None)

@@ -32,18 +32,18 @@ import numpy as np
 import torch
 
 from twostage.box import BoxRule, box_from_annotations, crop_image
-from twostage.chain import ChainOptions, TwoStage
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
-from twostage.data import find_samples, rasterize, read_annotations
+from twostage.data.layout import find_samples, rasterize, read_annotations
+from twostage.data.synth import synthesize
 from twostage.fusion import fuse, thresholds
-from twostage.infer import STAGES, infer
+from twostage.inference.chain import ChainOptions, TwoStage
+from twostage.inference.infer import STAGES, infer
+from twostage.inference.upsample import threshold_upsample
 from twostage.io import read_image
 from twostage.models import build_model, default_normalization, resize_images
 from twostage.rle import CsvWriter, decode, encode_masks, read_csv, write_csv
-from twostage.sr import make_upscaler
-from twostage.synth import synthesize
-from twostage.upsample import threshold_upsample
+from twostage.sr.upscale import make_upscaler
 
 MODEL = {"arch": "Unet", "encoder": "tu-efficientnet_lite0", "in_channels": 3, "kwargs": {}}
 
@@ -76,7 +76,7 @@ def rss_child(images: Path, ckpt_g: Path, ckpt_p: Path, out: Path) -> float:
     """Peak RSS (GB) of a fresh process running the fused chain, batch 1."""
     code = (
         "import resource, sys\n"
-        "from twostage.infer import infer\n"
+        "from twostage.inference.infer import infer\n"
         f"infer({str(images)!r}, {str(ckpt_g)!r}, {str(out)!r}, palm_ckpt={str(ckpt_p)!r}, fuse=True,"
         " split='train')\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import torch
 
-from twostage.data import rasterize
+from twostage.data.layout import rasterize
+from twostage.data.synth import render_hand
 from twostage.rle import decode, encode_masks
-from twostage.synth import render_hand
 
 
 def reference_rle(mask: np.ndarray) -> str:

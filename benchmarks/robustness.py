@@ -1,6 +1,6 @@
 """Robustness sweep (issue 15): does the palm stage pay off on phantoms it was not tuned on?
 
-For each phantom variant (`twostage.synth.VARIANTS`: carpal size and packing, contrast and
+For each phantom variant (`twostage.data.synth.VARIANTS`: carpal size and packing, contrast and
 noise, hand pose and scale; image size with NAME@SIZE), the product runs exactly as
 `twostage demo` runs it, every step a `python -m twostage ...` subprocess:
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 from twostage.box import DEFAULT_MARGIN
 from twostage.classes import PALM_CLASSES
-from twostage.synth import VARIANTS
+from twostage.data.synth import VARIANTS
 
 TARGET_GAIN = 0.05
 """Issue 15: fused carpal mean at least this far above the global model's, on every variant."""

@@ -2,7 +2,7 @@
 
 The networks have the official architectures and sizes (from weights/manifest.yaml) with
 random-init weights (speed and memory do not depend on the weight values), run through
-`twostage.sr.make_upscaler` exactly as prepare-sr runs them. Each configuration runs in its
+`twostage.sr.upscale.make_upscaler` exactly as prepare-sr runs them. Each configuration runs in its
 own subprocess so its peak memory is its own: ru_maxrss of that process on CPU (tracemalloc
 does not see torch's allocations), torch.cuda.max_memory_allocated on CUDA.
 
@@ -36,7 +36,7 @@ def worker(name: str, tile: int, size: int, device: str, repeats: int) -> dict:
     import numpy as np
     import torch
 
-    from twostage.sr import make_upscaler
+    from twostage.sr.upscale import make_upscaler
 
     with tempfile.TemporaryDirectory() as d:
         kwargs = {}

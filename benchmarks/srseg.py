@@ -28,8 +28,8 @@ from robustness import Runner, StepFailed, remove, summarize
 
 def heldout_quality(heldout: Path, name: str, weights_dir: Path) -> dict:
     """PSNR/SSIM of the network and bicubic on every held-out image's palm region."""
-    from twostage.sr import make_upscaler
-    from twostage.srtrain import holdout_pairs, load_sr_config, palm_regions, quality
+    from twostage.sr.training import holdout_pairs, load_sr_config, palm_regions, quality
+    from twostage.sr.upscale import make_upscaler
 
     cfg = load_sr_config("demo-sr", data=str(heldout))
     regions = [r for _, r in palm_regions(heldout, cfg.data.margin, cfg.data.context)]
@@ -40,7 +40,7 @@ def heldout_quality(heldout: Path, name: str, weights_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from twostage.classes import PALM_CLASSES
     from twostage.demo import DEMO_SR
-    from twostage.srtrain import quality_table
+    from twostage.sr.training import quality_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -27,7 +27,7 @@ from twostage.box import BoxRule
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.models import build_model, default_normalization
-from twostage.sr import make_upscaler
+from twostage.sr.upscale import make_upscaler
 
 TINY_MODEL = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "in_channels": 3,
               "kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}
@@ -48,7 +48,7 @@ def tiny_checkpoint(path: Path, stage: str) -> Path:
 
 def image_folders(cache: Path, counts: list[int], size: int) -> dict[int, Path]:
     """cache/imgs<N>/ holding hard links to the first N phantoms (synthesized once)."""
-    from twostage.synth import synthesize
+    from twostage.data.synth import synthesize
 
     data = cache / f"DATA-{size}-{max(counts)}"
     if not (data / "test" / "DCM").is_dir():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from twostage.classes import CLASSES, PALM_CLASSES
-from twostage.data import Annotation, write_annotations
+from twostage.data.layout import Annotation, write_annotations
 from twostage.io import write_png_atomic
 
 # Tests never touch the network: model hubs answer offline at once (set before anything
@@ -123,7 +123,7 @@ def make_phantoms(tmp_path_factory) -> Callable[..., Path]:
     """make_phantoms(name, n=4, size=128, seed=0, folder="DATA", **synthesize_kwargs): a fresh
     phantom dataset (`twostage synth`) at <tmp>/<name>N/<folder>; returns its root. Each call
     writes its own folder, so a test may change what it gets."""
-    from twostage.synth import synthesize
+    from twostage.data.synth import synthesize
 
     def _make(name: str, n: int = 4, size: int = 128, seed: int = 0, folder: str = "DATA", **kwargs) -> Path:
         return synthesize(tmp_path_factory.mktemp(name) / folder, n=n, size=size, seed=seed, **kwargs)
@@ -167,8 +167,8 @@ def write_sr_weights(directory: Path, url_base: str = "https://example.invalid/"
     import torch
     import yaml
 
-    from twostage.compat import import_basicsr
     from twostage.io import sha256_file
+    from twostage.sr.compat import import_basicsr
 
     RRDBNet, SRVGGNetCompact = import_basicsr()
     classes = {"RRDBNet": RRDBNet, "SRVGGNetCompact": SRVGGNetCompact}
@@ -201,7 +201,7 @@ def make_tiny_checkpoint() -> Callable[..., Path]:
     from twostage.box import BoxRule
     from twostage.checkpoint import save_checkpoint
     from twostage.models import build_model, default_normalization
-    from twostage.sr import make_upscaler
+    from twostage.sr.upscale import make_upscaler
 
     model = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "in_channels": 3,
              "kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}

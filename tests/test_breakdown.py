@@ -8,7 +8,7 @@ import pytest
 
 from twostage.classes import CLASSES
 from twostage.cli import main
-from twostage.data import find_samples, load_masks
+from twostage.data.layout import find_samples, load_masks
 from twostage.errors import TwostageError
 from twostage.metrics import UNKNOWN_GROUP, breakdown_by, summarize
 from twostage.rle import encode_masks, write_csv

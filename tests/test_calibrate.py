@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 
-from twostage.calibrate import calibrate, parse_grid, threshold_counts
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
+from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
-from twostage.infer import infer
+from twostage.evaluation.calibrate import calibrate, parse_grid, threshold_counts
+from twostage.inference.infer import infer
 from twostage.metrics import score_csv
-from twostage.synth import synthesize
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_calibrated_files_never_score_worse_than_defaults(setup, tmp_path, capsy
 def test_calibrate_reports_the_global_models_box_errors(setup, tmp_path):
     """The box error in the record is the chain's predicted box against the annotations' box."""
     from twostage.box import box_error, box_from_annotations
-    from twostage.chain import TwoStage
-    from twostage.data import find_samples, load_annotations
+    from twostage.data.layout import find_samples, load_annotations
+    from twostage.inference.chain import TwoStage
     from twostage.io import read_image
 
     r = calibrate(setup["root"], setup["global"], setup["palm"], tmp_path, threshold_grid=[0.5], holdout=False)
@@ -107,7 +107,7 @@ def test_parse_grid():
 # --- calibration by default: beside the palm checkpoint, for that checkpoint pair only --------
 
 def _ids(root) -> list[str]:
-    from twostage.data import find_samples
+    from twostage.data.layout import find_samples
 
     return sorted({s.id for s in find_samples(root, "train")})
 
@@ -128,7 +128,7 @@ def test_calibration_lands_beside_the_palm_run_and_infer_uses_it(setup, pair, tm
     cal_dir = pair["palm"].parent / "calibration"
     assert r.files[-1] == str(cal_dir / "calibration.json")
     record = json.loads((cal_dir / "calibration.json").read_text())
-    from twostage.data import find_samples
+    from twostage.data.layout import find_samples
 
     assert {s.id for s in find_samples(root, "train") if s.name in record["images"]} == {pair["held_out"]}
     assert r.n_images == len(record["images"]) >= 1

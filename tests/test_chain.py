@@ -8,16 +8,16 @@ import json
 import numpy as np
 import pytest
 
-from twostage.chain import ChainOptions, TwoStage
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
-from twostage.data import find_samples
+from twostage.data.layout import find_samples
+from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
+from twostage.evaluation.visualize import _Predictions
+from twostage.inference.chain import ChainOptions, TwoStage
 from twostage.io import read_image
 from twostage.metrics import score_csv
 from twostage.rle import decode, read_csv
-from twostage.synth import synthesize
-from twostage.visualize import _Predictions
 
 OPTIONS = {  # flag -> value; each changes the fused CSV of the tiny random models
     "thresholds": ["--thresholds", "0.3"],
@@ -110,7 +110,7 @@ def test_calibrate_default_scores_follow_the_option_as_infer_does(setup, tmp_pat
 
 def test_calibrate_refuses_what_it_chooses(setup, tmp_path):
     with pytest.raises(TwostageError, match="chooses the thresholds"):
-        from twostage.calibrate import calibrate
+        from twostage.evaluation.calibrate import calibrate
 
         calibrate(setup["root"], setup["global"], setup["palm"], tmp_path, thresholds=0.3)
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import grid_annotations, phantom, run_cli
 
-from twostage.check import check_dataset
 from twostage.cli import main
-from twostage.data import Annotation
+from twostage.data.check import check_dataset
+from twostage.data.layout import Annotation
 
 
 def _codes(report) -> dict[str, int]:

@@ -136,7 +136,7 @@ def test_init_dist_under_torchrun_with_more_ranks_than_gpus_is_one_error(cuda, m
 @pytest.mark.parametrize("name, want", [("cuda", "cuda:0"), ("cuda:1", "cuda:1")])
 def test_infer_clock_synchronizes_the_chain_device(cuda, name, want):
     """With --device cuda:1 the current device stays 0: a bare synchronize() would time the wrong GPU."""
-    from twostage.infer import _Clock
+    from twostage.inference.infer import _Clock
 
     clock = _Clock(torch_device(name))
     clock.lap("global")
@@ -162,7 +162,7 @@ class _RecordingNet(nn.Module):
 
 def test_network_upscaler_runs_on_an_indexed_device_in_fp16(cuda):
     """RealESRGANer is bypassed (its gpu_id is never read): the device is the one torch_device gives."""
-    from twostage.sr import network_upscaler
+    from twostage.sr.upscale import network_upscaler
 
     net = _RecordingNet()
     up = network_upscaler(net, "fake", 4, None, device="cuda")

@@ -12,7 +12,7 @@ import pytest
 from conftest import phantom
 
 from twostage.classes import CLASSES, PALM_CLASSES
-from twostage.data import (
+from twostage.data.layout import (
     Annotation,
     Fixes,
     MaskCache,
@@ -174,7 +174,7 @@ def test_docstring_example_is_a_valid_fixes_file(tmp_path):
 
 
 def test_example_fixes_file_for_synthetic_data(tmp_path):
-    synth = pytest.importorskip("twostage.synth")
+    synth = pytest.importorskip("twostage.data.synth")
     root = synth.synthesize(tmp_path / "syn", n=4, size=128, seed=0)
     fixes = Fixes.load(EXAMPLE_FIXES)
     samples = find_samples(root)

@@ -95,7 +95,7 @@ def test_infer_palm_out_of_memory(world, tmp_path, capsys):
 
 
 def test_infer_cuda_out_of_memory_in_the_upscaler(world, tmp_path, monkeypatch, capsys):
-    from twostage import sr
+    from twostage.sr import upscale as sr
 
     real = sr.Upscaler.__init__
 
@@ -112,7 +112,7 @@ def test_infer_cuda_out_of_memory_in_the_upscaler(world, tmp_path, monkeypatch, 
 def test_skip_bad_retries_a_failing_batch_image_by_image(world, tmp_path, monkeypatch):
     """A batch of 2 runs out of memory, single images do not: with --skip-bad nothing is lost,
     the CSV equals a batch-size-1 run."""
-    from twostage.infer import infer
+    from twostage.inference.infer import infer
     from twostage.models import Predictor
 
     ref = tmp_path / "ref.csv"
@@ -135,8 +135,8 @@ def test_skip_bad_retries_a_failing_batch_image_by_image(world, tmp_path, monkey
 def test_skip_bad_covers_an_image_failing_inside_the_chain(world, tmp_path, monkeypatch):
     """One image runs out of memory in the palm step: it alone is written empty and listed; the
     others' rows equal those of a run where nothing failed."""
-    from twostage.chain import PalmStage
-    from twostage.infer import infer
+    from twostage.inference.chain import PalmStage
+    from twostage.inference.infer import infer
     from twostage.rle import read_csv
 
     ref = tmp_path / "ref.csv"
@@ -196,7 +196,7 @@ def test_skip_bad_covers_a_broken_upscaler(world, tmp_path, make_sr_weights, mak
 
 def test_prepare_sr_out_of_memory(world, tmp_path, make_sr_weights, monkeypatch, capsys):
     """The network upscaler asks the allocator for too much: prepare-sr stops with one line naming --tile."""
-    from twostage.compat import import_basicsr
+    from twostage.sr.compat import import_basicsr
 
     wdir = tmp_path / "weights"
     wdir.mkdir()
@@ -212,7 +212,7 @@ def test_bicubic_out_of_memory(monkeypatch):
     import cv2
     import numpy as np
 
-    from twostage.sr import make_upscaler
+    from twostage.sr.upscale import make_upscaler
 
     def no_memory(*_, **__):
         raise MemoryError("Unable to allocate")

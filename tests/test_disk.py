@@ -74,8 +74,8 @@ def leftovers(folder: Path) -> list[str]:
 def _writers(tmp: Path):
     """(final path, write) of every kind of atomic write the commands make."""
     from twostage.checkpoint import save_checkpoint
+    from twostage.inference.probs import write_probs
     from twostage.io import write_json_atomic, write_png_atomic, write_text_atomic
-    from twostage.probs import write_probs
     from twostage.rle import write_csv
 
     meta = {"stage": "global", "classes": ["a"], "model": {}, "input_size": 8, "normalization": {}}
@@ -213,7 +213,7 @@ def test_second_infer_into_the_same_csv_is_refused(world, tmp_path, holder, caps
 
 
 def test_save_probs_folder_is_locked_too(world, tmp_path, holder):
-    from twostage.infer import infer
+    from twostage.inference.infer import infer
 
     other = holder(tmp_path / "probs")
     with pytest.raises(TwostageError, match=f"pid {other.pid}"):
@@ -224,7 +224,7 @@ def test_save_probs_folder_is_locked_too(world, tmp_path, holder):
 def test_two_infers_at_once(world, tmp_path):
     """Two real infer processes into one CSV, started together: each either writes the whole CSV
     or is refused by the lock; the CSV is the one a single run writes."""
-    from twostage.infer import infer
+    from twostage.inference.infer import infer
 
     ref = tmp_path / "ref.csv"
     infer(world["data"], world["global"], ref, split="train")
@@ -241,8 +241,8 @@ def test_prepare_sr_shards(world, tmp_path, holder):
     """The same shard twice is refused; another shard with the same settings runs beside it;
     other settings while a run is live are refused, naming it."""
     from twostage.box import DEFAULT_MARGIN
-    from twostage.prepare import SETTING_KEYS, prepare_sr
-    from twostage.sr import make_upscaler
+    from twostage.sr.prepare import SETTING_KEYS, prepare_sr
+    from twostage.sr.upscale import make_upscaler
 
     out = tmp_path / "PALM"
     settings = {**make_upscaler("bicubic", 2).record(), "margin": DEFAULT_MARGIN, "context": 1.5}

@@ -10,9 +10,9 @@ from conftest import assert_one_line_error, run_cli
 
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
-from twostage.ensemble import average_probs, vote_csvs
 from twostage.errors import TwostageError
-from twostage.probs import read_probs, write_probs
+from twostage.evaluation.ensemble import average_probs, vote_csvs
+from twostage.inference.probs import read_probs, write_probs
 from twostage.rle import decode, encode_masks, read_csv, write_csv
 
 H, W = 6, 8

@@ -16,17 +16,17 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from twostage.chain import TwoStage
 from twostage.checkpoint import load_checkpoint, save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
+from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
-from twostage.export import TOLERANCE, export
+from twostage.inference.chain import TwoStage
+from twostage.inference.export import TOLERANCE, export
+from twostage.inference.onnx_backend import CHAIN_FILE, OnnxNet, read_exported
 from twostage.io import read_image
-from twostage.onnx_backend import CHAIN_FILE, OnnxNet, read_exported
 from twostage.rle import decode, read_csv
-from twostage.sr import make_upscaler
-from twostage.synth import synthesize
+from twostage.sr.upscale import make_upscaler
 
 CPU = torch.device("cpu")
 
@@ -167,14 +167,14 @@ def test_recorded_windows_and_tta_run_as_in_pytorch(setup, tmp_path, make_tiny_c
 @pytest.mark.parametrize("name", ["rrdb-x4", "rrdb-x2"])
 def test_real_esrgan_rrdb_networks_export_with_dynamic_sizes(setup, tmp_path, name):
     """RRDBNet (RealESRGAN_x4plus / x2plus; x2 unshuffles pixels first), as the chain exports it."""
-    from twostage.export import export_upscaler
+    from twostage.inference.export import export_upscaler
 
     record = export_upscaler(make_upscaler(name, weights_dir=setup["weights"]).network, tmp_path / "u.onnx")
     assert record["dynamic"]["height"] and record["max_difference"] <= 1e-4
 
 
 def test_a_network_without_dynamic_sizes_is_fixed_and_says_why(setup, tmp_path, monkeypatch, capsys):
-    import twostage.export as ex
+    import twostage.inference.export as ex
 
     real = ex._write_onnx
 
@@ -217,7 +217,7 @@ def test_unexportable_checkpoints_are_one_line_and_write_nothing(setup, tmp_path
         assert main(["export", "--global", str(ckpt), "--out", str(tmp_path / "o")]) == 2
         assert says in _one_line(capsys)
     # an operator ONNX lacks, in every exporter: the reason, one line, no folder, no temporary one
-    import twostage.export as ex
+    import twostage.inference.export as ex
 
     def unsupported(*a, **k):
         raise RuntimeError("Unsupported: ONNX export of operator frobnicate. Please feel free to request support")
@@ -281,7 +281,7 @@ def test_stage_architectures_export(stage, tmp_path):
     import importlib.util
 
     from twostage.config import load_config
-    from twostage.export import export_network
+    from twostage.inference.export import export_network
     from twostage.models import build_model
 
     cfg = load_config(stage)

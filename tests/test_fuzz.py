@@ -269,8 +269,8 @@ def test_annotation_json(folder, data):
     """read_annotations: labels and int32 points that rasterising, the training box and the
     prepare-sr mapping take without error or warning; or one error."""
     from twostage.box import BoxRule, box_from_annotations
-    from twostage.data import rasterize, read_annotations
-    from twostage.prepare import map_annotations
+    from twostage.data.layout import rasterize, read_annotations
+    from twostage.sr.prepare import map_annotations
 
     path = folder / "image.json"
     path.write_bytes(data)
@@ -295,7 +295,7 @@ def test_annotation_json(folder, data):
                                                                   max_size=5)), max_size=4))
 def test_valid_annotations_are_read(folder, anns):
     """Any integer points within int32 (also far outside the image) are read exactly."""
-    from twostage.data import read_annotations
+    from twostage.data.layout import read_annotations
 
     path = folder / "valid.json"
     path.write_text(json.dumps({"annotations": [{"label": c, "points": [list(p) for p in pts]} for c, pts in anns]}))
@@ -317,7 +317,7 @@ FIXES = st.dictionaries(
 @given(data=documents(FIXES, YAML_NASTY))
 def test_fixes_yaml(folder, data):
     """Fixes.load: fixes that apply to an image (relabel/drop/digest/keep work), or one error."""
-    from twostage.data import Annotation, Fixes, Sample
+    from twostage.data.layout import Annotation, Fixes, Sample
 
     path = folder / "fixes.yaml"
     path.write_bytes(data)
@@ -400,7 +400,7 @@ MANIFEST = st.fixed_dictionaries({"weights": st.dictionaries(st.text(max_size=6)
 @given(manifest=documents(MANIFEST, YAML_NASTY), pins=documents(st.dictionaries(st.text(max_size=6), VALUES), []))
 def test_weights_manifest_and_pins(folder, manifest, pins):
     """weights.status (the manifest, then pins.yaml): rows of known states, or one error naming one of them."""
-    from twostage import weights
+    from twostage.sr import weights
 
     mpath, ppath = folder / "manifest.yaml", folder / "pins.yaml"
     mpath.write_bytes(manifest)
@@ -448,7 +448,7 @@ def csv_files(draw) -> bytes:
 def test_submission_csv(folder, data):
     """rle.read_csv and ensemble.CsvIndex: the same rows (or one error each); every RLE decodes
     to a mask of the image or is one error."""
-    from twostage.ensemble import CsvIndex
+    from twostage.evaluation.ensemble import CsvIndex
     from twostage.rle import decode, read_csv
 
     path = folder / "pred.csv"
@@ -472,7 +472,7 @@ def test_submission_csv(folder, data):
 def test_valid_csv_is_read_back(folder, rows):
     """What `rle.write_csv` writes (any image name without a line break, RLEs of any length) both
     readers read back exactly."""
-    from twostage.ensemble import CsvIndex
+    from twostage.evaluation.ensemble import CsvIndex
     from twostage.rle import read_csv, write_csv
 
     path = folder / "valid.csv"
@@ -496,7 +496,7 @@ def test_valid_csv_is_read_back(folder, rows):
 def probs_files(draw, folder: Path) -> bytes:
     import io
 
-    from twostage.probs import write_probs
+    from twostage.inference.probs import write_probs
 
     c = draw(st.sampled_from([1, 8, 29]))
     classes = list(CLASSES[:c]) if c != 8 else list(PALM_CLASSES)
@@ -527,7 +527,7 @@ def probs_files(draw, folder: Path) -> bytes:
 @given(data=st.data())
 def test_saved_probabilities(folder, data):
     """read_probs / probs_classes: (C, H, W) float32 in [0, 1] with C class names, or one error."""
-    from twostage.probs import probs_classes, read_probs
+    from twostage.inference.probs import probs_classes, read_probs
 
     path = folder / "image.npz"
     path.write_bytes(data.draw(probs_files(folder) | st.binary(max_size=64)))
@@ -544,7 +544,7 @@ def test_saved_probabilities(folder, data):
 @given(c=st.sampled_from([1, 8, 29]), h=st.integers(1, 64), w=st.integers(1, 64), seed=st.integers(0, 99))
 def test_valid_probabilities_are_read(folder, c, h, w, seed):
     """What `write_probs` writes (H·W within the limit) reads back within 1/510."""
-    from twostage.probs import read_probs, write_probs
+    from twostage.inference.probs import read_probs, write_probs
 
     probs = torch.rand((c, h, w), generator=torch.Generator().manual_seed(seed))
     path = folder / "valid.npz"
@@ -639,7 +639,7 @@ def weight_files(draw, folder: Path) -> bytes:
 @given(data=st.data())
 def test_weights_file(folder, data):
     """weights.load_state_dict of any bytes: {name: tensor}, or one error naming the file."""
-    from twostage.weights import load_state_dict
+    from twostage.sr.weights import load_state_dict
 
     path = folder / "weights.pth"
     path.write_bytes(data.draw(weight_files(folder) | st.binary(max_size=64)))
@@ -679,7 +679,7 @@ RECORD = st.fixed_dictionaries({"format": st.just("twostage-palmset-1") | VALUES
 def test_palm_set_record(folder, data):
     """palmset.json, as palm training reads it: a record whose box rule builds, or one error."""
     from twostage.box import BoxRule
-    from twostage.prepare import load_palm_set
+    from twostage.sr.prepare import load_palm_set
 
     (folder / "palmset.json").write_bytes(data)
     rec = outcome(lambda: load_palm_set(folder), folder / "palmset.json")
@@ -696,7 +696,7 @@ def test_palm_set_record(folder, data):
 def test_calibration_record(folder, data):
     """calibration.json (sha256 of the pair right or wrong): values the chain can use, None, or one error."""
     from twostage import fusion
-    from twostage.calibration import find_calibration
+    from twostage.inference.calibration import find_calibration
     from twostage.io import sha256_file
 
     g, p = folder / "g.pt", folder / "p.pt"
@@ -721,7 +721,7 @@ METADATA = st.lists(st.lists(SCALARS.map(str), min_size=1, max_size=4), max_size
 @given(data=METADATA.flatmap(mutated_text) | st.binary(max_size=64))
 def test_metadata_table(folder, data):
     """meta_data.csv: a table by person ID, or one error."""
-    from twostage.data import load_metadata
+    from twostage.data.layout import load_metadata
 
     path = folder / "meta_data.csv"
     path.write_bytes(data)
@@ -735,7 +735,7 @@ def test_metadata_table(folder, data):
 def exported(tmp_path_factory, make_tiny_checkpoint) -> Path:
     """A `twostage export` folder of tiny random checkpoints (global + palm, bicubic)."""
     pytest.importorskip("onnxruntime")
-    from twostage.export import export
+    from twostage.inference.export import export
 
     base = tmp_path_factory.mktemp("exported")
     g = make_tiny_checkpoint(base / "g.pt", "global")
@@ -752,7 +752,7 @@ def test_exported_chain_yaml(folder, exported, data):
     import copy
     import shutil
 
-    from twostage.onnx_backend import exported_chain
+    from twostage.inference.onnx_backend import exported_chain
 
     text = (exported / "chain.yaml").read_text()
     spec = yaml.safe_load(text)

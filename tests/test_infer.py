@@ -16,20 +16,20 @@ from conftest import assert_one_line_error, run_cli
 from reference import source_to_crop
 
 from twostage.box import BoxRule
-from twostage.chain import ChainOptions, TwoStage
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main
-from twostage.data import find_samples, rasterize, read_annotations
+from twostage.data.layout import find_samples, rasterize, read_annotations
+from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
-from twostage.infer import infer
+from twostage.inference.chain import ChainOptions, TwoStage
+from twostage.inference.infer import infer
+from twostage.inference.probs import read_probs
 from twostage.io import read_image
 from twostage.metrics import dice_per_class, score_csv
 from twostage.models import build_model, default_normalization
-from twostage.probs import read_probs
 from twostage.rle import decode, read_csv
-from twostage.sr import make_upscaler
-from twostage.synth import synthesize
+from twostage.sr.upscale import make_upscaler
 
 TINY = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "in_channels": 3,
         "kwargs": {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}}

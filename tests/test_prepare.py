@@ -18,13 +18,13 @@ from conftest import twostage_cmd
 from twostage import box as B
 from twostage.classes import CLASS_TO_INDEX, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main as cli_main
-from twostage.data import find_samples, rasterize, read_annotations, write_annotations
+from twostage.data.layout import find_samples, rasterize, read_annotations, write_annotations
+from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
 from twostage.io import read_image
 from twostage.metrics import dice_per_class
-from twostage.prepare import load_palm_set, prepare_sr
-from twostage.sr import make_upscaler
-from twostage.synth import synthesize
+from twostage.sr.prepare import load_palm_set, prepare_sr
+from twostage.sr.upscale import make_upscaler
 
 SCALE = 4
 SIZE = 512  # carpals of a few hundred source pixels: one pixel moves Dice < 0.5 %
@@ -93,7 +93,7 @@ def test_palm_set_record(data, palm):
 
 
 def test_check_passes_on_output(palm):
-    check = pytest.importorskip("twostage.check")
+    check = pytest.importorskip("twostage.data.check")
     report = check.check_dataset(palm)
     assert report.ok, report.text()
 

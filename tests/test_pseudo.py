@@ -13,14 +13,21 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_cli
 
-from twostage.check import check_dataset
 from twostage.classes import CLASSES
-from twostage.data import find_samples, load_masks, rasterize, read_annotations
+from twostage.data.check import check_dataset
+from twostage.data.layout import find_samples, load_masks, rasterize, read_annotations
 from twostage.errors import TwostageError
+from twostage.inference.probs import probs_file_name, read_probs, write_probs
+from twostage.inference.pseudo import (
+    PSEUDO_RECORD,
+    class_confidence,
+    mask_polygons,
+    masks_to_annotations,
+    pseudo_label,
+    read_pseudo_record,
+)
 from twostage.io import sha256_file
 from twostage.metrics import dice_per_class
-from twostage.probs import probs_file_name, read_probs, write_probs
-from twostage.pseudo import PSEUDO_RECORD, class_confidence, mask_polygons, masks_to_annotations, pseudo_label, read_pseudo_record
 from twostage.rle import decode, encode_masks, read_csv, write_csv
 
 SIZE = 128
@@ -204,7 +211,7 @@ def test_class_confidence():
 @pytest.fixture(scope="module")
 def chain_run(data, make_tiny_checkpoint, tmp_path_factory) -> dict:
     """A tiny global checkpoint; `infer --save-probs` of it; pseudo-label of it without a threshold."""
-    from twostage.infer import infer
+    from twostage.inference.infer import infer
 
     base = tmp_path_factory.mktemp("chain")
     ckpt = make_tiny_checkpoint(base / "g.pt", "global")
@@ -234,7 +241,7 @@ def test_checkpoint_confidence_is_that_of_the_probabilities(data, chain_run):
 
 def test_fused_pseudo_labels_are_the_masks_infer_fuse_writes(data, chain_run, make_tiny_checkpoint, tmp_path):
     from twostage.classes import PALM_CLASSES
-    from twostage.infer import infer
+    from twostage.inference.infer import infer
 
     palm = make_tiny_checkpoint(tmp_path / "p.pt", "palm", classes=PALM_CLASSES)
     infer(data, chain_run["ckpt"], tmp_path / "fused.csv", palm_ckpt=palm, fuse=True)

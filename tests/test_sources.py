@@ -13,9 +13,9 @@ import torch
 from twostage.checkpoint import load_checkpoint
 from twostage.classes import CLASSES
 from twostage.config import load_config
-from twostage.data import find_samples
+from twostage.data.layout import find_samples
 from twostage.errors import TwostageError
-from twostage.pseudo import PSEUDO_RECORD
+from twostage.inference.pseudo import PSEUDO_RECORD
 from twostage.train import GlobalDataset, bce_dice_loss, train
 from twostage.train.datasets import SeededSampler
 
@@ -27,7 +27,7 @@ TINY = ["model.arch=Unet", "model.encoder=resnet18", "model.encoder_weights=none
 def roots(tmp_path_factory) -> tuple[Path, Path]:
     """A labelled set L and a pseudo-labelled set P (other IDs) whose first image has two
     classes dropped."""
-    from twostage.synth import synthesize
+    from twostage.data.synth import synthesize
 
     base = tmp_path_factory.mktemp("sources")
     labelled = synthesize(base / "L", n=8, size=128, seed=5)

@@ -1,4 +1,4 @@
-"""Upscalers (twostage.sr) and the weights manifest (twostage.weights), with random-init
+"""Upscalers (twostage.sr.upscale) and the weights manifest (twostage.sr.weights), with random-init
 networks saved exactly like the official Real-ESRGAN files ({"params_ema": state_dict})."""
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from twostage import weights as W
 from twostage.cli import main as cli_main
 from twostage.errors import TwostageError
 from twostage.io import sha256_file
-from twostage.sr import make_upscaler
+from twostage.sr import weights as W
+from twostage.sr.upscale import make_upscaler
 
 
 @pytest.fixture
@@ -193,7 +193,7 @@ def test_same_as_realesrganer(wdir, name, tile, pre_pad, capsys):
     tensor."""
     from realesrgan import RealESRGANer
 
-    from twostage.compat import install_functional_tensor_shim
+    from twostage.sr.compat import install_functional_tensor_shim
 
     install_functional_tensor_shim()
     model, spec, _ = W.load_model(name, wdir, W.all_specs(wdir, None)[1], False)

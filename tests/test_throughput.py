@@ -13,14 +13,14 @@ import torch
 
 from twostage.checkpoint import load_checkpoint, save_checkpoint
 from twostage.classes import PALM_CLASSES
-from twostage.sr import make_upscaler
+from twostage.sr.upscale import make_upscaler
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, make_tiny_checkpoint, make_sr_weights) -> dict:
     """Phantoms of two sizes, a tiny global checkpoint, and a tiny palm checkpoint recorded with
     a (tiny) Real-ESRGAN compact x4 upscaler."""
-    from twostage.synth import synthesize
+    from twostage.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("throughput")
     wdir = root / "weights"
@@ -35,7 +35,7 @@ def world(tmp_path_factory, make_tiny_checkpoint, make_sr_weights) -> dict:
 
 
 def run_infer(world, out: Path, **kw) -> Path:
-    from twostage.infer import infer
+    from twostage.inference.infer import infer
 
     infer(world["data"], world["global"], out, palm_ckpt=world["palm"], fuse=True, split="train",
           weights_dir=world["weights"], **kw)
@@ -45,8 +45,8 @@ def run_infer(world, out: Path, **kw) -> Path:
 def test_palm_step_never_copies_through_host_memory(world, monkeypatch):
     """From the uploaded images to the palm probabilities, nothing is read back to numpy: the
     crop is cut from the device copy, upscaled and fed to the palm network as a tensor."""
-    from twostage.chain import TwoStage
-    from twostage.infer import find_images
+    from twostage.inference.chain import TwoStage
+    from twostage.inference.infer import find_images
     from twostage.io import read_image
 
     chain = TwoStage.build(world["global"], world["palm"], weights_dir=world["weights"], calibration="none")
@@ -72,7 +72,7 @@ def test_palm_step_never_copies_through_host_memory(world, monkeypatch):
 def test_palm_crops_of_a_batch_share_one_forward(world, tmp_path, monkeypatch):
     """--batch-size 3: one palm forward per batch (not per image), and the CSV equals the
     batch-size-1 one."""
-    from twostage.chain import PalmStage
+    from twostage.inference.chain import PalmStage
 
     ref = run_infer(world, tmp_path / "b1.csv")
     calls = []
@@ -146,7 +146,7 @@ def test_rle_thread_keeps_order_and_bytes_with_skipped_images(world, tmp_path):
     image in the middle is written empty in its place."""
     import shutil
 
-    from twostage.infer import find_images, infer
+    from twostage.inference.infer import find_images, infer
     from twostage.rle import read_csv
 
     data = tmp_path / "DATA"

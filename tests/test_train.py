@@ -38,7 +38,7 @@ def data(make_phantoms) -> Path:
 
 @pytest.fixture(scope="module")
 def palm_data(data) -> Path:
-    from twostage.prepare import prepare_sr
+    from twostage.sr.prepare import prepare_sr
 
     out = data.parent / "PALM"
     prepare_sr(data, out, upscaler="bicubic", scale=2)
@@ -53,7 +53,7 @@ def tiny(stage: str, data: Path, out: Path, *extra: str, epochs: int = 2):
 def test_one_batch_overfits(data, tmp_path):
     torch.manual_seed(0)
     cfg = tiny("global", data, data.parent / "unused")
-    from twostage.data import find_samples
+    from twostage.data.layout import find_samples
 
     ds = GlobalDataset(cfg, find_samples(data)[:2], None, augment=False)
     ds.attach_cache(tmp_path / "cache")

@@ -9,14 +9,14 @@ import torch
 import yaml
 from conftest import run_cli, twostage_cmd
 
-from twostage import weights as W
 from twostage.cli import main
-from twostage.degrade import DegradationConfig, Degrader
+from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
 from twostage.io import sha256_file
-from twostage.sr import make_upscaler
-from twostage.srtrain import load_sr_config, sample_patches, to_tensor, train_sr
-from twostage.synth import synthesize
+from twostage.sr import weights as W
+from twostage.sr.degrade import DegradationConfig, Degrader
+from twostage.sr.training import load_sr_config, sample_patches, to_tensor, train_sr
+from twostage.sr.upscale import make_upscaler
 
 TINY = ["net.num_feat=4", "net.num_conv=1", "data.gt_size=96", "train.batch_size=2", "train.steps=4",
         "train.val_every=2", "train.save_every=1", "data.holdout=1", "data.val_size=96", "train.device=cpu"]
@@ -134,7 +134,7 @@ def test_init_from_a_manifest_network(phantoms, tmp_path, make_sr_weights):
     wd = tmp_path / "w"
     wd.mkdir()
     make_sr_weights(wd)
-    from twostage.srtrain import build_network
+    from twostage.sr.training import build_network
 
     cfg = _cfg(phantoms, tmp_path / "run", "net.num_feat=8", "net.num_conv=2", "net.init=vgg-x4")
     net = build_network(cfg, wd)

@@ -89,7 +89,7 @@ def test_weights_loader_refuses_crafted_pth_with_matching_hash(world, tmp_path, 
     """The manifest pins the crafted file's own hash, so only weights_only stands in the way."""
     from twostage.errors import TwostageError
     from twostage.io import sha256_file
-    from twostage.weights import load_model
+    from twostage.sr.weights import load_model
 
     wdir = tmp_path / "w"
     wdir.mkdir()

@@ -8,17 +8,17 @@ import pytest
 import torch
 from test_infer import tiny_checkpoint
 
-from twostage import chain as chain_module
-from twostage import upsample
-from twostage.chain import TwoStage
 from twostage.classes import CLASSES, PALM_INDICES
-from twostage.data import find_samples, rasterize
+from twostage.data.layout import find_samples, rasterize
+from twostage.data.synth import render_hand, synthesize
 from twostage.fusion import fuse, fuse_weights, thresholds
-from twostage.infer import infer
+from twostage.inference import chain as chain_module
+from twostage.inference import upsample
+from twostage.inference.chain import TwoStage
+from twostage.inference.infer import infer
 from twostage.io import read_image
 from twostage.models import Predictor, resize_images
 from twostage.rle import decode, encode_masks, read_csv
-from twostage.synth import render_hand, synthesize
 
 TIE = 1e-5  # float-rounding ties: the sparse and dense upsample differ by ~1e-6 at most
 

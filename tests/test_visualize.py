@@ -9,10 +9,10 @@ import pytest
 
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
-from twostage.data import find_samples, load_masks
+from twostage.data.layout import find_samples, load_masks
 from twostage.errors import TwostageError
+from twostage.evaluation.visualize import BOX_COLOUR, CHART_COLOURS, dice_change_chart, visualize
 from twostage.rle import encode_masks, write_csv
-from twostage.visualize import BOX_COLOUR, CHART_COLOURS, dice_change_chart, visualize
 
 SIZE = 128
 

@@ -74,7 +74,7 @@ def test_wheel_ships_code_and_only_the_yaml_data(installed):
 def test_installed_package_resolves_its_own_files(installed, tmp_path):
     script = (
         "import os, twostage\n"
-        "from twostage import config, weights\n"
+        "from twostage import config\nfrom twostage.sr import weights\n"
         "from twostage.errors import TwostageError\n"
         "print(twostage.__file__); print(config.stage_file('global')); print(weights.weights_dir())\n"
         "print(weights.manifest_path()); print(weights.in_checkout())\n"

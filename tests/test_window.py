@@ -176,8 +176,8 @@ def test_patch_training_then_infer_fuse_and_evaluate(data, tmp_path, make_tiny_c
     """A patch-trained global checkpoint: windows in training, the window in its meta,
     validation through the sliding window, and infer --fuse / evaluate run on it."""
     from twostage.checkpoint import load_checkpoint
-    from twostage.evaluate import evaluate
-    from twostage.infer import infer
+    from twostage.evaluation.evaluate import evaluate
+    from twostage.inference.infer import infer
     from twostage.rle import read_csv
     from twostage.train import train_stage
 
@@ -200,7 +200,7 @@ def test_patch_training_then_infer_fuse_and_evaluate(data, tmp_path, make_tiny_c
 
 def test_windows_that_see_too_little_of_the_image_warn(data):
     """A window of a small share of the hand cannot tell the fingers apart: training says so."""
-    from twostage.data import find_samples
+    from twostage.data.layout import find_samples
     from twostage.train.loop import _window_warning
 
     samples = find_samples(data)  # 128² images

@@ -49,7 +49,7 @@ class DemoPlan:
 def choose_upscaler(upscaler: str = "auto", weights_dir: str | os.PathLike | None = None) -> tuple[str | None, str]:
     """(name, reason): `auto` is Real-ESRGAN if its weights are usable here, else None (train
     one); any other name is used as given."""
-    from .sr import make_upscaler
+    from .sr.upscale import make_upscaler
 
     if upscaler != "auto":
         make_upscaler(upscaler, weights_dir=weights_dir)  # fail now, not after training
@@ -72,12 +72,12 @@ def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: b
     RealESRGAN_x4plus when its weights are usable, else a network trained here into
     OUT/weights), "bicubic", or any upscaler name.
     """
-    from .calibrate import calibrate
-    from .evaluate import evaluate
+    from .data.synth import synthesize
+    from .evaluation.calibrate import calibrate
+    from .evaluation.evaluate import evaluate
     from .fusion import DEFAULT_THRESHOLD
-    from .prepare import prepare_sr
-    from .srtrain import load_sr_config, train_sr
-    from .synth import synthesize
+    from .sr.prepare import prepare_sr
+    from .sr.training import load_sr_config, train_sr
     from .train import train_stage
 
     out = Path(out)

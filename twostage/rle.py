@@ -13,7 +13,7 @@ only the boundary indices travel to the CPU, and the strings are formatted witho
 Python loop per run.
 
 CSV: header `image_name,class,rle`, one row per image per class in class order, images in
-the order the caller adds them (sorted path order, see `twostage.data.find_samples`).
+the order the caller adds them (sorted path order, see `twostage.data.layout.find_samples`).
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from .options import add_chain_options, add_checkpoints, chain_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..calibrate import THRESHOLD_GRID, WEIGHT_GRID
+    from ..evaluation.calibrate import THRESHOLD_GRID, WEIGHT_GRID
 
     p = subparsers.add_parser(
         "calibrate",
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..calibrate import calibrate, parse_grid
+    from ..evaluation.calibrate import calibrate, parse_grid
     from ..io import write_json_atomic
 
     result = calibrate(

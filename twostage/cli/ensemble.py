@@ -42,13 +42,13 @@ def handler(args: argparse.Namespace) -> int:
     if args.csv:
         if args.weights or args.thresholds is not None or args.images:
             raise TwostageError("--weights, --thresholds and --images apply to soft voting (--probs), not --csv")
-        from ..ensemble import vote_csvs
+        from ..evaluation.ensemble import vote_csvs
 
         summary = vote_csvs(args.csv, args.out, min_votes=args.min_votes, device=args.device)
     else:
         if args.min_votes is not None:
             raise TwostageError("--min-votes applies to hard voting (--csv), not --probs")
-        from ..ensemble import average_probs
+        from ..evaluation.ensemble import average_probs
 
         summary = average_probs(args.probs, args.out, weights=args.weights, thresholds=args.thresholds,
                                 device=args.device, images=args.images)

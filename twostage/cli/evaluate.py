@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
 
     ev = evaluate(args.data, args.global_ckpt, args.palm_ckpt, args.out, pictures=args.pictures, fixes=args.fixes,
                   split=args.split, **chain_options(args))

@@ -8,7 +8,7 @@ from .options import add_chain_options, add_checkpoints, chain_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..export import DEFAULT_OPSET
+    from ..inference.export import DEFAULT_OPSET
 
     p = subparsers.add_parser(
         "export",
@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..export import export
+    from ..inference.export import export
 
     summary = export(args.global_ckpt, args.out, palm_ckpt=args.palm_ckpt, fp16=args.fp16, opset=args.opset,
                      **chain_options(args))

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..infer import infer
+    from ..inference.infer import infer
 
     summary = infer(args.images, args.global_ckpt, args.out, palm_ckpt=args.palm_ckpt, fuse=args.fuse,
                     exported=args.exported, backend=args.backend,

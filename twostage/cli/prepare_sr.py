@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..prepare import prepare_sr
+    from ..sr.prepare import prepare_sr
 
     palm_input = args.input_size if args.input_size is not None else load_config(stage=args.stage).model.input_size
     counts = prepare_sr(args.data, args.out, upscaler=args.upscaler, scale=args.scale, margin=args.margin,

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..pseudo import pseudo_label
+    from ..inference.pseudo import pseudo_label
 
     result = pseudo_label(args.images, args.out, csv=args.csv, global_ckpt=args.global_ckpt, palm_ckpt=args.palm_ckpt,
                           fuse=args.fuse, probs=args.probs, min_confidence=args.min_confidence, copy=args.copy,

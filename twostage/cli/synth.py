@@ -5,7 +5,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..synth import VARIANTS
+    from ..data.synth import VARIANTS
 
     variants = "; ".join(f"{name} ({', '.join(f'{k}={v}' for k, v in style.changes().items()) or 'as always'})"
                          for name, style in VARIANTS.items())
@@ -27,13 +27,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=512, help="image side in pixels, square images, >= 64 (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--variant", default="default", metavar="NAME",
-                   help=f"phantom style (twostage.synth.VARIANTS): {variants} (default: %(default)s)")
+                   help=f"phantom style (twostage.data.synth.VARIANTS): {variants} (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that already has files")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..synth import synthesize
+    from ..data.synth import synthesize
 
     out = synthesize(args.out, n=args.n, size=args.size, seed=args.seed, test_n=args.test_n,
                      overwrite=args.overwrite, style=args.variant)

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from ..errors import TwostageError
-    from ..srtrain import describe_sr, elapsed, load_sr_config, quality_table, train_sr
+    from ..sr.training import describe_sr, elapsed, load_sr_config, quality_table, train_sr
 
     if args.help_config:
         print(describe_sr())

@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..visualize import visualize
+    from ..evaluation.visualize import visualize
 
     summary = visualize(
         args.data, args.out, csv=args.csv, global_ckpt=args.global_ckpt, palm_ckpt=args.palm_ckpt,

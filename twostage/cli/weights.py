@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from .. import weights
+    from ..sr import weights
 
     if args.fetch:
         path, sha = weights.fetch(args.fetch, args.weights_dir, args.manifest, overwrite=args.overwrite)

@@ -22,7 +22,7 @@ from ..config import StageConfig
 from ..errors import TwostageError
 from ..io import png_size
 from ..models import input_hw
-from ..prepare import read_item_manifest
+from ..sr.prepare import read_item_manifest
 from .augment import IDENTITY, draw_params
 from .inputs import CanvasSpec, InputCache, open_cache
 

@@ -32,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data import Fixes, Sample, load_annotations, mask_boxes, rasterize
+from ..data.layout import Fixes, Sample, load_annotations, mask_boxes, rasterize
 from ..errors import TwostageError
 from ..io import read_image, sha256_file, write_json_atomic
 from ..models import resize_images

@@ -10,7 +10,7 @@ config can be copied from there. What differs (docs/DESIGN.md §4): it runs on a
 device, each patch of a batch gets its own resize, noise and JPEG (Real-ESRGAN shares them
 across a batch and mixes batches through a 180-pair queue instead), and the noise is grey
 (radiographs are grey; `gray_noise_prob` 1.0). Randomness comes from the global `random`,
-`numpy.random` and torch generators, as in basicsr; `twostage.srtrain` seeds them per step.
+`numpy.random` and torch generators, as in basicsr; `twostage.sr.training` seeds them per step.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import option
-from .errors import TwostageError
+from ..config import option
+from ..errors import TwostageError
 
 KERNEL_SIZE = 21
 """Blur kernels are 7..21 pixels, padded to 21 (as in Real-ESRGAN)."""

@@ -28,17 +28,17 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from . import fusion
-from .box import box_error, box_from_annotations
-from .calibration import CALIBRATION_FILE, default_dir, pair_fields
-from .chain import TwoStage
-from .classes import CLASSES, PALM_CLASSES
-from .data import load_annotations, load_masks, select_samples
-from .errors import TwostageError
-from .fusion import DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
-from .io import read_image, write_json_atomic, write_text_atomic
-from .metrics import DICE_EPS
-from .models import resize_images
+from .. import fusion
+from ..box import box_error, box_from_annotations
+from ..classes import CLASSES, PALM_CLASSES
+from ..data.layout import load_annotations, load_masks, select_samples
+from ..errors import TwostageError
+from ..fusion import DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
+from ..inference.calibration import CALIBRATION_FILE, default_dir, pair_fields
+from ..inference.chain import TwoStage
+from ..io import read_image, write_json_atomic, write_text_atomic
+from ..metrics import DICE_EPS
+from ..models import resize_images
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .classes import CLASSES
-from .errors import TwostageError
-from .io import check_new_dir, native_messages, sha256_file, staging_dir, write_text_atomic
+from ..classes import CLASSES
+from ..errors import TwostageError
+from ..io import check_new_dir, native_messages, sha256_file, staging_dir, write_text_atomic
 from .onnx_backend import CHAIN_FILE, FORMAT, OnnxNet
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _f32(v: float) -> float:
 
 def _network_meta(predictor, file: str, record: dict, source: str | os.PathLike) -> dict:
     """chain.yaml's section of a segmentation network: what `Predictor` needs to feed it."""
-    from .checkpoint import checkpoint_file
+    from ..checkpoint import checkpoint_file
 
     m, ckpt = predictor.meta["model"], checkpoint_file(source)
     return {"file": file, "source": {"checkpoint": str(ckpt), "sha256": sha256_file(ckpt), "arch": m["arch"],
@@ -209,10 +209,10 @@ def export(global_ckpt: str | os.PathLike, out: str | os.PathLike, *, palm_ckpt:
             calibration, feather, palm_resize, tta, scales, overlap, upscaler_tile, weights_dir);
             they are resolved (calibration applied) and written into chain.yaml.
     """
-    from . import __version__
-    from .box import extent_rule
+    from .. import __version__
+    from ..box import extent_rule
+    from ..window import SIGMA_SCALE, WINDOW_BATCH
     from .chain import ChainOptions, TwoStage
-    from .window import SIGMA_SCALE, WINDOW_BATCH
 
     _require("onnx")
     _require("onnxruntime")

@@ -18,9 +18,9 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .classes import CLASSES
-from .errors import TwostageError
-from .io import png_size, read_json, read_yaml, sha256_file, write_bytes_atomic, write_json_atomic
+from ..classes import CLASSES
+from ..errors import TwostageError
+from ..io import png_size, read_json, read_yaml, sha256_file, write_bytes_atomic, write_json_atomic
 
 IMAGE_DIR = "DCM"
 JSON_DIR = "outputs_json"

@@ -17,7 +17,7 @@ hash offline). Such a weight is refused unless the caller trusts it (`trust_unpi
 CLI's --trust-unpinned) or the user pins the present file with `twostage weights --pin NAME`,
 which records its sha256 in `<weights folder>/pins.yaml` (a local lock file).
 
-Networks trained here (`twostage train-sr`, `twostage.srtrain`) are entries of
+Networks trained here (`twostage train-sr`, `twostage.sr.training`) are entries of
 `<weights folder>/trained.yaml`, read as part of the manifest: same keys, always pinned, no
 download URL, plus `trained_on` (the data, steps and held-out PSNR/SSIM). They live beside
 their file rather than in the shipped manifest, which an installed package cannot write and
@@ -35,8 +35,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import TwostageError
-from .io import atomic_path, read_yaml, sha256_file, write_text_atomic
+from ..errors import TwostageError
+from ..io import atomic_path, read_yaml, sha256_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     """Tensors of a weight file via torch.load(weights_only=True): 'params_ema', else 'params', else the raw dict."""
     import torch
 
-    from .checkpoint import load_weights_only
+    from ..checkpoint import load_weights_only
 
     obj = load_weights_only(path, "weights file")
     state = next((obj[k] for k in ("params_ema", "params") if k in obj), obj) if isinstance(obj, dict) else obj

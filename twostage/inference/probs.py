@@ -14,9 +14,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .classes import CLASSES
-from .errors import TwostageError
-from .io import ENV_MAX_PIXELS, atomic_path, max_pixels
+from ..classes import CLASSES
+from ..errors import TwostageError
+from ..io import ENV_MAX_PIXELS, atomic_path, max_pixels
 
 PROBS_SCALE = 255
 """Saved probabilities are uint8 round(p·255): 1/510 worst-case error, 4× smaller than float32."""

@@ -27,10 +27,10 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .classes import CLASSES
-from .data import IMAGE_DIR, JSON_DIR, Annotation, Sample, write_annotations
-from .errors import TwostageError, first_few
-from .io import check_new_dir, make_dir, png_size, read_json, run_lock, sha256_file, staging_dir, write_error, write_json_atomic
+from ..classes import CLASSES
+from ..data.layout import IMAGE_DIR, JSON_DIR, Annotation, Sample, write_annotations
+from ..errors import TwostageError, first_few
+from ..io import check_new_dir, make_dir, png_size, read_json, run_lock, sha256_file, staging_dir, write_error, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def _check_arguments(csv, global_ckpt, palm_ckpt, fuse: bool, probs, min_confide
 def _csv_rows(csv: str | os.PathLike, samples: list[Sample]) -> tuple[dict[str, dict[str, str]], list[str]]:
     """The CSV's rows for `samples`, checked in full before anything is written: every image
     and class present, every RLE well-formed for its image's size. Also the CSV's other images."""
-    from .rle import decode, read_csv
+    from ..rle import decode, read_csv
 
     rows = read_csv(csv)
     unknown = sorted({c for r in rows.values() for c in r if c not in CLASSES})
@@ -368,8 +368,8 @@ def _probs_files(folder: str | os.PathLike, samples: list[Sample]) -> list[Path]
 
 def _from_csv(samples: list[Sample], rows: dict[str, dict[str, str]], prob_files: list[Path] | None
               ) -> Iterator[Prediction]:
+    from ..rle import decode
     from .probs import read_probs
-    from .rle import decode
 
     for k, s in enumerate(samples):
         shape = png_size(s.image_path)
@@ -399,7 +399,7 @@ def _from_chain(chain, samples: list[Sample]) -> Iterator[Prediction]:
 
 def _chain_source(chain, global_ckpt, palm_ckpt) -> dict:
     """The checkpoints (and their sha256) and the settings that made the masks."""
-    from .checkpoint import checkpoint_file
+    from ..checkpoint import checkpoint_file
 
     source: dict[str, Any] = {"fuse": palm_ckpt is not None}
     for key, ckpt in (("global", global_ckpt), ("palm", palm_ckpt)):

@@ -2,7 +2,7 @@
 
 For every training image: the palm box from its carpal polygons (`twostage.box`), the
 CONTEXT box (box side × `context`, same centre, inside the image) so palm training can
-jitter the box inside the crop, the context crop upscaled (`twostage.sr`), every polygon
+jitter the box inside the crop, the context crop upscaled (`twostage.sr.upscale`), every polygon
 mapped into crop coordinates × scale and clipped to the crop. Output, in the dataset layout
 (docs/DESIGN.md §1) so the same data layer reads it:
 
@@ -33,10 +33,19 @@ from pathlib import Path
 
 import numpy as np
 
-from . import box as boxes
-from .data import Annotation, Sample, find_samples, load_annotations, parse_shard, select_samples, shard_slice, write_annotations
-from .errors import TwostageError
-from .io import (
+from .. import box as boxes
+from ..data.layout import (
+    Annotation,
+    Sample,
+    find_samples,
+    load_annotations,
+    parse_shard,
+    select_samples,
+    shard_slice,
+    write_annotations,
+)
+from ..errors import TwostageError
+from ..io import (
     describe_holder,
     other_holders,
     png_size,
@@ -112,7 +121,7 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     Args:
         data: dataset root (docs/DESIGN.md §1; its train split is used).
         out: PALMDATA folder (created).
-        upscaler, scale, tile, device, weights_dir, trust_unpinned: see `twostage.sr.make_upscaler`
+        upscaler, scale, tile, device, weights_dir, trust_unpinned: see `twostage.sr.upscale.make_upscaler`
             (bicubic defaults to ×4; a network's scale is its own).
         margin: box margin (fraction of the carpal extent per side), see `twostage.box.BoxRule`.
         context: crop side / box side (>= 1); the crop lets training jitter the box.
@@ -124,7 +133,7 @@ def prepare_sr(data: str | os.PathLike, out: str | os.PathLike, upscaler: str = 
     """
     from tqdm import tqdm
 
-    from .sr import make_upscaler
+    from .upscale import make_upscaler
 
     i, n = parse_shard(shard)
     if not (isinstance(context, (int, float)) and context >= 1):

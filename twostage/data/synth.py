@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import CLASSES, FINGER_CHAINS, FOREARM, PALM_CLASSES
-from .data import IMAGE_DIR, JSON_DIR, Annotation, write_annotations
-from .errors import TwostageError
-from .io import write_png_atomic, write_text_atomic
+from ..classes import CLASSES, FINGER_CHAINS, FOREARM, PALM_CLASSES
+from ..errors import TwostageError
+from ..io import write_png_atomic, write_text_atomic
+from .layout import IMAGE_DIR, JSON_DIR, Annotation, write_annotations
 
 log = logging.getLogger(__name__)
 

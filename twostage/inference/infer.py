@@ -24,14 +24,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from ..classes import CLASSES
+from ..data.layout import Sample, find_samples, shard_slice
+from ..devices import out_of_memory_as_error
+from ..errors import TwostageError
+from ..io import read_image, run_lock
+from ..sr.upscale import tile_hint
 from .chain import Segmentation, TwoStage
-from .classes import CLASSES
-from .data import Sample, find_samples, shard_slice
-from .devices import out_of_memory_as_error
-from .errors import TwostageError
-from .io import read_image, run_lock
 from .probs import probs_file_name, write_probs
-from .sr import tile_hint
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def run(chain: TwoStage, samples: list[Sample], out: str | os.PathLike, *, fuse:
     locked while the run writes it: a second run into the same output is refused."""
     from tqdm import tqdm
 
-    from .rle import CsvWriter, encode_masks
+    from ..rle import CsvWriter, encode_masks
 
     _check_run(out, batch_size)
     t_start = time.perf_counter()

@@ -12,10 +12,10 @@ import logging
 import os
 from pathlib import Path
 
-from . import fusion
-from .checkpoint import checkpoint_file
-from .errors import TwostageError
-from .io import read_yaml, sha256_file
+from .. import fusion
+from ..checkpoint import checkpoint_file
+from ..errors import TwostageError
+from ..io import read_yaml, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .classes import CLASSES, GROUPS, PALM_CLASSES
-from .errors import TwostageError
-from .io import write_png_atomic
+from ..classes import CLASSES, GROUPS, PALM_CLASSES
+from ..errors import TwostageError
+from ..io import write_png_atomic
 
 # BGR colours (OpenCV order).
 TRUE_POSITIVE = (80, 200, 60)
@@ -295,18 +295,18 @@ class _Predictions:
     """Masks (and palm boxes) per image from a CSV, or from checkpoints through `chain.TwoStage`."""
 
     def __init__(self, csv=None, global_ckpt=None, palm_ckpt=None, fuse=False, options: dict | None = None):
-        from .box import BoxRule
+        from ..box import BoxRule
 
         self.fuse, self.chain, self.index = fuse, None, None
         if fuse and palm_ckpt is None:
             raise TwostageError("--fuse needs a palm checkpoint (--palm CKPT)")
         if csv is None:
-            from .chain import TwoStage
+            from ..inference.chain import TwoStage
 
             self.chain = TwoStage.build(global_ckpt, palm_ckpt, **(options or {}))
             self.classes = list(CLASSES)
             return
-        from .chain import refuse_chain_options
+        from ..inference.chain import refuse_chain_options
         from .ensemble import CsvIndex
 
         refuse_chain_options(options or {}, fuse)
@@ -314,8 +314,8 @@ class _Predictions:
         self.classes = [c for c in CLASSES if c in self.index.classes]
         self.rule = BoxRule()
         if palm_ckpt is not None:  # draw the box by this palm model's rule
-            from .chain import palm_box_rule
-            from .checkpoint import load_checkpoint
+            from ..checkpoint import load_checkpoint
+            from ..inference.chain import palm_box_rule
 
             self.rule = palm_box_rule(load_checkpoint(palm_ckpt, expect_stage="palm")["meta"])
 
@@ -326,8 +326,8 @@ class _Predictions:
             return seg.masks.cpu().numpy(), seg.box
         import torch
 
-        from .box import boxes_from_probs
-        from .rle import decode
+        from ..box import boxes_from_probs
+        from ..rle import decode
 
         h, w = image.shape
         if name not in self.index.spans:
@@ -372,9 +372,9 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
     """
     from tqdm import tqdm
 
-    from .data import load_masks, select_samples
-    from .io import read_image
-    from .metrics import dice_per_class
+    from ..data.layout import load_masks, select_samples
+    from ..io import read_image
+    from ..metrics import dice_per_class
 
     if (csv is None) == (global_ckpt is None):
         raise TwostageError("give either a prediction CSV (--csv) or a global checkpoint (--global)")

@@ -21,8 +21,8 @@ import math
 import numpy as np
 import torch
 
-from .fusion import binarize
-from .models import resize_images
+from ..fusion import binarize
+from ..models import resize_images
 
 TILE = 64
 """Output tile side in pixels (2048 = 32 tiles)."""

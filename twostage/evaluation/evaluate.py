@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import CLASSES
-from .data import Fixes, load_masks, select_samples
-from .io import make_dir, read_image, write_json_atomic, write_text_atomic
-from .metrics import ScoreReport, score_csv, side_by_side
-from .rle import decode, read_csv
+from ..classes import CLASSES
+from ..data.layout import Fixes, load_masks, select_samples
+from ..io import make_dir, read_image, write_json_atomic, write_text_atomic
+from ..metrics import ScoreReport, score_csv, side_by_side
+from ..rle import decode, read_csv
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _masks_from_csv(rows: dict[str, str], shape: tuple[int, int]) -> np.ndarray:
 def write_pictures(data: str | os.PathLike, global_csv: Path, fused_csv: Path, boxes: dict,
                    out: Path, n: int = 3, fixes=None, split: str | None = None) -> list[Path]:
     """Comparison pictures (GT-only / prediction-only / overlap) of global vs fused for n images."""
-    from .box import Box
+    from ..box import Box
     from .visualize import write_comparison
 
     g_rows, f_rows = read_csv(global_csv), read_csv(fused_csv)
@@ -90,8 +90,8 @@ def evaluate(data: str | os.PathLike, global_ckpt: str | os.PathLike, palm_ckpt:
     Writes OUT/global.csv, OUT/fused.csv, OUT/calibrated.csv, OUT/evaluation.json,
     OUT/table.txt, OUT/dice_per_class.png and OUT/pictures/*.png.
     """
-    from .chain import TwoStage
-    from .infer import find_images, run
+    from ..inference.chain import TwoStage
+    from ..inference.infer import find_images, run
     from .visualize import dice_change_chart
 
     out = Path(out)

@@ -3,7 +3,7 @@
 The official Real-ESRGAN files learnt from photographs and are missing on air-gapped machines;
 this trains one from the training set itself. Targets are native-resolution patches of each
 image's palm region (the prepare-sr context crop: the region the network will upscale), inputs
-the same patches through Real-ESRGAN's degradation model (`twostage.degrade`). L1 loss, an
+the same patches through Real-ESRGAN's degradation model (`twostage.sr.degrade`). L1 loss, an
 EMA of the weights (what is saved, as `params_ema`), optionally a GAN loss with basicsr's
 U-Net discriminator. One loop for every device: Real-ESRGAN's own training pipeline is
 hard-wired to CUDA (`.cuda()` in its model) and to its experiments/ layout, so it could be
@@ -11,7 +11,7 @@ neither the CPU path nor tested here (docs/DESIGN.md §4).
 
 Every step seeds the global generators from (seed, step), so a resumed run draws exactly the
 patches, kernels and noise the uninterrupted one does. The result is written like an official
-file into the weights folder and registered in its trained.yaml (`twostage.weights`) with its
+file into the weights folder and registered in its trained.yaml (`twostage.sr.weights`) with its
 sha256, the data it learnt from and its held-out PSNR/SSIM against bicubic, so every command
 that takes an upscaler name takes it.
 """
@@ -30,10 +30,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .box import DEFAULT_MARGIN
-from .config import describe, merge, option, resolve
+from ..box import DEFAULT_MARGIN
+from ..config import describe, merge, option, resolve
+from ..errors import TwostageError
 from .degrade import MIN_PATCH, DegradationConfig, check_degradation
-from .errors import TwostageError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class SRConfig:
     data: SRDataConfig = field(default_factory=SRDataConfig, metadata={"help": "radiographs and patches"})
     net: SRNetConfig = field(default_factory=SRNetConfig, metadata={"help": "network"})
     degradation: DegradationConfig = field(default_factory=DegradationConfig,
-                                           metadata={"help": "Real-ESRGAN degradation model (twostage.degrade)"})
+                                           metadata={"help": "Real-ESRGAN degradation model (twostage.sr.degrade)"})
     loss: SRLossConfig = field(default_factory=SRLossConfig, metadata={"help": "losses"})
     optim: SROptimConfig = field(default_factory=SROptimConfig, metadata={"help": "optimiser"})
     train: SRTrainConfig = field(default_factory=SRTrainConfig, metadata={"help": "training loop"})
@@ -191,8 +191,8 @@ def palm_regions(root: str | os.PathLike, margin: float = DEFAULT_MARGIN, contex
                  fixes: str | os.PathLike | None = None) -> list[tuple[str, np.ndarray]]:
     """(ID, region) of every annotated training image with carpals: the palm box (prepare-sr's
     rule) grown by `context`, cut from the native-resolution image (uint8)."""
-    from .box import BoxRule, crop_image
-    from .io import read_image
+    from ..box import BoxRule, crop_image
+    from ..io import read_image
     from .prepare import palm_items
 
     root = Path(root)
@@ -266,8 +266,8 @@ def holdout_pairs(regions: list[np.ndarray], cfg: SRConfig, device="cpu") -> dic
     import cv2
     import torch
 
+    from ..train.run import seed_everything
     from .degrade import Degrader
-    from .train.run import seed_everything
 
     s = cfg.net.scale
     degrader = Degrader(cfg.degradation, s, device)
@@ -398,13 +398,13 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     import yaml
     from tqdm import tqdm
 
+    from ..checkpoint import load_weights_only
+    from ..devices import torch_device
+    from ..io import atomic_path, make_dir, sha256_file, write_text_atomic
+    from ..train.loop import lr_lambda
+    from ..train.run import append_metrics, check_resume_config, seed_everything
     from . import weights
-    from .checkpoint import load_weights_only
     from .degrade import Degrader
-    from .devices import torch_device
-    from .io import atomic_path, make_dir, sha256_file, write_text_atomic
-    from .train.loop import lr_lambda
-    from .train.run import append_metrics, check_resume_config, seed_everything
 
     t0 = time.perf_counter()
     check_name(name, weights_dir, overwrite or resume)
@@ -528,7 +528,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     sha = sha256_file(path)
     trained_on = {"data": str(Path(cfg.data.root).resolve()), "images": len(regions.train),
                   "holdout_ids": regions.holdout_ids, "steps": step, "seed": cfg.train.seed,
-                  "run": str(run.resolve()), "degradation": "Real-ESRGAN second-order (twostage.degrade)",
+                  "run": str(run.resolve()), "degradation": "Real-ESRGAN second-order (twostage.sr.degrade)",
                   "quality": last_q,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     weights.register_trained(dataclasses.replace(spec, sha256=sha, trained_on=trained_on), weights_dir)
@@ -579,13 +579,13 @@ class _StepBoundaryInterrupt:
 
 def _live(model, scale: int, dev):
     """An Upscaler around a copy of an in-memory network (scored exactly as a loaded file would be)."""
-    from .sr import network_upscaler
+    from .upscale import network_upscaler
 
     return network_upscaler(copy.deepcopy(model).eval(), "live", scale, None, device=str(dev))
 
 
 def _bicubic(scale: int):
-    from .sr import make_upscaler
+    from .upscale import make_upscaler
 
     return make_upscaler("bicubic", scale=scale)
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .classes import CLASSES
-from .errors import TwostageError
-from .io import read_yaml, sha256_file
+from ..classes import CLASSES
+from ..errors import TwostageError
+from ..io import read_yaml, sha256_file
 
 FORMAT = "twostage-export-1"
 CHAIN_FILE = "chain.yaml"
@@ -88,7 +88,7 @@ def _net(folder: Path, section: dict, device: torch.device) -> OnnxNet:
 
 def _predictor(folder: Path, section: dict, device: torch.device):
     """A `Predictor` whose network is the ONNX file: the one preprocessing path, TTA and windows."""
-    from .models import Predictor
+    from ..models import Predictor
 
     meta = {"classes": section["classes"], "input_size": section["input_size"],
             "normalization": section["normalization"], "model": {"in_channels": section["in_channels"]},
@@ -112,10 +112,10 @@ def exported_chain(folder: str | os.PathLike, device: str = "cpu", upscaler_tile
                    accumulate: str = "device"):
     """The `chain.TwoStage` of an exported folder (verified by `read_exported`), its
     networks run by ONNX Runtime on `device` (cpu, or cuda through the CUDA provider)."""
-    from .box import BoxRule
+    from ..box import BoxRule
+    from ..devices import torch_device
+    from ..sr.upscale import make_upscaler, network_upscaler
     from .chain import ChainOptions, PalmStage, TwoStage
-    from .devices import torch_device
-    from .sr import make_upscaler, network_upscaler
 
     folder = Path(folder)
     spec = read_exported(folder)

@@ -27,16 +27,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import fusion
-from .box import Box, BoxRule, boxes_from_probs, crop_image
+from .. import fusion
+from ..box import Box, BoxRule, boxes_from_probs, crop_image
+from ..classes import CLASSES, PALM_INDICES, class_indices
+from ..devices import torch_device
+from ..errors import TwostageError
+from ..fusion import DEFAULT_FEATHER, PerClassSpec
+from ..models import Predictor, resize_images
+from ..window import DEFAULT_OVERLAP, check_overlap, parse_scales
 from .calibration import find_calibration
-from .classes import CLASSES, PALM_INDICES, class_indices
-from .devices import torch_device
-from .errors import TwostageError
-from .fusion import DEFAULT_FEATHER, PerClassSpec
-from .models import Predictor, resize_images
 from .upsample import threshold_upsample, upsample_region
-from .window import DEFAULT_OVERLAP, check_overlap, parse_scales
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class PalmStage:
     @classmethod
     def load(cls, ckpt: str | os.PathLike, device: torch.device, options: ChainOptions = ChainOptions()) -> "PalmStage":
         """The palm stage of a palm checkpoint, with exactly the upscaler its crops were made by."""
-        from .sr import make_upscaler
+        from ..sr.upscale import make_upscaler
 
         predictor = Predictor.from_checkpoint(ckpt, device, expect_stage="palm")
         meta = predictor.meta

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import TwostageError
+from ..errors import TwostageError
 
 UPSCALERS = ("bicubic", "RealESRGAN_x4plus", "RealESRGAN_x2plus", "realesr-general-x4v3")
 """Names `make_upscaler` knows by default; any other manifest entry, or a network `twostage
@@ -80,7 +80,7 @@ class Upscaler:
         return self._run(img, 255.0, np.dtype(np.uint8)).to(torch.uint8)
 
     def _run(self, img, full: float, dtype: np.dtype):
-        from .devices import out_of_memory_as_error
+        from ..devices import out_of_memory_as_error
 
         h, w = img.shape
         with out_of_memory_as_error(f"{self.name}: upscaling a {w}x{h} crop x{self.scale} on {self.device}", self.lower):
@@ -136,7 +136,7 @@ def _realesrgan(model, scale: int, tile: int, tile_pad: int, pre_pad: int, devic
     import torch
     import torch.nn.functional as F
 
-    from .devices import torch_device
+    from ..devices import torch_device
 
     dev = torch_device(device)
     half = dev.type == "cuda"  # fp16 only where it is fast and implemented
@@ -178,7 +178,7 @@ def make_upscaler(name: str, scale: int | None = None, tile: int = 0, tile_pad: 
             network's scale for Real-ESRGAN (None: the network's).
         tile, tile_pad, pre_pad: RealESRGANer tiling (tile 0 = whole crop at once) and padding.
         device: torch device for the network ("cpu", "cuda", "cuda:1"); fp16 on CUDA only.
-        weights_dir, manifest, trust_unpinned: see `twostage.weights`.
+        weights_dir, manifest, trust_unpinned: see `twostage.sr.weights`.
     """
     for arg, v in (("tile", tile), ("tile_pad", tile_pad), ("pre_pad", pre_pad)):
         if not isinstance(v, int) or v < 0:

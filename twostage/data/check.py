@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import CLASSES
-from .data import IMAGE_DIR, JSON_DIR, Fixes, Sample, find_samples, load_metadata, read_annotations
-from .errors import TwostageError
-from .io import read_image_raw
+from ..classes import CLASSES
+from ..errors import TwostageError
+from ..io import read_image_raw
+from .layout import IMAGE_DIR, JSON_DIR, Fixes, Sample, find_samples, load_metadata, read_annotations
 
 EXAMPLES = 5  # examples kept per problem
 

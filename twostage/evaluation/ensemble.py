@@ -24,10 +24,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .classes import CLASS_TO_INDEX, CLASSES
-from .devices import torch_device
-from .errors import TwostageError, first_few
-from .rle import CSV_HEADER, csv_reader
+from ..classes import CLASS_TO_INDEX, CLASSES
+from ..devices import torch_device
+from ..errors import TwostageError, first_few
+from ..rle import CSV_HEADER, csv_reader
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _rle_end(rle: str) -> int:
 
 def _decode_flat(rle: str, length: int, where: str) -> np.ndarray:
     """(length,) uint8 mask of an RLE over the flattened image (the rule lives in rle.decode)."""
-    from .rle import decode
+    from ..rle import decode
 
     try:
         return decode(rle, (1, length))[0]
@@ -198,7 +198,7 @@ def vote_csvs(csvs: Sequence[str | os.PathLike], out: str | os.PathLike, *, min_
     """
     from tqdm import tqdm
 
-    from .rle import CsvWriter, encode_masks
+    from ..rle import CsvWriter, encode_masks
 
     t0 = time.perf_counter()
     if len(csvs) < 2:
@@ -266,9 +266,9 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
     """
     from tqdm import tqdm
 
-    from . import fusion
-    from .probs import probs_classes, read_probs
-    from .rle import CsvWriter, encode_masks
+    from .. import fusion
+    from ..inference.probs import probs_classes, read_probs
+    from ..rle import CsvWriter, encode_masks
 
     t0 = time.perf_counter()
     if not folders:
@@ -285,7 +285,7 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
     files = [_probs_files(f) for f in folders]
     _check_same_images(inputs, [set(fs) for fs in files])
     if images is not None:
-        from .data import find_samples
+        from ..data.layout import find_samples
 
         order = [s.name for s in find_samples(images)]
         _check_same_images([str(images)] + inputs[:1], [set(order), set(files[0])])
