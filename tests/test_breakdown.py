@@ -1,4 +1,4 @@
-"""Dice broken down by a metadata column: `metrics.breakdown_by` and `twostage score --by`."""
+"""Dice broken down by a metadata column: `evaluation.score.breakdown_by` and `twostage score --by`."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,8 @@ from twostage.classes import CLASSES
 from twostage.cli import main
 from twostage.data.layout import find_samples, load_masks
 from twostage.errors import TwostageError
-from twostage.metrics import UNKNOWN_GROUP, breakdown_by, summarize
+from twostage.evaluation.score import UNKNOWN_GROUP, breakdown_by
+from twostage.metrics import summarize
 from twostage.rle import encode_masks, write_csv
 
 

@@ -13,8 +13,8 @@ from twostage.cli import main
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
 from twostage.evaluation.calibrate import calibrate, parse_grid, threshold_counts
+from twostage.evaluation.score import score_csv
 from twostage.inference.infer import infer
-from twostage.metrics import score_csv
 
 
 @pytest.fixture(scope="module")

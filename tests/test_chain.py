@@ -13,10 +13,10 @@ from twostage.cli import main
 from twostage.data.layout import find_samples
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
+from twostage.evaluation.score import score_csv
 from twostage.evaluation.visualize import _Predictions
 from twostage.inference.chain import ChainOptions, TwoStage
 from twostage.io import read_image
-from twostage.metrics import score_csv
 from twostage.rle import decode, read_csv
 
 OPTIONS = {  # flag -> value; each changes the fused CSV of the tiny random models

@@ -241,7 +241,8 @@ def test_prepare_sr_shards(world, tmp_path, holder):
     """The same shard twice is refused; another shard with the same settings runs beside it;
     other settings while a run is live are refused, naming it."""
     from twostage.box import DEFAULT_MARGIN
-    from twostage.sr.prepare import SETTING_KEYS, prepare_sr
+    from twostage.data.palm_set import SETTING_KEYS
+    from twostage.sr.prepare import prepare_sr
     from twostage.sr.upscale import make_upscaler
 
     out = tmp_path / "PALM"

@@ -679,7 +679,7 @@ RECORD = st.fixed_dictionaries({"format": st.just("twostage-palmset-1") | VALUES
 def test_palm_set_record(folder, data):
     """palmset.json, as palm training reads it: a record whose box rule builds, or one error."""
     from twostage.box import BoxRule
-    from twostage.sr.prepare import load_palm_set
+    from twostage.data.palm_set import load_palm_set
 
     (folder / "palmset.json").write_bytes(data)
     rec = outcome(lambda: load_palm_set(folder), folder / "palmset.json")

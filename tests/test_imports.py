@@ -1,5 +1,7 @@
 """No import circle between twostage's modules, counting imports inside functions too: a
-function-level import must not hide one (a concept two modules share gets its own module)."""
+function-level import must not hide one (a concept two modules share gets its own module).
+And the packages are layers (docs/DESIGN.md §6): a module imports only from its own package
+and the layers below it."""
 from __future__ import annotations
 
 import ast
@@ -83,3 +85,24 @@ def test_the_graph_sees_function_level_imports():
 
 def test_no_import_circle():
     assert circles(import_graph()) == []
+
+
+LAYERS = ("primitives", "data", "train", "sr", "inference", "evaluation", "commands")
+"""Bottom to top: the shared primitives are twostage's top-level modules (io, errors, classes,
+box, fusion, rle, metrics, models, ...); `commands` are the CLI and the demo."""
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return 0
+    if parts[1] in ("cli", "demo", "__main__"):
+        return LAYERS.index("commands")
+    return LAYERS.index(parts[1]) if parts[1] in LAYERS else 0
+
+
+def test_packages_are_layers():
+    upward = sorted(f"{m} -> {t}" for m, ts in import_graph().items() for t in ts if layer(t) > layer(m))
+    assert upward == []
+    assert all(layer(m) < len(LAYERS) for m in modules())
+    assert layer("twostage.inference.chain") > layer("twostage.sr.upscale") > layer("twostage.data.layout") > 0

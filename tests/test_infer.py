@@ -22,11 +22,12 @@ from twostage.cli import main
 from twostage.data.layout import find_samples, rasterize, read_annotations
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
+from twostage.evaluation.score import score_csv
 from twostage.inference.chain import ChainOptions, TwoStage
 from twostage.inference.infer import infer
 from twostage.inference.probs import read_probs
 from twostage.io import read_image
-from twostage.metrics import dice_per_class, score_csv
+from twostage.metrics import dice_per_class
 from twostage.models import build_model, default_normalization
 from twostage.rle import decode, read_csv
 from twostage.sr.upscale import make_upscaler

@@ -19,11 +19,12 @@ from twostage import box as B
 from twostage.classes import CLASS_TO_INDEX, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main as cli_main
 from twostage.data.layout import find_samples, rasterize, read_annotations, write_annotations
+from twostage.data.palm_set import load_palm_set
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
 from twostage.io import read_image
 from twostage.metrics import dice_per_class
-from twostage.sr.prepare import load_palm_set, prepare_sr
+from twostage.sr.prepare import prepare_sr
 from twostage.sr.upscale import make_upscaler
 
 SCALE = 4

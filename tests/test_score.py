@@ -12,7 +12,7 @@ from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
 from twostage.data.layout import Annotation, rasterize, write_annotations
 from twostage.errors import TwostageError
-from twostage.metrics import score_csv
+from twostage.evaluation.score import score_csv
 from twostage.rle import encode_masks, read_csv, write_csv
 
 NAMES = ["ID001/img_a_L.png", "ID001/img_a_R.png", "ID002/img_b_L.png"]

@@ -14,8 +14,8 @@ from twostage.checkpoint import load_checkpoint
 from twostage.classes import CLASSES
 from twostage.config import load_config
 from twostage.data.layout import find_samples
+from twostage.data.pseudo_record import PSEUDO_RECORD
 from twostage.errors import TwostageError
-from twostage.inference.pseudo import PSEUDO_RECORD
 from twostage.train import GlobalDataset, bce_dice_loss, train
 from twostage.train.datasets import SeededSampler
 

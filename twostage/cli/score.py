@@ -43,14 +43,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
+    from ..evaluation.score import score_csv
     from ..io import write_json_atomic
-    from ..metrics import score_csv
 
     report = score_csv(args.pred, args.gt, fixes=args.fixes, classes=args.classes)
     print(report.table())
     result = report.to_dict()
     if args.by:
-        from ..metrics import breakdown_table, metadata_breakdown
+        from ..evaluation.score import breakdown_table, metadata_breakdown
 
         groups = metadata_breakdown(report, args.gt, args.by, args.bins)
         print()

@@ -17,8 +17,9 @@ import numpy as np
 from ..classes import CLASSES
 from ..data.layout import Fixes, load_masks, select_samples
 from ..io import make_dir, read_image, write_json_atomic, write_text_atomic
-from ..metrics import ScoreReport, score_csv, side_by_side
+from ..metrics import ScoreReport, side_by_side
 from ..rle import decode, read_csv
+from .score import score_csv
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,12 @@ import torch
 
 from ..classes import CLASSES
 from ..data.layout import IMAGE_DIR, JSON_DIR, Annotation, Sample, write_annotations
+from ..data.pseudo_record import PSEUDO_RECORD, RECORD_FORMAT
 from ..errors import TwostageError, first_few
-from ..io import check_new_dir, make_dir, png_size, read_json, run_lock, sha256_file, staging_dir, write_error, write_json_atomic
+from ..io import check_new_dir, make_dir, png_size, run_lock, sha256_file, staging_dir, write_error, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-PSEUDO_RECORD = "pseudo.json"
-"""The record at the root of a pseudo-labelled dataset: its presence marks the folder as such."""
-RECORD_FORMAT = 1
 POSITIVE = 0.5
 """A pixel counts as predicted for the confidence when p >= POSITIVE, whatever thresholds made
 the masks, so confidences of different runs compare."""
@@ -162,37 +160,6 @@ def class_confidence(probs: Any) -> np.ndarray:
         positive = p >= POSITIVE
         out[c] = float(p[positive].mean()) if bool(positive.any()) else 1.0 - float(p.max())
     return out
-
-
-# --------------------------------------------------------------------------- the record
-
-def read_pseudo_record(root: str | os.PathLike) -> dict | None:
-    """The pseudo.json of a dataset root (or, for a split folder, of the root above it); None
-    for a dataset that is not pseudo-labelled. A malformed record is a TwostageError."""
-    root = Path(root)
-    for folder in ([root, root.parent] if (root / IMAGE_DIR).is_dir() else [root]):
-        path = folder / PSEUDO_RECORD
-        if path.is_file():
-            record = read_json(path, "pseudo-label record")
-            problem = _record_problem(record)
-            if problem:
-                raise TwostageError(f"{path}: {problem}")
-            return record
-    return None
-
-
-def _record_problem(record: Any) -> str | None:
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        return f"not a pseudo-label record of format {RECORD_FORMAT}"
-    dropped = record.get("dropped_classes")
-    if not isinstance(dropped, dict) or not all(
-            isinstance(v, list) and all(c in CLASSES for c in v) for v in dropped.values()):
-        return "dropped_classes must map image paths to lists of class names"
-    if not isinstance(record.get("dropped_images"), list):
-        return "dropped_images must be a list of image paths"
-    if not isinstance(record.get("confidence"), (dict, type(None))):
-        return "confidence must be a mapping or null"
-    return None
 
 
 # --------------------------------------------------------------------------- pseudo-label

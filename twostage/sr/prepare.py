@@ -3,15 +3,8 @@
 For every training image: the palm box from its carpal polygons (`twostage.box`), the
 CONTEXT box (box side × `context`, same centre, inside the image) so palm training can
 jitter the box inside the crop, the context crop upscaled (`twostage.sr.upscale`), every polygon
-mapped into crop coordinates × scale and clipped to the crop. Output, in the dataset layout
-(docs/DESIGN.md §1) so the same data layer reads it:
-
-    PALMDATA/palmset.json                         # palm-set record: upscaler and weight sha256, box rule,
-                                                  # context, split_ids (read by `load_palm_set`)
-    PALMDATA/train/DCM/<ID>/<stem>.png            # upscaled context crop, 8-bit grayscale
-    PALMDATA/train/outputs_json/<ID>/<stem>.json  # polygons in crop coordinates
-    PALMDATA/manifest/<ID>/<stem>.json            # source + hashes, boxes, upscaler record;
-                                                  # written LAST: its presence = item finished
+mapped into crop coordinates × scale and clipped to the crop.
+Output: a palm set (`twostage.data.palm_set`: the layout, the record, the per-item manifests).
 
 Resumable: an item whose manifest matches (source image hash, annotation hash, settings)
 and whose outputs exist is skipped; anything else is redone. Every file is written
@@ -36,7 +29,6 @@ import numpy as np
 from .. import box as boxes
 from ..data.layout import (
     Annotation,
-    Sample,
     find_samples,
     load_annotations,
     parse_shard,
@@ -44,6 +36,7 @@ from ..data.layout import (
     shard_slice,
     write_annotations,
 )
+from ..data.palm_set import FORMAT, PALMSET, SETTING_KEYS, item_paths, load_palm_set
 from ..errors import TwostageError
 from ..io import (
     describe_holder,
@@ -59,34 +52,10 @@ from ..io import (
 
 log = logging.getLogger(__name__)
 
-PALMSET = "palmset.json"
-MANIFEST_DIR = "manifest"
-FORMAT = "twostage-palmset-1"
-SETTING_KEYS = ("upscaler", "scale", "weight_sha256", "margin", "context")
-"""Settings that define a palm set: a folder holds one palm set; changing any needs --overwrite."""
-
-
 def _annotations_digest(annotations: list[Annotation]) -> str:
     """sha256 of the annotations after fixes: a changed JSON or fixes file redoes the item."""
     canon = [[a.label, np.asarray(a.points).astype(int).tolist()] for a in annotations]
     return hashlib.sha256(json.dumps(canon, separators=(",", ":")).encode()).hexdigest()
-
-
-def load_palm_set(root: str | os.PathLike) -> dict:
-    """The palm-set record of a prepare-sr output folder (TwostageError if it is not one)."""
-    p = Path(root) / PALMSET
-    if not p.is_file():
-        raise TwostageError(f"{root}: not a prepare-sr output (no {PALMSET}); run `twostage prepare-sr DATA --out {root}`")
-    rec = read_json(p, "palm-set record")
-    if not isinstance(rec, dict) or rec.get("format") != FORMAT:
-        raise TwostageError(f"{p}: not a {FORMAT} record")
-    return rec
-
-
-def _item_paths(out: Path, sample: Sample) -> tuple[Path, Path, Path]:
-    rel = Path(sample.rel)
-    return (out / "train" / "DCM" / rel, out / "train" / "outputs_json" / rel.with_suffix(".json"),
-            out / MANIFEST_DIR / rel.with_suffix(".json"))
 
 
 def _finished(manifest: Path, png: Path, js: Path, expect: dict) -> bool:
@@ -210,7 +179,7 @@ def palm_items(data: Path, rule: boxes.BoxRule, fixes) -> tuple[list, dict, list
 def _write_item(out: Path, item: tuple, up, context: float, settings: dict) -> bool:
     """One palm-set item (crop PNG, mapped JSON, manifest last); False if it was already done."""
     s, anns, shape, b = item
-    png, js, man = _item_paths(out, s)
+    png, js, man = item_paths(out, s)
     expect = {"source_sha256": sha256_file(s.image_path), "annotations_sha256": _annotations_digest(anns),
               **settings}
     if _finished(man, png, js, expect):
@@ -227,15 +196,3 @@ def _write_item(out: Path, item: tuple, up, context: float, settings: dict) -> b
                             "image_shape": list(shape), "box": b.to_dict(), "context_box": crop_box.to_dict(),
                             "crop_shape": list(crop.shape)})
     return True
-
-
-def read_item_manifest(palm_root: str | os.PathLike, sample: Sample) -> dict:
-    """The per-item manifest of a palm-set sample (boxes in source px, hashes, upscaler record)."""
-    p = Path(palm_root) / MANIFEST_DIR / Path(sample.rel).with_suffix(".json")
-    try:
-        rec = read_json(p, "palm-set item manifest")
-    except TwostageError as e:
-        raise TwostageError(f"{e}; re-run prepare-sr") from None
-    if not isinstance(rec, dict):
-        raise TwostageError(f"{p}: not a palm-set item manifest; re-run prepare-sr")
-    return rec

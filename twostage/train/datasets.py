@@ -19,10 +19,10 @@ import torch
 
 from ..box import Box, jitter_box
 from ..config import StageConfig
+from ..data.palm_set import read_item_manifest
 from ..errors import TwostageError
 from ..io import png_size
 from ..models import input_hw
-from ..sr.prepare import read_item_manifest
 from .augment import IDENTITY, draw_params
 from .inputs import CanvasSpec, InputCache, open_cache
 

@@ -23,13 +23,13 @@ from ..box import crop_image, palm_input_warning
 from ..checkpoint import save_checkpoint
 from ..config import StageConfig
 from ..data.layout import Fixes, MaskCache, load_masks, select_samples
+from ..data.palm_set import MANIFEST_DIR, load_palm_set
 from ..devices import out_of_memory_as_error
 from ..errors import TwostageError
 from ..fusion import binarize, thresholds
 from ..io import png_size, read_image, write_json_atomic
 from ..metrics import dice_per_class, summarize
 from ..models import Predictor, SegmentationNet, build_model, input_hw, normalize
-from ..sr.prepare import MANIFEST_DIR, load_palm_set
 from .augment import make_batch
 from .datasets import EpochSampler, GlobalDataset, PalmDataset, PalmItem, SeededSampler, StageDataset, collate, load_palm_items
 from .distributed import Dist, broadcast, gather, has_unused_parameters, init_dist
@@ -190,7 +190,7 @@ class _Source:
 
 
 def _sources(cfg: StageConfig, roots: list[Path], fixes) -> list[_Source]:
-    from ..inference.pseudo import read_pseudo_record
+    from ..data.pseudo_record import read_pseudo_record
 
     weights = cfg.data.source_weights or [1.0] * len(roots)
     sources = [_Source(r, float(w), _samples_with_masks(r, fixes), read_pseudo_record(r))
