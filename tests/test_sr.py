@@ -185,31 +185,60 @@ def test_fetch_from_local_server(tmp_path, http_dir, make_sr_weights):
         W.fetch("rrdb-x2", dest, timeout=5)
 
 
+def realesrganer(model, spec, img: np.ndarray, tile: int, pre_pad: int) -> np.ndarray:
+    """RealESRGANer's own pre-processing, forward and post-processing of a grey uint8 image."""
+    from realesrgan import RealESRGANer
+
+    from twostage.sr.compat import install_functional_tensor_shim
+
+    install_functional_tensor_shim()
+    runner = RealESRGANer.__new__(RealESRGANer)  # its __init__ loads weights itself; the rest is its code
+    runner.scale, runner.tile_size, runner.tile_pad, runner.pre_pad = spec.scale, tile, 10, pre_pad
+    runner.mod_scale, runner.half, runner.device, runner.model = None, False, torch.device("cpu"), model
+    with torch.no_grad():
+        runner.pre_process(np.repeat((img.astype(np.float32) / 255.0)[:, :, None], 3, axis=2))
+        runner.tile_process() if tile else runner.process()
+        out = runner.post_process().float().mean(1)[0].clamp_(0, 1).numpy()
+    return np.rint(out * 255.0).astype(np.uint8)
+
+
 @pytest.mark.parametrize("name", ["rrdb-x4", "rrdb-x2", "vgg-x4"])
 @pytest.mark.parametrize("tile,pre_pad", [(0, 0), (16, 0), (0, 3)])
 def test_same_as_realesrganer(wdir, name, tile, pre_pad, capsys):
     """The torch re-implementation gives the pixels of RealESRGANer's own pre-processing, tiling
     and post-processing (grey as 3 equal channels, channel mean, rounded), from numpy and from a
     tensor."""
-    from realesrgan import RealESRGANer
-
-    from twostage.sr.compat import install_functional_tensor_shim
-
-    install_functional_tensor_shim()
     model, spec, _ = W.load_model(name, wdir, W.all_specs(wdir, None)[1], False)
     up = make_upscaler(name, tile=tile, pre_pad=pre_pad, weights_dir=wdir)
     for h, w in ((32, 32), (33, 27)):
         img = crop(h, w, seed=h)
-        runner = RealESRGANer.__new__(RealESRGANer)  # its __init__ loads weights itself; the rest is its code
-        runner.scale, runner.tile_size, runner.tile_pad, runner.pre_pad = spec.scale, tile, 10, pre_pad
-        runner.mod_scale, runner.half, runner.device, runner.model = None, False, torch.device("cpu"), model
-        with torch.no_grad():
-            runner.pre_process(np.repeat((img.astype(np.float32) / 255.0)[:, :, None], 3, axis=2))
-            runner.tile_process() if tile else runner.process()
-            out = runner.post_process().float().mean(1)[0].clamp_(0, 1).numpy()
-        ref = np.rint(out * 255.0).astype(np.uint8)
+        ref = realesrganer(model, spec, img, tile, pre_pad)
         np.testing.assert_array_equal(up(img), ref)
         np.testing.assert_array_equal(up.tensor(torch.from_numpy(img)).numpy(), ref)
+
+
+@pytest.mark.parametrize("name,pre_pad", [("rrdb-x4", 0), ("rrdb-x2", 3), ("vgg-x4", 0)])
+def test_network_input_has_realesrganers_layout(wdir, name, pre_pad):
+    """Equal pixels are not enough: a convolution may round one memory layout of the same values
+    differently from another (a channels-last copy rounded 2 of 384,000 pixels of the demo's x4
+    crop one level apart, which the small networks above do not show). So the network's input
+    must have the shape and strides of RealESRGANer's numpy-made input."""
+    model, spec, _ = W.load_model(name, wdir, W.all_specs(wdir, None)[1], False)
+    up = make_upscaler(name, pre_pad=pre_pad, weights_dir=wdir)
+    seen: list[tuple] = []
+
+    def record(module, args):
+        if module is model or type(module) is type(model):
+            seen.append((tuple(args[0].shape), args[0].stride(), args[0].dtype))
+
+    img = crop(33, 27, seed=1)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        realesrganer(model, spec, img, 0, pre_pad)
+        up(img)
+    finally:
+        handle.remove()
+    assert len(seen) == 2 and seen[0] == seen[1], seen
 
 
 def test_tensor_input_checked(wdir):
