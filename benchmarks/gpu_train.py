@@ -78,7 +78,7 @@ def network_only(cfg, fit, batch: dict, meta: dict, steps: int, sync) -> float:
 
     from twostage.models import input_hw, normalize
     from twostage.train.augment import make_batch
-    from twostage.train.loop import bce_dice_loss
+    from twostage.train.loss import bce_dice_loss
 
     b = make_batch(batch, input_hw(cfg.model.input_size), fit.device)
     x = normalize(b.images, meta["normalization"]["mean"], meta["normalization"]["std"], cfg.model.in_channels)
@@ -108,8 +108,9 @@ def stage_figures(stage: str, root: Path, work: Path, args, util: Utilisation | 
 
     from twostage.config import load_config
     from twostage.train.distributed import init_dist
-    from twostage.train.loop import build_fit, loader_workers, stage_datasets, train_epoch, train_step
+    from twostage.train.loop import build_fit, loader_workers, train_epoch, train_step
     from twostage.train.run import seed_everything, stage_meta
+    from twostage.train.sources import stage_datasets
 
     overrides = ["model.encoder_weights=none", "data.fold=-1", f"data.cache={work / 'cache'}", *args.set]
     if batch_size:

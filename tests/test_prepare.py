@@ -208,12 +208,12 @@ def test_small_palm_input_is_warned_by_prepare_sr_and_palm_training(data, palm, 
     assert "palm input" not in caplog.text
 
     from twostage.config import load_config
-    from twostage.train.loop import _palm_setup, _samples_with_masks
+    from twostage.train.sources import palm_setup, samples_with_masks
 
     cfg = load_config("palm", data=str(palm), input_size=64)
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        _palm_setup(cfg, palm, _samples_with_masks(palm, None))
+        palm_setup(cfg, palm, samples_with_masks(palm, None))
     assert "palm training: palm input 64 px" in caplog.text
 
 
@@ -231,7 +231,7 @@ def test_palm_folds_follow_the_global_folds_when_an_image_has_no_carpals(tmp_pat
     the IDs the global run holds out (folds drawn over the palm set's `split_ids`)."""
     from twostage.config import load_config
     from twostage.train.distributed import Dist
-    from twostage.train.loop import _fold_indices, _samples_with_masks
+    from twostage.train.sources import fold_indices, samples_with_masks
 
     root = synthesize(tmp_path / "D", n=12, size=128, seed=3)
     lone = find_samples(root, "train")[0]
@@ -243,9 +243,9 @@ def test_palm_folds_follow_the_global_folds_when_an_image_has_no_carpals(tmp_pat
 
     def held_out(stage: str, data: Path, run: Path) -> set[str]:
         cfg = load_config(stage, data=str(data), overrides=["data.folds=3", "data.fold=1"])
-        samples = _samples_with_masks(data, None)
+        samples = samples_with_masks(data, None)
         split_ids = load_palm_set(data)["split_ids"] if stage == "palm" else None
-        _, va = _fold_indices(cfg, run, samples, Dist(), split_ids)
+        _, va = fold_indices(cfg, run, samples, Dist(), split_ids)
         return {samples[i].id for i in va}
 
     g, p = held_out("global", root, tmp_path / "rg"), held_out("palm", tmp_path / "P", tmp_path / "rp")

@@ -208,7 +208,7 @@ def test_torchrun_two_cpu_processes(data, tmp_path):
 
 
 def test_class_weights_reweight_both_loss_terms():
-    from twostage.train.loop import loss_weights
+    from twostage.train.loss import loss_weights
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 16, 16, generator=g)

@@ -201,11 +201,11 @@ def test_patch_training_then_infer_fuse_and_evaluate(data, tmp_path, make_tiny_c
 def test_windows_that_see_too_little_of_the_image_warn(data):
     """A window of a small share of the hand cannot tell the fingers apart: training says so."""
     from twostage.data.layout import find_samples
-    from twostage.train.loop import _window_warning
+    from twostage.train.sources import window_warning
 
     samples = find_samples(data)  # 128² images
     small = load_config("demo-global-patch", overrides=["data.patch=32", "data.patch_scale=1.0"])
-    assert "covers 25% of the image side (128 px)" in _window_warning(small, samples)
+    assert "covers 25% of the image side (128 px)" in window_warning(small, samples)
     half = load_config("demo-global-patch", overrides=["data.patch=32", "data.patch_scale=0.5"])
-    assert _window_warning(half, samples) is None
-    assert _window_warning(load_config("demo-global"), samples) is None
+    assert window_warning(half, samples) is None
+    assert window_warning(load_config("demo-global"), samples) is None

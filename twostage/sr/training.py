@@ -401,7 +401,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
     from ..checkpoint import load_weights_only
     from ..devices import torch_device
     from ..io import atomic_path, make_dir, sha256_file, write_text_atomic
-    from ..train.loop import lr_lambda
+    from ..train.loss import lr_lambda
     from ..train.run import append_metrics, check_resume_config, seed_everything
     from . import weights
     from .degrade import Degrader

@@ -1,4 +1,6 @@
-"""The trainer: loss, LR schedule, validation, the setup of one run and the epoch loop.
+"""The trainer: the model and optimiser of one run, resume, the epoch loop and its checkpoints.
+What it optimises is `loss`, which images it trains and validates on `sources`, the
+validation `validate`.
 
 Order matters for reproducibility: everything that draws from the global RNGs (model
 init after `seed_everything`, then the restored RNG state on --resume) happens in the
@@ -14,26 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..box import crop_image, palm_input_warning
 from ..checkpoint import save_checkpoint
 from ..config import StageConfig
-from ..data.layout import Fixes, MaskCache, load_masks, select_samples
-from ..data.palm_set import MANIFEST_DIR, load_palm_set
 from ..devices import out_of_memory_as_error
 from ..errors import TwostageError
-from ..fusion import binarize, thresholds
-from ..io import png_size, read_image, write_json_atomic
-from ..metrics import dice_per_class, summarize
-from ..models import Predictor, SegmentationNet, build_model, input_hw, normalize
+from ..io import write_json_atomic
+from ..metrics import summarize
+from ..models import SegmentationNet, build_model, input_hw, normalize
 from .augment import make_batch
-from .datasets import EpochSampler, GlobalDataset, PalmDataset, PalmItem, SeededSampler, StageDataset, collate, load_palm_items
-from .distributed import Dist, broadcast, gather, has_unused_parameters, init_dist
-from .inputs import default_cache_dir
+from .datasets import EpochSampler, SeededSampler, StageDataset, collate
+from .distributed import Dist, has_unused_parameters, init_dist
+from .loss import bce_dice_loss, loss_weights, lr_lambda, set_head_prior
 from .run import (
     append_metrics,
     metrics_fields,
@@ -45,274 +41,12 @@ from .run import (
     stage_meta,
     tensorboard_writer,
 )
-from .split import load_or_create_split
+from .sources import data_roots, stage_datasets
 
 log = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------- loss, schedule, head init
-
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, w_bce: float, w_dice: float,
-                  class_weights: torch.Tensor | None = None, valid: torch.Tensor | None = None,
-                  batch_dice: bool = False) -> torch.Tensor:
-    """BCE + soft Dice over independent sigmoid channels; (B, C, H, W) logits and 0..1 targets.
-    `class_weights` (C,): per-channel weights of both terms, normalised to mean 1. `valid`
-    (B, C): 0 where an image's class has no label (a pseudo-label dropped for low confidence),
-    which then teaches nothing, neither bone nor background. `batch_dice`: one Dice per class
-    over the whole batch instead of per image: for windows, where most miss a given bone, the
-    per-image Dice of an empty target teaches only "never predict it" (loss.batch_dice)."""
-    logits = logits.float()
-    loss = logits.new_zeros(())
-    wc = None if class_weights is None else (class_weights / class_weights.mean()).to(logits.device)
-    w = wc
-    if w is not None or valid is not None:  # per-(image, class) weights of both terms
-        b, c = logits.shape[:2]
-        w = (w if w is not None else logits.new_ones(c))[None, :].expand(b, c)
-        if valid is not None:
-            valid = valid.to(logits.device, torch.float32)
-            w = w * valid
-        denom = valid.sum().clamp(min=1.0) if valid is not None else b * c
-    if w_bce:
-        if w is None:
-            loss = loss + w_bce * F.binary_cross_entropy_with_logits(logits, target)
-        else:
-            per_item = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((2, 3))
-            loss = loss + w_bce * (per_item * w).sum() / denom
-    if w_dice:
-        p = torch.sigmoid(logits).flatten(2)
-        t = target.flatten(2)
-        if batch_dice:
-            if valid is not None:
-                p, t = p * valid[..., None], t * valid[..., None]
-            dice = (2 * (p * t).sum((0, 2)) + 1.0) / (p.sum((0, 2)) + t.sum((0, 2)) + 1.0)  # (C,)
-            loss = loss + w_dice * ((1 - dice).mean() if wc is None else ((1 - dice) * wc).mean())
-        else:
-            dice = (2 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
-            loss = loss + w_dice * ((1 - dice).mean() if w is None else ((1 - dice) * w).sum() / denom)
-    return loss
-
-
-def loss_weights(cfg: StageConfig) -> torch.Tensor | None:
-    """(C,) per-class loss weights of `loss.class_weights` (1 where not given), or None."""
-    if not cfg.loss.class_weights:
-        return None
-    return torch.tensor([float(cfg.loss.class_weights.get(c, 1.0)) for c in cfg.classes])
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
-    """Linear warm-up to 1, then cosine decay to `min_ratio` at the last step."""
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
-    return f
-
-
-def set_head_prior(model: SegmentationNet, prior: float) -> None:
-    """Start every sigmoid channel at probability `prior` (bias = logit(prior)), the class-prior
-    init of RetinaNet: bones cover a few % of the image, so training skips the first phase of
-    pushing 0.5 everywhere down to background."""
-    convs = [m for m in model.net.segmentation_head.modules() if isinstance(m, nn.Conv2d)]
-    if convs and convs[-1].bias is not None:
-        with torch.no_grad():
-            convs[-1].bias.fill_(math.log(prior / (1 - prior)))
-
-
-# --------------------------------------------------------------------------- validation
-
-class _Validator:
-    """Per-class Dice at the original resolution through the shared Predictor path.
-
-    Global: probabilities upsampled to the source image size. Palm: the un-jittered box cut
-    from the context crop, scored at the crop's own resolution. Masks thresholded by the
-    fusion rule at the default thresholds. Images are split across ranks.
-    """
-
-    def __init__(self, cfg: StageConfig, val: list, fixes, cache, palm_items: list[PalmItem] | None):
-        self.cfg, self.val, self.fixes, self.cache, self.palm_items = cfg, val, fixes, cache, palm_items
-        self.thresholds = thresholds(None, cfg.classes)
-
-    def __call__(self, model: nn.Module, meta: dict, device: torch.device, dist: Dist) -> dict[str, np.ndarray]:
-        predictor = Predictor(model, meta, device)
-        out = {}
-        try:
-            for k in range(dist.rank, len(self.val), dist.world):
-                if self.palm_items is not None:
-                    item = self.palm_items[k]
-                    s = item.sample
-                    image = crop_image(read_image(s.image_path), item.box, item.scale)
-                    gt = crop_image(load_masks(s, self.cfg.classes, self.fixes, self.cache), item.box, item.scale)
-                else:
-                    s = self.val[k]
-                    image = read_image(s.image_path)
-                    gt = load_masks(s, self.cfg.classes, self.fixes, self.cache)
-                img = torch.from_numpy(np.ascontiguousarray(image))[None].to(device)
-                pred = binarize(predictor.probs(img)[0], self.thresholds)
-                out[s.rel] = dice_per_class(pred, torch.from_numpy(np.ascontiguousarray(gt)).to(device))
-        finally:
-            model.train()
-        merged = {}
-        for part in gather(out, dist):
-            merged.update(part)
-        return dict(sorted(merged.items()))
-
-
-# --------------------------------------------------------------------------- setup: data
-
-def _data_roots(cfg: StageConfig) -> list[Path]:
-    if not any(cfg.roots):
-        raise TwostageError("data.root: not set (use --data DATA)")
-    roots = [Path(r) for r in cfg.roots]
-    for root in roots:
-        if not root.is_dir():
-            raise TwostageError(f"{root}: data folder does not exist")
-    return roots
-
-
-@dataclass
-class _Source:
-    """One data.root of a global run: its annotated images, sampling weight and, for a
-    `twostage pseudo-label` folder, its record (which marks it as pseudo-labelled)."""
-
-    root: Path
-    weight: float
-    samples: list
-    pseudo: dict | None
-
-    def ignored(self, sample) -> list[str]:
-        """Classes of `sample` whose pseudo-label was dropped: not trained on, not background."""
-        return list((self.pseudo or {}).get("dropped_classes", {}).get(sample.rel, []))
-
-    def to_meta(self, used: int) -> dict:
-        return {"root": str(self.root), "weight": self.weight, "images": used, "pseudo": self.pseudo is not None,
-                **({"pseudo_source": self.pseudo.get("source")} if self.pseudo else {})}
-
-
-def _sources(cfg: StageConfig, roots: list[Path], fixes) -> list[_Source]:
-    from ..data.pseudo_record import read_pseudo_record
-
-    weights = cfg.data.source_weights or [1.0] * len(roots)
-    sources = [_Source(r, float(w), _samples_with_masks(r, fixes), read_pseudo_record(r))
-               for r, w in zip(roots, weights)]
-    if len(sources) > 1 and cfg.data.fold >= 0 and all(s.pseudo for s in sources):
-        raise TwostageError("data.root: every root is pseudo-labelled; validation needs a labelled one (or set "
-                            "data.fold=-1)")
-    return sources
-
-
-def _samples_with_masks(root: Path, fixes) -> list:
-    """The annotated images under `root`, less those the label fixes drop."""
-    samples = [s for s in select_samples(root, None, fixes)[0] if s.json_path is not None]
-    if not samples:
-        raise TwostageError(f"{root}: no annotated images (train/outputs_json/*.json) to train on")
-    return samples
-
-
-def _palm_setup(cfg: StageConfig, root: Path, samples: list) -> tuple[list[PalmItem], dict]:
-    """Palm items and the palm meta: the palm_set record and its box rule (which carries the
-    fallback box and side range prepare-sr measured on the training boxes)."""
-    record = load_palm_set(root)
-    done = sum(1 for _ in (root / MANIFEST_DIR).rglob("*.json"))  # an item's manifest is written last
-    if done < int(record.get("count", 0)):
-        raise TwostageError(f"{root}: palm set incomplete ({done} of {record['count']} crops; prepare-sr was "
-                            "interrupted or a shard is missing); re-run prepare-sr to finish it")
-    items = load_palm_items(root, samples)
-    warning = palm_input_warning([it.source_box.side for it in items], cfg.model.input_size)
-    if warning:
-        log.warning("palm training: %s", warning)
-    return items, {"palm_set": record, "box_rule": record["box_rule"]}
-
-
-def _fold_indices(cfg: StageConfig, run: Path, samples: list, dist: Dist,
-                  split_ids: list[str] | None = None) -> tuple[list[int], list[int]]:
-    """(train, validation) sample indices of fold data.fold (-1: no validation); rank 0 reads
-    or writes the split file, the other ranks receive it. `split_ids` (one per image) are the
-    IDs the folds are drawn over: a palm set's source images, so that the palm and global runs
-    of one dataset (same folds and seed) hold out the same IDs even where some images have no
-    carpal crop."""
-    split_path = Path(cfg.data.split_file) if cfg.data.split_file else run / "split.json"
-    if dist.main:
-        ids = split_ids if split_ids else [s.id for s in samples]
-        assign = load_or_create_split(split_path, ids, cfg.data.folds, cfg.train.seed)
-    assign = broadcast(assign if dist.main else None, dist)
-    is_val = [cfg.data.fold >= 0 and assign[s.id] == cfg.data.fold for s in samples]
-    tr_idx = [i for i, v in enumerate(is_val) if not v]
-    va_idx = [i for i, v in enumerate(is_val) if v]
-    if not tr_idx:
-        raise TwostageError(f"{split_path}: fold {cfg.data.fold} holds every image; nothing left to train on")
-    return tr_idx, va_idx
-
-
-MIN_WINDOW_SHARE = 0.4
-"""A training window below this share of the image side (at data.patch_scale) warns: the 29
-classes are told apart by where they lie (finger-1 vs finger-5), which a window that sees a
-small part of the hand cannot tell (benchmarks/patch.py: a quarter of the side fails)."""
-
-
-def _window_warning(cfg: StageConfig, samples: list) -> str | None:
-    """A warning when data.patch windows see too little of the images, else None."""
-    if cfg.data.patch is None or cfg.stage != "global" or not samples:
-        return None
-    side = float(np.median([min(png_size(s.image_path)) for s in samples[:64]])) * cfg.data.patch_scale
-    share = cfg.data.patch / side
-    if share >= MIN_WINDOW_SHARE:
-        return None
-    return (f"data.patch={cfg.data.patch} at data.patch_scale={cfg.data.patch_scale:g} covers {share:.0%} of the "
-            f"image side ({side:.0f} px): too little context to tell the fingers apart; raise data.patch or lower "
-            f"data.patch_scale (global-patch.yaml covers half the side)")
-
-
-def stage_datasets(cfg: StageConfig, roots: list[Path], run: Path, dist: Dist,
-              device: torch.device) -> tuple[StageDataset, _Validator, dict]:
-    """The training dataset, the validator of the held-out fold and the stage's extra meta.
-
-    With several data.root, the folds are drawn over the IDs of the labelled roots only and
-    validation scores labelled images only; pseudo-labelled images train, except those of a
-    validation ID (which would leak it)."""
-    fixes = Fixes.load(cfg.data.fixes) if cfg.data.fixes else None
-    cache = MaskCache(cfg.data.mask_cache or run / "mask-cache")
-    sources = _sources(cfg, roots, fixes)
-    if len(sources) == 1 and sources[0].pseudo is not None and cfg.data.fold >= 0 and dist.main:
-        log.warning("%s is pseudo-labelled: validation scores pseudo-labels (list the labelled root too: "
-                    "--data DATA %s)", roots[0], roots[0])
-    pseudo_sources = [src for src in sources if src.pseudo is not None and len(sources) > 1]
-    labelled = [(src, s) for src in sources if src not in pseudo_sources for s in src.samples]
-    samples = [s for _, s in labelled]
-    extra_meta: dict[str, Any] = {}
-    palm_items = None
-    if cfg.stage == "palm":
-        palm_items, extra_meta = _palm_setup(cfg, roots[0], samples)
-    warning = _window_warning(cfg, samples)
-    if warning and dist.main:
-        log.warning("training: %s", warning)
-    tr_idx, va_idx = _fold_indices(cfg, run, samples, dist, extra_meta.get("palm_set", {}).get("split_ids"))
-    val_ids = {samples[i].id for i in va_idx}
-    train = [labelled[i] for i in tr_idx]
-    pseudo = [(src, s) for src in pseudo_sources for s in src.samples]
-    kept = [(src, s) for src, s in pseudo if s.id not in val_ids]
-    if len(kept) < len(pseudo) and dist.main:
-        log.warning("%d pseudo-labelled image(s) of validation IDs left out of training", len(pseudo) - len(kept))
-    train += kept
-    # which IDs trained this model: calibration uses only IDs that neither stage trained on
-    extra_meta["train_ids"] = sorted({s.id for _, s in train})
-    extra_meta["sources"] = [src.to_meta(sum(1 for t, _ in train if t is src)) for src in sources]
-    (log.info if dist.main else log.debug)("%s stage: %d train / %d val images (fold %d), device %s, world %d%s",
-             cfg.stage, len(train), len(va_idx), cfg.data.fold, device, dist.world,
-             "" if len(sources) == 1 else "; sources " + ", ".join(
-                 f"{m['root']} ({m['images']}{', pseudo' if m['pseudo'] else ''}, weight {m['weight']:g})"
-                 for m in extra_meta["sources"]))
-    val = [samples[i] for i in va_idx]
-    if palm_items is not None:
-        train_ds = PalmDataset(cfg, [palm_items[i] for i in tr_idx], fixes, augment=True, jitter=True)
-        validator = _Validator(cfg, val, fixes, cache, [palm_items[i] for i in va_idx])
-    else:
-        train_ds = GlobalDataset(cfg, [s for _, s in train], fixes, augment=True,
-                                 weights=[src.weight for src, _ in train], ignored=[src.ignored(s) for src, s in train])
-        validator = _Validator(cfg, val, fixes, cache, None)
-    _attach_cache(cfg, train_ds, dist)
-    return train_ds, validator, extra_meta
-
+# --------------------------------------------------------------------------- setup: model, optimiser
 
 def loader_workers(cfg: StageConfig) -> int:
     """train.workers as a count: `auto` is the cores of this process's share of the machine
@@ -324,22 +58,6 @@ def loader_workers(cfg: StageConfig) -> int:
     return min(int(cfg.train.workers), share)  # augmentation is seeded per item: same batches either way
 
 
-def _attach_cache(cfg: StageConfig, train_ds: StageDataset, dist: Dist) -> None:
-    """Open the training-input cache (data.cache), built first where missing: by local rank 0 of
-    every node on all its cores while the other ranks wait, then opened by them."""
-    root = Path(cfg.data.cache) if cfg.data.cache else default_cache_dir()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if dist.world == 1:
-        train_ds.attach_cache(root, workers=cores)
-        return
-    if dist.local_rank == 0:
-        train_ds.attach_cache(root, workers=cores)
-    torch.distributed.barrier()
-    if dist.local_rank != 0:
-        train_ds.attach_cache(root, build=False)
-
-
-# --------------------------------------------------------------------------- setup: model, optimiser
 
 @dataclass
 class Fit:
@@ -590,7 +308,7 @@ def train(cfg: StageConfig, resume: bool = False) -> Path:
     dist, device = init_dist(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    roots = _data_roots(cfg)
+    roots = data_roots(cfg)
     run, last = prepare_run(cfg, resume)
     open_run(cfg, run, last, dist)
     with out_of_memory_as_error(f"preparing the training input (at input size {cfg.model.input_size}, "
