@@ -26,7 +26,8 @@ import torch
 from twostage.box import BoxRule
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES
-from twostage.models import build_model, default_normalization
+from twostage.models import build_model
+from twostage.pretrained import default_normalization
 from twostage.sr.upscale import make_upscaler
 
 TINY_MODEL = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "in_channels": 3,

@@ -200,7 +200,8 @@ def make_tiny_checkpoint() -> Callable[..., Path]:
 
     from twostage.box import BoxRule
     from twostage.checkpoint import save_checkpoint
-    from twostage.models import build_model, default_normalization
+    from twostage.models import build_model
+    from twostage.pretrained import default_normalization
     from twostage.sr.upscale import make_upscaler
 
     model = {"arch": "Unet", "encoder": "tu-mobilenetv3_small_050", "in_channels": 3,

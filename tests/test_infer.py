@@ -28,7 +28,8 @@ from twostage.inference.infer import infer
 from twostage.inference.probs import read_probs
 from twostage.io import read_image
 from twostage.metrics import dice_per_class
-from twostage.models import build_model, default_normalization
+from twostage.models import build_model
+from twostage.pretrained import default_normalization
 from twostage.rle import decode, read_csv
 from twostage.sr.upscale import make_upscaler
 

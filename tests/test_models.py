@@ -8,7 +8,8 @@ import torch
 
 from twostage.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from twostage.errors import TwostageError
-from twostage.models import Predictor, build_model, default_normalization, load_lite0_weights, normalize, resize_images
+from twostage.models import Predictor, build_model, normalize, resize_images
+from twostage.pretrained import default_normalization, load_lite0_weights
 
 TINY = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from twostage.errors import TwostageError
-from twostage.models import IMAGENET_NORMALIZATION, LITE0_NORMALIZATION, build_model, default_normalization
+from twostage.models import build_model
+from twostage.pretrained import IMAGENET_NORMALIZATION, LITE0_NORMALIZATION, default_normalization
 
 TINY = {"encoder_depth": 3, "decoder_channels": [16, 8, 8]}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

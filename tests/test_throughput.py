@@ -184,7 +184,8 @@ def test_compile_failure_is_one_line(monkeypatch):
     from torch._inductor import config
 
     from twostage.errors import TwostageError
-    from twostage.models import Predictor, default_normalization
+    from twostage.models import Predictor
+    from twostage.pretrained import default_normalization
 
     meta = {"classes": ["a"], "input_size": 16, "model": {"in_channels": 3}, "normalization": default_normalization(None)}
     pred = Predictor(torch.nn.Conv2d(3, 1, 3, padding=1), meta).tune(compile=True)

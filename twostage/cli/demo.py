@@ -36,26 +36,26 @@ def handler(args: argparse.Namespace) -> int:
 
     result = run_demo(args.out, size=args.size, quick=args.quick, seed=args.seed, device=args.device,
                       weights_dir=args.weights_dir, overwrite=args.overwrite, upscaler=args.upscaler)
-    ev, times = result["evaluation"], result["times"]
+    ev, times = result.evaluation, result.times
     print()
-    if result["sr"] is not None:
+    if result.sr is not None:
         from ..sr.training import quality_table
 
-        print(f"super-resolution: {result['upscaler']} trained on the demo's training images "
-              f"({result['sr'].step} steps), held-out PSNR / SSIM against bicubic:\n"
-              + quality_table(result["sr"].quality))
-    print(f"held-out set: {result['heldout']}  (upscaler: {result['upscaler']})")
+        print(f"super-resolution: {result.upscaler} trained on the demo's training images "
+              f"({result.sr.step} steps), held-out PSNR / SSIM against bicubic:\n"
+              + quality_table(result.sr.quality))
+    print(f"held-out set: {result.heldout}  (upscaler: {result.upscaler})")
     print(ev.table())
     which = "calibrated" if ev.calibrated_report is not None else "fused"
     print(f"\ncarpal mean Dice: global {ev.global_report.carpal_mean:.4f} -> {which} "
           f"{ev.best.carpal_mean:.4f} ({ev.carpal_gain:+.4f}); overall "
           f"{ev.global_report.overall:.4f} -> {ev.best.overall:.4f} ({ev.overall_gain:+.4f})")
-    print(f"calibrated on {result['calibration'].n_images} validation image(s): {result['calibration'].files[-1]}")
+    print(f"calibrated on {result.calibration.n_images} validation image(s): {result.calibration.files[-1]}")
     print("\ntime per step: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
           + f"; total {sum(times.values()) / 60:.1f} min")
     print("\nwritten:")
-    for path in [result["data"], result["heldout"], *([result["sr"].path] if result["sr"] else []),
-                 result["palm_data"], *result["runs"].values(),
+    for path in [result.data, result.heldout, *([result.sr.path] if result.sr else []),
+                 result.palm_data, *result.runs.values(),
                  *ev.files.values()]:
         print(f"  {path}")
     print("\neach step by hand:\n" + "\n".join("  " + c for c in hand_commands(result).splitlines()))

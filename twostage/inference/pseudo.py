@@ -201,8 +201,6 @@ def pseudo_label(images: str | os.PathLike, out: str | os.PathLike, *, csv: str 
         copy: copy the PNGs instead of linking to them (the originals are never modified).
         options: `chain.ChainOptions` fields (device, tta, thresholds, ...), checkpoints only.
     """
-    from tqdm import tqdm
-
     from .infer import find_images
 
     t0 = time.perf_counter()
@@ -212,59 +210,80 @@ def pseudo_label(images: str | os.PathLike, out: str | os.PathLike, *, csv: str 
     samples = find_images(images, split)
     result = PseudoResult(out=str(out), record=str(out / PSEUDO_RECORD), images=0)
     if csv is not None:
-        from .chain import refuse_chain_options
-
-        refuse_chain_options(options)
-        rows, result.ignored_csv_images = _csv_rows(csv, samples)
-        if result.ignored_csv_images:
-            log.warning("%s: %d image(s) not under %s, ignored: %s", csv, len(result.ignored_csv_images), images,
-                        first_few(result.ignored_csv_images))
-        prob_files = _probs_files(probs, samples) if probs is not None else None
-        source = {"csv": str(Path(csv).resolve()), "sha256": sha256_file(csv)}
-        if probs is not None:
-            source["probs"] = str(Path(probs).resolve())
-        predicted = _from_csv(samples, rows, prob_files)
+        source, predicted = _csv_predictions(images, samples, csv, probs, options, result)
     else:
-        from .chain import TwoStage
-
-        if palm_ckpt is not None and not fuse:
-            log.info("--palm given without --fuse: running the global model alone")
-        chain = TwoStage.build(global_ckpt, palm_ckpt if fuse else None, **options)
-        source = _chain_source(chain, global_ckpt, palm_ckpt if fuse else None)
-        predicted = _from_chain(chain, samples)
+        source, predicted = _chain_predictions(samples, global_ckpt, palm_ckpt, fuse, options)
     confidence: dict[str, dict] | None = None if csv is not None and probs is None else {}
     record = {"format": RECORD_FORMAT, "source": source, "images": 0, "classes": list(CLASSES),
               "confidence": confidence, "dropped_images": result.dropped_images,
               "dropped_classes": result.dropped_classes, "min_confidence": min_confidence}
 
     with run_lock(out, "twostage pseudo-label"), staging_dir(out) as tmp, contextlib.closing(predicted):
-        for sample, masks, p in tqdm(predicted, total=len(samples), desc="pseudo-label", unit="img", disable=None):
-            masks = np.asarray(masks, dtype=np.uint8)
-            if p is not None:
-                scores = class_confidence(p)
-                confidence[sample.rel] = {"image": round(float(scores.mean()), 6),
-                                          "classes": {c: round(float(v), 6) for c, v in zip(CLASSES, scores)}}
-            del p
-            if min_confidence is not None:
-                if scores.mean() < min_confidence:
-                    result.dropped_images.append(sample.rel)
-                    continue
-                low = scores < min_confidence
-                if low.any():
-                    result.dropped_classes[sample.rel] = [c for c, drop in zip(CLASSES, low) if drop]
-                    masks[low] = 0
-            _place_image(sample.image_path, tmp / "train" / IMAGE_DIR / sample.rel, copy)
-            write_annotations((tmp / "train" / JSON_DIR / sample.rel).with_suffix(".json"),
-                              masks_to_annotations(masks), sample.name, masks.shape[1:])
-            result.images += 1
-        if not result.images:
-            best = max(v["image"] for v in confidence.values())
-            raise TwostageError(f"every image is below --min-confidence {min_confidence} (the best image "
-                                f"confidence is {best}); nothing written")
+        _write_samples(predicted, len(samples), tmp, copy, min_confidence, confidence, result)
         record["images"] = result.images
         write_json_atomic(tmp / PSEUDO_RECORD, record)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _csv_predictions(images, samples: list[Sample], csv: str | os.PathLike, probs, options: dict,
+                     result: PseudoResult) -> tuple[dict, Iterator[Prediction]]:
+    """The source record and the predictions of a CSV (with `probs`, its saved probabilities),
+    checked in full first; the CSV's images not in `samples` go to `result.ignored_csv_images`."""
+    from .chain import refuse_chain_options
+
+    refuse_chain_options(options)
+    rows, result.ignored_csv_images = _csv_rows(csv, samples)
+    if result.ignored_csv_images:
+        log.warning("%s: %d image(s) not under %s, ignored: %s", csv, len(result.ignored_csv_images), images,
+                    first_few(result.ignored_csv_images))
+    prob_files = _probs_files(probs, samples) if probs is not None else None
+    source = {"csv": str(Path(csv).resolve()), "sha256": sha256_file(csv)}
+    if probs is not None:
+        source["probs"] = str(Path(probs).resolve())
+    return source, _from_csv(samples, rows, prob_files)
+
+
+def _chain_predictions(samples: list[Sample], global_ckpt, palm_ckpt, fuse: bool, options: dict
+                       ) -> tuple[dict, Iterator[Prediction]]:
+    """The source record and the predictions of the chain built from the checkpoints."""
+    from .chain import TwoStage
+
+    if palm_ckpt is not None and not fuse:
+        log.info("--palm given without --fuse: running the global model alone")
+    chain = TwoStage.build(global_ckpt, palm_ckpt if fuse else None, **options)
+    return _chain_source(chain, global_ckpt, palm_ckpt if fuse else None), _from_chain(chain, samples)
+
+
+def _write_samples(predicted: Iterator[Prediction], total: int, tmp: Path, copy: bool, min_confidence: float | None,
+                   confidence: dict[str, dict] | None, result: PseudoResult) -> None:
+    """Write each prediction's image and annotations under `tmp`, its confidence into
+    `confidence`; what is below `min_confidence` is left out and listed in `result`."""
+    from tqdm import tqdm
+
+    for sample, masks, p in tqdm(predicted, total=total, desc="pseudo-label", unit="img", disable=None):
+        masks = np.asarray(masks, dtype=np.uint8)
+        if p is not None:
+            scores = class_confidence(p)
+            confidence[sample.rel] = {"image": round(float(scores.mean()), 6),
+                                      "classes": {c: round(float(v), 6) for c, v in zip(CLASSES, scores)}}
+        del p
+        if min_confidence is not None:
+            if scores.mean() < min_confidence:
+                result.dropped_images.append(sample.rel)
+                continue
+            low = scores < min_confidence
+            if low.any():
+                result.dropped_classes[sample.rel] = [c for c, drop in zip(CLASSES, low) if drop]
+                masks[low] = 0
+        _place_image(sample.image_path, tmp / "train" / IMAGE_DIR / sample.rel, copy)
+        write_annotations((tmp / "train" / JSON_DIR / sample.rel).with_suffix(".json"),
+                          masks_to_annotations(masks), sample.name, masks.shape[1:])
+        result.images += 1
+    if not result.images:
+        best = max(v["image"] for v in confidence.values())
+        raise TwostageError(f"every image is below --min-confidence {min_confidence} (the best image "
+                            f"confidence is {best}); nothing written")
 
 
 def _check_arguments(csv, global_ckpt, palm_ckpt, fuse: bool, probs, min_confidence) -> None:

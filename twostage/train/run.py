@@ -14,7 +14,8 @@ from ..checkpoint import load_checkpoint
 from ..config import StageConfig, config_from_dict, read_config_yaml
 from ..errors import TwostageError
 from ..io import make_dir, write_text_atomic
-from ..models import default_normalization, input_hw
+from ..models import input_hw
+from ..pretrained import default_normalization
 from .distributed import Dist
 
 RUNTIME_KEYS = {"train.workers", "train.device", "train.threads", "train.stop_at_epoch"}
