@@ -77,7 +77,8 @@ def run_demo(out: str | os.PathLike = "twostage-demo", size: int = 512, quick: b
     from .evaluation.evaluate import evaluate
     from .fusion import DEFAULT_THRESHOLD
     from .sr.prepare import prepare_sr
-    from .sr.training import load_sr_config, train_sr
+    from .sr.train_config import load_sr_config
+    from .sr.training import train_sr
     from .train import train_stage
 
     out = Path(out)
