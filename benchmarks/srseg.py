@@ -28,7 +28,9 @@ from robustness import Runner, StepFailed, remove, summarize
 
 def heldout_quality(heldout: Path, name: str, weights_dir: Path) -> dict:
     """PSNR/SSIM of the network and bicubic on every held-out image's palm region."""
-    from twostage.sr.training import holdout_pairs, load_sr_config, palm_regions, quality
+    from twostage.sr.patches import palm_regions
+    from twostage.sr.quality import holdout_pairs, quality
+    from twostage.sr.train_config import load_sr_config
     from twostage.sr.upscale import make_upscaler
 
     cfg = load_sr_config("demo-sr", data=str(heldout))
@@ -40,7 +42,7 @@ def heldout_quality(heldout: Path, name: str, weights_dir: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from twostage.classes import PALM_CLASSES
     from twostage.demo import DEMO_SR
-    from twostage.sr.training import quality_table
+    from twostage.sr.quality import quality_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

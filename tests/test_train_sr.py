@@ -15,7 +15,9 @@ from twostage.errors import TwostageError
 from twostage.io import sha256_file
 from twostage.sr import weights as W
 from twostage.sr.degrade import DegradationConfig, Degrader
-from twostage.sr.training import load_sr_config, sample_patches, to_tensor, train_sr
+from twostage.sr.patches import sample_patches, to_tensor
+from twostage.sr.train_config import load_sr_config
+from twostage.sr.training import train_sr
 from twostage.sr.upscale import make_upscaler
 
 TINY = ["net.num_feat=4", "net.num_conv=1", "data.gt_size=96", "train.batch_size=2", "train.steps=4",
@@ -134,7 +136,7 @@ def test_init_from_a_manifest_network(phantoms, tmp_path, make_sr_weights):
     wd = tmp_path / "w"
     wd.mkdir()
     make_sr_weights(wd)
-    from twostage.sr.training import build_network
+    from twostage.sr.network import build_network
 
     cfg = _cfg(phantoms, tmp_path / "run", "net.num_feat=8", "net.num_conv=2", "net.init=vgg-x4")
     net = build_network(cfg, wd)

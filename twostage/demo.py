@@ -163,7 +163,8 @@ def _step(times: dict[str, float], name: str) -> Iterator[None]:
 def _train_sr(name: str, weights_dir: Path, out: Path, data: Path, plan: DemoPlan, device: str, seed: int
               ) -> SRResult:
     """Train the demo's X-ray upscaler on the training set into `weights_dir`."""
-    from .sr.training import load_sr_config, train_sr
+    from .sr.train_config import load_sr_config
+    from .sr.training import train_sr
 
     overrides = [f"train.device={device}", f"train.seed={seed}", f"train.out={out / 'runs' / 'sr'}"]
     if plan.sr_steps:

@@ -39,7 +39,7 @@ def handler(args: argparse.Namespace) -> int:
     ev, times = result.evaluation, result.times
     print()
     if result.sr is not None:
-        from ..sr.training import quality_table
+        from ..sr.quality import quality_table
 
         print(f"super-resolution: {result.upscaler} trained on the demo's training images "
               f"({result.sr.step} steps), held-out PSNR / SSIM against bicubic:\n"

@@ -50,7 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from ..errors import TwostageError
-    from ..sr.training import describe_sr, elapsed, load_sr_config, quality_table, train_sr
+    from ..sr.quality import quality_table
+    from ..sr.train_config import describe_sr, load_sr_config
+    from ..sr.training import elapsed, train_sr
 
     if args.help_config:
         print(describe_sr())
