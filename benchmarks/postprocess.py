@@ -34,7 +34,8 @@ import torch
 from twostage.box import BoxRule, box_from_annotations, crop_image
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
-from twostage.data.layout import find_samples, rasterize, read_annotations
+from twostage.data.annotations import rasterize, read_annotations
+from twostage.data.layout import find_samples
 from twostage.data.synth import synthesize
 from twostage.fusion import fuse, thresholds
 from twostage.inference.chain import ChainOptions, TwoStage

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from twostage.classes import CLASSES, PALM_CLASSES
-from twostage.data.layout import Annotation, write_annotations
+from twostage.data.annotations import Annotation, write_annotations
 from twostage.io import write_png_atomic
 
 # Tests never touch the network: model hubs answer offline at once (set before anything

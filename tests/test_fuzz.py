@@ -269,7 +269,7 @@ def test_annotation_json(folder, data):
     """read_annotations: labels and int32 points that rasterising, the training box and the
     prepare-sr mapping take without error or warning; or one error."""
     from twostage.box import BoxRule, box_from_annotations
-    from twostage.data.layout import rasterize, read_annotations
+    from twostage.data.annotations import rasterize, read_annotations
     from twostage.sr.prepare import map_annotations
 
     path = folder / "image.json"
@@ -295,7 +295,7 @@ def test_annotation_json(folder, data):
                                                                   max_size=5)), max_size=4))
 def test_valid_annotations_are_read(folder, anns):
     """Any integer points within int32 (also far outside the image) are read exactly."""
-    from twostage.data.layout import read_annotations
+    from twostage.data.annotations import read_annotations
 
     path = folder / "valid.json"
     path.write_text(json.dumps({"annotations": [{"label": c, "points": [list(p) for p in pts]} for c, pts in anns]}))
@@ -317,7 +317,9 @@ FIXES = st.dictionaries(
 @given(data=documents(FIXES, YAML_NASTY))
 def test_fixes_yaml(folder, data):
     """Fixes.load: fixes that apply to an image (relabel/drop/digest/keep work), or one error."""
-    from twostage.data.layout import Annotation, Fixes, Sample
+    from twostage.data.annotations import Annotation
+    from twostage.data.fixes import Fixes
+    from twostage.data.layout import Sample
 
     path = folder / "fixes.yaml"
     path.write_bytes(data)
@@ -721,7 +723,7 @@ METADATA = st.lists(st.lists(SCALARS.map(str), min_size=1, max_size=4), max_size
 @given(data=METADATA.flatmap(mutated_text) | st.binary(max_size=64))
 def test_metadata_table(folder, data):
     """meta_data.csv: a table by person ID, or one error."""
-    from twostage.data.layout import load_metadata
+    from twostage.data.metadata import load_metadata
 
     path = folder / "meta_data.csv"
     path.write_bytes(data)

@@ -19,7 +19,8 @@ from twostage.box import BoxRule
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main
-from twostage.data.layout import find_samples, rasterize, read_annotations
+from twostage.data.annotations import rasterize, read_annotations
+from twostage.data.layout import find_samples
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
 from twostage.inference.chain import ChainOptions, TwoStage

@@ -14,8 +14,10 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 from twostage.classes import CLASSES
+from twostage.data.annotations import rasterize, read_annotations
 from twostage.data.check import check_dataset
-from twostage.data.layout import find_samples, load_masks, rasterize, read_annotations
+from twostage.data.layout import find_samples
+from twostage.data.masks import load_masks
 from twostage.errors import TwostageError
 from twostage.inference.probs import probs_file_name, read_probs, write_probs
 from twostage.inference.pseudo import (

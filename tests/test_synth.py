@@ -11,7 +11,8 @@ import pytest
 
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
-from twostage.data.layout import find_samples, rasterize, read_annotations
+from twostage.data.annotations import rasterize, read_annotations
+from twostage.data.layout import find_samples
 from twostage.data.synth import VARIANTS, PhantomStyle, render_hand, synthesize
 from twostage.errors import TwostageError
 from twostage.io import read_image

@@ -9,7 +9,8 @@ import torch
 from test_infer import tiny_checkpoint
 
 from twostage.classes import CLASSES, PALM_INDICES
-from twostage.data.layout import find_samples, rasterize
+from twostage.data.annotations import rasterize
+from twostage.data.layout import find_samples
 from twostage.data.synth import render_hand, synthesize
 from twostage.fusion import fuse, fuse_weights, thresholds
 from twostage.inference import chain as chain_module

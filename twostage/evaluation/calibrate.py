@@ -31,7 +31,8 @@ from tqdm import tqdm
 from .. import fusion
 from ..box import box_error, box_from_annotations
 from ..classes import CLASSES, PALM_CLASSES
-from ..data.layout import load_annotations, load_masks, select_samples
+from ..data.fixes import load_annotations, select_samples
+from ..data.masks import load_masks
 from ..errors import TwostageError
 from ..fusion import DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
 from ..inference.calibration import CALIBRATION_FILE, default_dir, pair_fields

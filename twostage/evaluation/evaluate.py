@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import CLASSES
-from ..data.layout import Fixes, load_masks, select_samples
+from ..data.fixes import Fixes, select_samples
+from ..data.masks import load_masks
 from ..io import make_dir, read_image, write_json_atomic, write_text_atomic
 from ..metrics import ScoreReport, score_csv, side_by_side
 from ..rle import decode, read_csv

@@ -372,7 +372,8 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
     """
     from tqdm import tqdm
 
-    from ..data.layout import load_masks, select_samples
+    from ..data.fixes import select_samples
+    from ..data.masks import load_masks
     from ..io import read_image
     from ..metrics import dice_per_class
 

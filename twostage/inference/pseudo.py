@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from ..classes import CLASSES
-from ..data.layout import IMAGE_DIR, JSON_DIR, Annotation, Sample, write_annotations
+from ..data.annotations import Annotation, write_annotations
+from ..data.layout import IMAGE_DIR, JSON_DIR, Sample
 from ..errors import TwostageError, first_few
 from ..io import check_new_dir, make_dir, png_size, read_json, run_lock, sha256_file, staging_dir, write_error, write_json_atomic
 

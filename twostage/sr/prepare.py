@@ -34,16 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import box as boxes
-from ..data.layout import (
-    Annotation,
-    Sample,
-    find_samples,
-    load_annotations,
-    parse_shard,
-    select_samples,
-    shard_slice,
-    write_annotations,
-)
+from ..data.annotations import Annotation, write_annotations
+from ..data.fixes import load_annotations, select_samples
+from ..data.layout import Sample, find_samples, parse_shard, shard_slice
 from ..errors import TwostageError
 from ..io import (
     describe_holder,

@@ -32,7 +32,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data.layout import Fixes, Sample, load_annotations, mask_boxes, rasterize
+from ..data.annotations import rasterize
+from ..data.fixes import Fixes, load_annotations
+from ..data.layout import Sample
+from ..data.masks import mask_boxes
 from ..errors import TwostageError
 from ..io import read_image, sha256_file, write_json_atomic
 from ..models import resize_images

@@ -22,7 +22,8 @@ from torch import nn
 from ..box import crop_image, palm_input_warning
 from ..checkpoint import save_checkpoint
 from ..config import StageConfig
-from ..data.layout import Fixes, MaskCache, load_masks, select_samples
+from ..data.fixes import Fixes, select_samples
+from ..data.masks import MaskCache, load_masks
 from ..devices import out_of_memory_as_error
 from ..errors import TwostageError
 from ..fusion import binarize, thresholds
