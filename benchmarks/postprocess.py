@@ -41,7 +41,7 @@ from twostage.fusion import fuse, thresholds
 from twostage.inference.chain import ChainOptions, TwoStage
 from twostage.inference.infer import STAGES, infer
 from twostage.inference.upsample import threshold_upsample
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.models import build_model, default_normalization, resize_images
 from twostage.rle import CsvWriter, decode, encode_masks, read_csv, write_csv
 from twostage.sr.upscale import make_upscaler

@@ -60,7 +60,7 @@ def test_calibrate_reports_the_global_models_box_errors(setup, tmp_path):
     from twostage.data.fixes import load_annotations
     from twostage.data.layout import find_samples
     from twostage.inference.chain import TwoStage
-    from twostage.io import read_image
+    from twostage.io.images import read_image
 
     r = calibrate(setup["root"], setup["global"], setup["palm"], tmp_path, threshold_grid=[0.5], holdout=False)
     chain = TwoStage.build(setup["global"], setup["palm"], calibration="none")

@@ -15,7 +15,7 @@ from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
 from twostage.evaluation.visualize import _Predictions
 from twostage.inference.chain import ChainOptions, TwoStage
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.metrics import score_csv
 from twostage.rle import decode, read_csv
 

@@ -18,7 +18,7 @@ from twostage.data.layout import find_samples
 from twostage.data.masks import MaskCache, load_masks
 from twostage.data.metadata import load_metadata
 from twostage.errors import TwostageError
-from twostage.io import png_size, read_image
+from twostage.io.images import png_size, read_image
 
 EXAMPLE_FIXES = Path(__file__).parent / "data" / "fixes_synth.yaml"
 

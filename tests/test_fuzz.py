@@ -187,7 +187,7 @@ def png_files(draw) -> bytes:
 @example(data=b"")
 def test_png(folder, data):
     """read_image: an (H, W) uint8 image of the declared size within the limit, or one error."""
-    from twostage.io import png_size, read_image, read_image_raw
+    from twostage.io.images import png_size, read_image, read_image_raw
 
     path = folder / "image.png"
     path.write_bytes(data)
@@ -205,7 +205,7 @@ MEASURE = """
 import resource, sys
 import cv2
 from twostage.errors import TwostageError
-from twostage.io import read_image
+from twostage.io.images import read_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     read_image(sys.argv[1])
@@ -243,7 +243,7 @@ def test_valid_png_is_read(folder, data):
     """Every PNG OpenCV writes within the limit is read, as its first channel scaled to 8 bits."""
     import cv2
 
-    from twostage.io import read_image, to_gray8
+    from twostage.io.images import read_image, to_gray8
 
     path = folder / "valid.png"
     path.write_bytes(data)
@@ -699,7 +699,7 @@ def test_calibration_record(folder, data):
     """calibration.json (sha256 of the pair right or wrong): values the chain can use, None, or one error."""
     from twostage import fusion
     from twostage.inference.calibration import find_calibration
-    from twostage.io import sha256_file
+    from twostage.io.files import sha256_file
 
     g, p = folder / "g.pt", folder / "p.pt"
     g.write_bytes(b"global")

@@ -26,7 +26,7 @@ from twostage.errors import TwostageError
 from twostage.inference.chain import ChainOptions, TwoStage
 from twostage.inference.infer import infer
 from twostage.inference.probs import read_probs
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.metrics import dice_per_class, score_csv
 from twostage.models import build_model, default_normalization
 from twostage.rle import decode, read_csv

@@ -15,7 +15,7 @@ from twostage.config import load_config
 from twostage.data.fixes import Fixes
 from twostage.data.layout import find_samples
 from twostage.data.masks import load_masks
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.models import resize_images
 from twostage.train import GlobalDataset, PalmDataset, collate, load_palm_items, make_batch
 from twostage.train.augment import densify

@@ -22,7 +22,7 @@ from twostage.data.annotations import rasterize, read_annotations, write_annotat
 from twostage.data.layout import find_samples
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.metrics import dice_per_class
 from twostage.sr.prepare import load_palm_set, prepare_sr
 from twostage.sr.upscale import make_upscaler

@@ -28,7 +28,7 @@ from twostage.inference.pseudo import (
     pseudo_label,
     read_pseudo_record,
 )
-from twostage.io import sha256_file
+from twostage.io.files import sha256_file
 from twostage.metrics import dice_per_class
 from twostage.rle import decode, encode_masks, read_csv, write_csv
 

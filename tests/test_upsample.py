@@ -17,7 +17,7 @@ from twostage.inference import chain as chain_module
 from twostage.inference import upsample
 from twostage.inference.chain import TwoStage
 from twostage.inference.infer import infer
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.models import Predictor, resize_images
 from twostage.rle import decode, encode_masks, read_csv
 

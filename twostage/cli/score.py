@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..io import write_json_atomic
+    from ..io.files import write_json_atomic
     from ..metrics import score_csv
 
     report = score_csv(args.pred, args.gt, fixes=args.fixes, classes=args.classes)

@@ -10,7 +10,8 @@ import numpy as np
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import read_json, write_json_atomic
+from ..io.files import write_json_atomic
+from ..io.readers import read_json
 
 MAX_COORDINATE = 2**31 - 1
 """Largest |x| or |y| of a polygon point: points are stored as int32 (beyond it they would wrap)."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import read_image_raw
+from ..io.images import read_image_raw
 from .annotations import read_annotations
 from .fixes import Fixes
 from .layout import IMAGE_DIR, JSON_DIR, Sample, find_samples

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import read_yaml
+from ..io.readers import read_yaml
 from .annotations import Annotation, read_annotations
 from .layout import Sample, find_samples
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import png_size, sha256_file, write_bytes_atomic
+from ..io.files import sha256_file, write_bytes_atomic
+from ..io.images import png_size
 from .annotations import rasterize
 from .fixes import Fixes, load_annotations
 from .layout import Sample

@@ -37,7 +37,8 @@ from ..errors import TwostageError
 from ..fusion import DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
 from ..inference.calibration import CALIBRATION_FILE, default_dir, pair_fields
 from ..inference.chain import TwoStage
-from ..io import read_image, write_json_atomic, write_text_atomic
+from ..io.files import write_json_atomic, write_text_atomic
+from ..io.images import read_image
 from ..metrics import DICE_EPS
 from ..models import resize_images
 

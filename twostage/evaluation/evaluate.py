@@ -17,7 +17,8 @@ import numpy as np
 from ..classes import CLASSES
 from ..data.fixes import Fixes, select_samples
 from ..data.masks import load_masks
-from ..io import make_dir, read_image, write_json_atomic, write_text_atomic
+from ..io.files import make_dir, write_json_atomic, write_text_atomic
+from ..io.images import read_image
 from ..metrics import ScoreReport, score_csv, side_by_side
 from ..rle import decode, read_csv
 

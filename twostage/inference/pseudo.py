@@ -31,7 +31,10 @@ from ..classes import CLASSES
 from ..data.annotations import Annotation, write_annotations
 from ..data.layout import IMAGE_DIR, JSON_DIR, Sample
 from ..errors import TwostageError, first_few
-from ..io import check_new_dir, make_dir, png_size, read_json, run_lock, sha256_file, staging_dir, write_error, write_json_atomic
+from ..io.files import check_new_dir, make_dir, sha256_file, staging_dir, write_error, write_json_atomic
+from ..io.images import png_size
+from ..io.locks import run_lock
+from ..io.readers import read_json
 
 log = logging.getLogger(__name__)
 

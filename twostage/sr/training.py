@@ -192,7 +192,7 @@ def palm_regions(root: str | os.PathLike, margin: float = DEFAULT_MARGIN, contex
     """(ID, region) of every annotated training image with carpals: the palm box (prepare-sr's
     rule) grown by `context`, cut from the native-resolution image (uint8)."""
     from ..box import BoxRule, crop_image
-    from ..io import read_image
+    from ..io.images import read_image
     from .prepare import palm_items
 
     root = Path(root)
@@ -400,7 +400,7 @@ def train_sr(name: str, cfg: SRConfig, weights_dir: str | os.PathLike | None = N
 
     from ..checkpoint import load_weights_only
     from ..devices import torch_device
-    from ..io import atomic_path, make_dir, sha256_file, write_text_atomic
+    from ..io.files import atomic_path, make_dir, sha256_file, write_text_atomic
     from ..train.loop import lr_lambda
     from ..train.run import append_metrics, check_resume_config, seed_everything
     from . import weights

@@ -20,7 +20,7 @@ import torch
 from ..box import Box, jitter_box
 from ..config import StageConfig
 from ..errors import TwostageError
-from ..io import png_size
+from ..io.images import png_size
 from ..models import input_hw
 from ..sr.prepare import read_item_manifest
 from .augment import IDENTITY, draw_params

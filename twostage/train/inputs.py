@@ -37,7 +37,8 @@ from ..data.fixes import Fixes, load_annotations
 from ..data.layout import Sample
 from ..data.masks import mask_boxes
 from ..errors import TwostageError
-from ..io import read_image, sha256_file, write_json_atomic
+from ..io.files import sha256_file, write_json_atomic
+from ..io.images import read_image
 from ..models import resize_images
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,8 @@ from ..data.masks import MaskCache, load_masks
 from ..devices import out_of_memory_as_error
 from ..errors import TwostageError
 from ..fusion import binarize, thresholds
-from ..io import png_size, read_image, write_json_atomic
+from ..io.files import write_json_atomic
+from ..io.images import png_size, read_image
 from ..metrics import dice_per_class, summarize
 from ..models import Predictor, SegmentationNet, build_model, input_hw, normalize
 from ..sr.prepare import MANIFEST_DIR, load_palm_set
