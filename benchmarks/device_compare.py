@@ -225,7 +225,8 @@ def confident_models(images: Path, out: Path, device: str = "cpu", sets: list[st
     from twostage.classes import CLASSES
     from twostage.inference.chain import TwoStage
     from twostage.inference.infer import find_images
-    from twostage.io import read_image, write_png_atomic
+    from twostage.io.files import write_png_atomic
+    from twostage.io.images import read_image
     from twostage.models import Predictor
     from twostage.sr.upscale import make_upscaler
 

@@ -36,9 +36,10 @@ import torch
 
 from twostage.box import crop_image, jitter_box
 from twostage.config import load_config
-from twostage.data.layout import MaskCache, find_samples, load_masks
+from twostage.data.layout import find_samples
+from twostage.data.masks import MaskCache, load_masks
 from twostage.data.synth import synthesize
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.models import input_hw, resize_images
 from twostage.sr.prepare import prepare_sr
 from twostage.train import GlobalDataset, PalmDataset, collate, item_rng, load_palm_items, make_batch

@@ -40,7 +40,8 @@ from twostage.inference.chain import TwoStage
 from twostage.inference.export import export
 from twostage.inference.infer import run
 from twostage.inference.onnx_backend import exported_chain
-from twostage.io import read_image, sha256_file
+from twostage.io.files import sha256_file
+from twostage.io.images import read_image
 from twostage.rle import decode, read_csv
 from twostage.sr.compat import import_basicsr
 from twostage.sr.upscale import make_upscaler

@@ -34,13 +34,14 @@ import torch
 from twostage.box import BoxRule, box_from_annotations, crop_image
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
-from twostage.data.layout import find_samples, rasterize, read_annotations
+from twostage.data.annotations import rasterize, read_annotations
+from twostage.data.layout import find_samples
 from twostage.data.synth import synthesize
 from twostage.fusion import fuse, thresholds
 from twostage.inference.chain import ChainOptions, TwoStage
 from twostage.inference.infer import STAGES, infer
 from twostage.inference.upsample import threshold_upsample
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.models import build_model, resize_images
 from twostage.pretrained import default_normalization
 from twostage.rle import CsvWriter, decode, encode_masks, read_csv, write_csv

@@ -57,7 +57,7 @@ def make_rrdb_weights(directory: Path, names: tuple[str, ...] = ("RealESRGAN_x4p
     import torch
     import yaml
 
-    from twostage.io import sha256_file
+    from twostage.io.files import sha256_file
     from twostage.sr import weights
 
     shipped = weights.load_manifest(weights.shipped_manifest())

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from twostage.data.layout import rasterize
+from twostage.data.annotations import rasterize
 from twostage.data.synth import render_hand
 from twostage.rle import decode, encode_masks
 

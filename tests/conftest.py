@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from twostage.classes import CLASSES, PALM_CLASSES
-from twostage.data.layout import Annotation, write_annotations
-from twostage.io import write_png_atomic
+from twostage.data.annotations import Annotation, write_annotations
+from twostage.io.files import write_png_atomic
 
 # Tests never touch the network: model hubs answer offline at once (set before anything
 # imports huggingface_hub, which reads it at import); subprocesses inherit it.
@@ -167,7 +167,7 @@ def write_sr_weights(directory: Path, url_base: str = "https://example.invalid/"
     import torch
     import yaml
 
-    from twostage.io import sha256_file
+    from twostage.io.files import sha256_file
     from twostage.sr.compat import import_basicsr
 
     RRDBNet, SRVGGNetCompact = import_basicsr()

@@ -10,7 +10,7 @@ import torch
 
 from twostage import box as B
 from twostage.classes import PALM_CLASSES, PALM_INDICES
-from twostage.data.layout import Annotation, rasterize
+from twostage.data.annotations import Annotation, rasterize
 from twostage.data.synth import render_hand
 from twostage.errors import TwostageError
 from twostage.metrics import dice_per_class

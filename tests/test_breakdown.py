@@ -8,7 +8,8 @@ import pytest
 
 from twostage.classes import CLASSES
 from twostage.cli import main
-from twostage.data.layout import find_samples, load_masks
+from twostage.data.layout import find_samples
+from twostage.data.masks import load_masks
 from twostage.errors import TwostageError
 from twostage.evaluation.score import UNKNOWN_GROUP, breakdown_by
 from twostage.metrics import summarize

@@ -57,9 +57,10 @@ def test_calibrated_files_never_score_worse_than_defaults(setup, tmp_path, capsy
 def test_calibrate_reports_the_global_models_box_errors(setup, tmp_path):
     """The box error in the record is the chain's predicted box against the annotations' box."""
     from twostage.box import box_error, box_from_annotations
-    from twostage.data.layout import find_samples, load_annotations
+    from twostage.data.fixes import load_annotations
+    from twostage.data.layout import find_samples
     from twostage.inference.chain import TwoStage
-    from twostage.io import read_image
+    from twostage.io.images import read_image
 
     r = calibrate(setup["root"], setup["global"], setup["palm"], tmp_path, threshold_grid=[0.5], holdout=False)
     chain = TwoStage.build(setup["global"], setup["palm"], calibration="none")

@@ -16,7 +16,7 @@ from twostage.errors import TwostageError
 from twostage.evaluation.score import score_csv
 from twostage.evaluation.visualize import _Predictions
 from twostage.inference.chain import ChainOptions, TwoStage
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.rle import decode, read_csv
 
 OPTIONS = {  # flag -> value; each changes the fused CSV of the tiny random models

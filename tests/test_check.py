@@ -10,8 +10,8 @@ import pytest
 from conftest import grid_annotations, phantom, run_cli
 
 from twostage.cli import main
+from twostage.data.annotations import Annotation
 from twostage.data.check import check_dataset
-from twostage.data.layout import Annotation
 
 
 def _codes(report) -> dict[str, int]:

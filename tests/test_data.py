@@ -12,19 +12,13 @@ import pytest
 from conftest import phantom
 
 from twostage.classes import CLASSES, PALM_CLASSES
-from twostage.data.layout import (
-    Annotation,
-    Fixes,
-    MaskCache,
-    find_samples,
-    load_annotations,
-    load_masks,
-    load_metadata,
-    rasterize,
-    read_annotations,
-)
+from twostage.data.annotations import Annotation, rasterize, read_annotations
+from twostage.data.fixes import Fixes, load_annotations
+from twostage.data.layout import find_samples
+from twostage.data.masks import MaskCache, load_masks
+from twostage.data.metadata import load_metadata
 from twostage.errors import TwostageError
-from twostage.io import png_size, read_image
+from twostage.io.images import png_size, read_image
 
 EXAMPLE_FIXES = Path(__file__).parent / "data" / "fixes_synth.yaml"
 

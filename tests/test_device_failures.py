@@ -166,7 +166,7 @@ def test_skip_bad_covers_a_broken_upscaler(world, tmp_path, make_sr_weights, mak
     every image is listed and written empty (29 rows each), exit 0."""
     import yaml
 
-    from twostage.io import sha256_file
+    from twostage.io.files import sha256_file
 
     wdir = tmp_path / "weights"
     wdir.mkdir()

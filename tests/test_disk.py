@@ -34,8 +34,8 @@ def world(make_world) -> dict:
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """Every temporary file of `io.atomic_path` is a link to /dev/full: writes fail with ENOSPC."""
-    import twostage.io
+    """Every temporary file of `io.files.atomic_path` is a link to /dev/full: writes fail with ENOSPC."""
+    import twostage.io.files
 
     if not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
@@ -48,18 +48,18 @@ def full_disk(monkeypatch):
         os.symlink("/dev/full", path)
         return os.open(path, os.O_WRONLY), path
 
-    monkeypatch.setattr(twostage.io.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(twostage.io.files.tempfile, "mkstemp", mkstemp)
 
 
 @pytest.fixture
 def read_only_mkstemp(monkeypatch):
     """Creating the temporary file fails as on a read-only mount (EROFS)."""
-    import twostage.io
+    import twostage.io.files
 
     def mkstemp(*args, dir=None, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.path.join(dir or ".", "tmp"))
 
-    monkeypatch.setattr(twostage.io.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(twostage.io.files.tempfile, "mkstemp", mkstemp)
 
 
 def error_lines(capfd) -> list[str]:
@@ -75,7 +75,7 @@ def _writers(tmp: Path):
     """(final path, write) of every kind of atomic write the commands make."""
     from twostage.checkpoint import save_checkpoint
     from twostage.inference.probs import write_probs
-    from twostage.io import write_json_atomic, write_png_atomic, write_text_atomic
+    from twostage.io.files import write_json_atomic, write_png_atomic, write_text_atomic
     from twostage.rle import write_csv
 
     meta = {"stage": "global", "classes": ["a"], "model": {}, "input_size": 8, "normalization": {}}
@@ -113,7 +113,7 @@ def test_infer_on_a_full_disk(world, tmp_path, full_disk, capfd):
 
 def test_errors_of_other_files_are_not_called_write_errors(tmp_path):
     """Inside an atomic write, an OSError about another file is not reported as this write's."""
-    from twostage.io import atomic_path
+    from twostage.io.files import atomic_path
 
     with pytest.raises(FileNotFoundError):
         with atomic_path(tmp_path / "out.csv"):
@@ -174,7 +174,7 @@ def test_outputs_in_a_real_read_only_folder(world, tmpfs, capfd):
 
 HOLD = """
 import json, sys, time
-from twostage.io import run_lock
+from twostage.io.locks import run_lock
 with run_lock(sys.argv[1], "twostage infer", tag=sys.argv[2], info=json.loads(sys.argv[3])):
     print("locked", flush=True)
     time.sleep(120)

@@ -24,7 +24,7 @@ from twostage.errors import TwostageError
 from twostage.inference.chain import TwoStage
 from twostage.inference.export import TOLERANCE, export
 from twostage.inference.onnx_backend import CHAIN_FILE, OnnxNet, read_exported
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.rle import decode, read_csv
 from twostage.sr.upscale import make_upscaler
 

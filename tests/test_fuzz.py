@@ -187,7 +187,7 @@ def png_files(draw) -> bytes:
 @example(data=b"")
 def test_png(folder, data):
     """read_image: an (H, W) uint8 image of the declared size within the limit, or one error."""
-    from twostage.io import png_size, read_image, read_image_raw
+    from twostage.io.images import png_size, read_image, read_image_raw
 
     path = folder / "image.png"
     path.write_bytes(data)
@@ -205,7 +205,7 @@ MEASURE = """
 import resource, sys
 import cv2
 from twostage.errors import TwostageError
-from twostage.io import read_image
+from twostage.io.images import read_image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     read_image(sys.argv[1])
@@ -243,7 +243,7 @@ def test_valid_png_is_read(folder, data):
     """Every PNG OpenCV writes within the limit is read, as its first channel scaled to 8 bits."""
     import cv2
 
-    from twostage.io import read_image, to_gray8
+    from twostage.io.images import read_image, to_gray8
 
     path = folder / "valid.png"
     path.write_bytes(data)
@@ -269,7 +269,7 @@ def test_annotation_json(folder, data):
     """read_annotations: labels and int32 points that rasterising, the training box and the
     prepare-sr mapping take without error or warning; or one error."""
     from twostage.box import BoxRule, box_from_annotations
-    from twostage.data.layout import rasterize, read_annotations
+    from twostage.data.annotations import rasterize, read_annotations
     from twostage.sr.prepare import map_annotations
 
     path = folder / "image.json"
@@ -295,7 +295,7 @@ def test_annotation_json(folder, data):
                                                                   max_size=5)), max_size=4))
 def test_valid_annotations_are_read(folder, anns):
     """Any integer points within int32 (also far outside the image) are read exactly."""
-    from twostage.data.layout import read_annotations
+    from twostage.data.annotations import read_annotations
 
     path = folder / "valid.json"
     path.write_text(json.dumps({"annotations": [{"label": c, "points": [list(p) for p in pts]} for c, pts in anns]}))
@@ -317,7 +317,9 @@ FIXES = st.dictionaries(
 @given(data=documents(FIXES, YAML_NASTY))
 def test_fixes_yaml(folder, data):
     """Fixes.load: fixes that apply to an image (relabel/drop/digest/keep work), or one error."""
-    from twostage.data.layout import Annotation, Fixes, Sample
+    from twostage.data.annotations import Annotation
+    from twostage.data.fixes import Fixes
+    from twostage.data.layout import Sample
 
     path = folder / "fixes.yaml"
     path.write_bytes(data)
@@ -697,7 +699,7 @@ def test_calibration_record(folder, data):
     """calibration.json (sha256 of the pair right or wrong): values the chain can use, None, or one error."""
     from twostage import fusion
     from twostage.inference.calibration import find_calibration
-    from twostage.io import sha256_file
+    from twostage.io.files import sha256_file
 
     g, p = folder / "g.pt", folder / "p.pt"
     g.write_bytes(b"global")
@@ -721,7 +723,7 @@ METADATA = st.lists(st.lists(SCALARS.map(str), min_size=1, max_size=4), max_size
 @given(data=METADATA.flatmap(mutated_text) | st.binary(max_size=64))
 def test_metadata_table(folder, data):
     """meta_data.csv: a table by person ID, or one error."""
-    from twostage.data.layout import load_metadata
+    from twostage.data.metadata import load_metadata
 
     path = folder / "meta_data.csv"
     path.write_bytes(data)

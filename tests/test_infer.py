@@ -19,14 +19,15 @@ from twostage.box import BoxRule
 from twostage.checkpoint import save_checkpoint
 from twostage.classes import CLASSES, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main
-from twostage.data.layout import find_samples, rasterize, read_annotations
+from twostage.data.annotations import rasterize, read_annotations
+from twostage.data.layout import find_samples
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
 from twostage.evaluation.score import score_csv
 from twostage.inference.chain import ChainOptions, TwoStage
 from twostage.inference.infer import infer
 from twostage.inference.probs import read_probs
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.metrics import dice_per_class
 from twostage.models import build_model
 from twostage.pretrained import default_normalization

@@ -12,8 +12,10 @@ import torch
 
 from twostage.box import crop_image
 from twostage.config import load_config
-from twostage.data.layout import Fixes, find_samples, load_masks
-from twostage.io import read_image
+from twostage.data.fixes import Fixes
+from twostage.data.layout import find_samples
+from twostage.data.masks import load_masks
+from twostage.io.images import read_image
 from twostage.models import resize_images
 from twostage.train import GlobalDataset, PalmDataset, collate, load_palm_items, make_batch
 from twostage.train.augment import densify

@@ -18,11 +18,12 @@ from conftest import twostage_cmd
 from twostage import box as B
 from twostage.classes import CLASS_TO_INDEX, PALM_CLASSES, PALM_INDICES
 from twostage.cli import main as cli_main
-from twostage.data.layout import find_samples, rasterize, read_annotations, write_annotations
+from twostage.data.annotations import rasterize, read_annotations, write_annotations
+from twostage.data.layout import find_samples
 from twostage.data.palm_set import load_palm_set
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.metrics import dice_per_class
 from twostage.sr.prepare import prepare_sr
 from twostage.sr.upscale import make_upscaler

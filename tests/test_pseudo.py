@@ -14,13 +14,15 @@ import torch
 from conftest import assert_one_line_error, run_cli
 
 from twostage.classes import CLASSES
+from twostage.data.annotations import rasterize, read_annotations
 from twostage.data.check import check_dataset
-from twostage.data.layout import find_samples, load_masks, rasterize, read_annotations
+from twostage.data.layout import find_samples
+from twostage.data.masks import load_masks
 from twostage.data.pseudo_record import PSEUDO_RECORD, read_pseudo_record
 from twostage.errors import TwostageError
 from twostage.inference.probs import probs_file_name, read_probs, write_probs
 from twostage.inference.pseudo import class_confidence, mask_polygons, masks_to_annotations, pseudo_label
-from twostage.io import sha256_file
+from twostage.io.files import sha256_file
 from twostage.metrics import dice_per_class
 from twostage.rle import decode, encode_masks, read_csv, write_csv
 

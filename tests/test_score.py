@@ -10,7 +10,7 @@ from conftest import assert_one_line_error, run_cli
 
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
-from twostage.data.layout import Annotation, rasterize, write_annotations
+from twostage.data.annotations import Annotation, rasterize, write_annotations
 from twostage.errors import TwostageError
 from twostage.evaluation.score import score_csv
 from twostage.rle import encode_masks, read_csv, write_csv

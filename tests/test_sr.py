@@ -12,7 +12,7 @@ import yaml
 
 from twostage.cli import main as cli_main
 from twostage.errors import TwostageError
-from twostage.io import sha256_file
+from twostage.io.files import sha256_file
 from twostage.sr import weights as W
 from twostage.sr.upscale import make_upscaler
 

@@ -47,7 +47,7 @@ def test_palm_step_never_copies_through_host_memory(world, monkeypatch):
     crop is cut from the device copy, upscaled and fed to the palm network as a tensor."""
     from twostage.inference.chain import TwoStage
     from twostage.inference.infer import find_images
-    from twostage.io import read_image
+    from twostage.io.images import read_image
 
     chain = TwoStage.build(world["global"], world["palm"], weights_dir=world["weights"], calibration="none")
     samples = find_images(world["data"], "train")[:2]

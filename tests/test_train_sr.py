@@ -12,7 +12,7 @@ from conftest import run_cli, twostage_cmd
 from twostage.cli import main
 from twostage.data.synth import synthesize
 from twostage.errors import TwostageError
-from twostage.io import sha256_file
+from twostage.io.files import sha256_file
 from twostage.sr import weights as W
 from twostage.sr.degrade import DegradationConfig, Degrader
 from twostage.sr.patches import sample_patches, to_tensor

@@ -88,7 +88,7 @@ def test_train_resume_refuses_crafted_last(world, tmp_path):
 def test_weights_loader_refuses_crafted_pth_with_matching_hash(world, tmp_path, make_sr_weights):
     """The manifest pins the crafted file's own hash, so only weights_only stands in the way."""
     from twostage.errors import TwostageError
-    from twostage.io import sha256_file
+    from twostage.io.files import sha256_file
     from twostage.sr.weights import load_model
 
     wdir = tmp_path / "w"

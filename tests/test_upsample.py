@@ -9,14 +9,15 @@ import torch
 from test_infer import tiny_checkpoint
 
 from twostage.classes import CLASSES, PALM_INDICES
-from twostage.data.layout import find_samples, rasterize
+from twostage.data.annotations import rasterize
+from twostage.data.layout import find_samples
 from twostage.data.synth import render_hand, synthesize
 from twostage.fusion import fuse, fuse_weights, thresholds
 from twostage.inference import chain as chain_module
 from twostage.inference import upsample
 from twostage.inference.chain import TwoStage
 from twostage.inference.infer import infer
-from twostage.io import read_image
+from twostage.io.images import read_image
 from twostage.models import Predictor, resize_images
 from twostage.rle import decode, encode_masks, read_csv
 

@@ -9,7 +9,8 @@ import pytest
 
 from twostage.classes import CLASSES, PALM_CLASSES
 from twostage.cli import main
-from twostage.data.layout import find_samples, load_masks
+from twostage.data.layout import find_samples
+from twostage.data.masks import load_masks
 from twostage.errors import TwostageError
 from twostage.evaluation.visualize import BOX_COLOUR, CHART_COLOURS, dice_change_chart, visualize
 from twostage.rle import encode_masks, write_csv

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import TwostageError
-from .io import atomic_path
+from .io.files import atomic_path
 
 FORMAT = "twostage-ckpt-1"
 """Format tag written into every checkpoint; a file without it is not ours."""

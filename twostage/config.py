@@ -25,7 +25,8 @@ import yaml
 
 from .classes import CLASSES, PALM_CLASSES, class_indices
 from .errors import TwostageError
-from .io import parse_yaml, read_yaml, write_text_atomic
+from .io.files import write_text_atomic
+from .io.readers import parse_yaml, read_yaml
 
 STAGES = ("global", "palm")
 """Stage kinds: `global` segments all 29 classes on the whole image; `palm` the carpals on SR crops."""

@@ -25,7 +25,7 @@ import torch
 
 from .classes import CLASSES, PALM_CLASSES, class_indices
 from .errors import TwostageError
-from .io import read_yaml
+from .io.readers import read_yaml
 
 DEFAULT_PALM_WEIGHT = 0.7
 """a_c for every class the palm model predicts, unless overridden (`--fuse-weights`)."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from .classes import CLASSES
 from .errors import TwostageError
-from .io import atomic_path
+from .io.files import atomic_path
 
 CSV_HEADER = ("image_name", "class", "rle")
 CSV_FIELD_LIMIT = 2**31 - 1

@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from ..evaluation.calibrate import calibrate, parse_grid
-    from ..io import write_json_atomic
+    from ..io.files import write_json_atomic
 
     result = calibrate(
         args.data, args.global_ckpt, args.palm_ckpt, args.out,

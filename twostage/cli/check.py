@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from ..data.check import check_dataset
-    from ..io import write_json_atomic
+    from ..io.files import write_json_atomic
 
     report = check_dataset(args.data, fixes=args.fixes, expected_size=args.size)
     print(report.text())

@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     from ..evaluation.score import score_csv
-    from ..io import write_json_atomic
+    from ..io.files import write_json_atomic
 
     report = score_csv(args.pred, args.gt, fixes=args.fixes, classes=args.classes)
     print(report.table())

@@ -16,8 +16,11 @@ import numpy as np
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import read_image_raw
-from .layout import IMAGE_DIR, JSON_DIR, Fixes, Sample, find_samples, load_metadata, read_annotations
+from ..io.images import read_image_raw
+from .annotations import read_annotations
+from .fixes import Fixes
+from .layout import IMAGE_DIR, JSON_DIR, Sample, find_samples
+from .metadata import load_metadata
 
 EXAMPLES = 5  # examples kept per problem
 

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..errors import TwostageError
-from ..io import read_json
+from ..io.readers import read_json
 from .layout import Sample
 
 PALMSET = "palmset.json"

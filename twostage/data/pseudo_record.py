@@ -9,7 +9,7 @@ from typing import Any
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import read_json
+from ..io.readers import read_json
 from .layout import IMAGE_DIR
 
 PSEUDO_RECORD = "pseudo.json"

@@ -29,8 +29,9 @@ import numpy as np
 
 from ..classes import CLASSES, FINGER_CHAINS, FOREARM, PALM_CLASSES
 from ..errors import TwostageError
-from ..io import write_png_atomic, write_text_atomic
-from .layout import IMAGE_DIR, JSON_DIR, Annotation, write_annotations
+from ..io.files import write_png_atomic, write_text_atomic
+from .annotations import Annotation, write_annotations
+from .layout import IMAGE_DIR, JSON_DIR
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,14 @@ from tqdm import tqdm
 from .. import fusion
 from ..box import box_error, box_from_annotations
 from ..classes import CLASSES, PALM_CLASSES
-from ..data.layout import load_annotations, load_masks, select_samples
+from ..data.fixes import load_annotations, select_samples
+from ..data.masks import load_masks
 from ..errors import TwostageError
 from ..fusion import DEFAULT_PALM_WEIGHT, DEFAULT_THRESHOLD
 from ..inference.calibration import CALIBRATION_FILE, default_dir, pair_fields
 from ..inference.chain import TwoStage
-from ..io import read_image, write_json_atomic, write_text_atomic
+from ..io.files import write_json_atomic, write_text_atomic
+from ..io.images import read_image
 from ..metrics import DICE_EPS
 from ..models import resize_images
 

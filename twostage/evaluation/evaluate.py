@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ..classes import CLASSES
-from ..data.layout import Fixes, load_masks, select_samples
-from ..io import make_dir, read_image, write_json_atomic, write_text_atomic
+from ..data.fixes import Fixes, select_samples
+from ..data.masks import load_masks
+from ..io.files import make_dir, write_json_atomic, write_text_atomic
+from ..io.images import read_image
 from ..metrics import ScoreReport, side_by_side
 from ..rle import decode, read_csv
 from .score import score_csv

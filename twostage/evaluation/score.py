@@ -23,7 +23,7 @@ def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
     Args:
         pred_csv: the prediction CSV (may hold more classes than `classes`).
         gt_root: dataset root or split folder with DCM/ and outputs_json/ (see find_samples).
-        fixes: a `twostage.data.layout.Fixes` or the path of a fixes YAML; dropped images are not scored.
+        fixes: a `twostage.data.fixes.Fixes` or the path of a fixes YAML; dropped images are not scored.
         classes: class names to score (default all 29); every GT image needs a row for each.
     Raises:
         TwostageError: GT images or (image, class) rows missing from the CSV, a malformed
@@ -31,7 +31,8 @@ def score_csv(pred_csv: str | os.PathLike, gt_root: str | os.PathLike,
     """
     from tqdm import tqdm
 
-    from ..data.layout import load_masks, select_samples
+    from ..data.fixes import select_samples
+    from ..data.masks import load_masks
     from ..rle import decode, read_csv
 
     pred_csv = Path(pred_csv)
@@ -113,7 +114,7 @@ def breakdown_by(report: ScoreReport | dict[str, np.ndarray], metadata: dict[str
 
     Args:
         report: a ScoreReport (its per-image Dice) or {image_name: (C,) Dice}.
-        metadata: `twostage.data.layout.load_metadata` table {person ID: {column: value}}.
+        metadata: `twostage.data.metadata.load_metadata` table {person ID: {column: value}}.
         key: column name (lower-case, as load_metadata names it, e.g. "age", "sex").
         ids: {image_name: person ID} (`Sample.id`), joining images to metadata rows.
         bins: for a numeric column, ascending bin edges ([20, 40, 60] → "<20", "20-40",
@@ -178,7 +179,8 @@ def breakdown_table(groups: dict[str, ScoreReport], key: str) -> str:
 def metadata_breakdown(report: ScoreReport, gt_root: str | os.PathLike, key: str,
                        bins: Sequence[float] | int | None = None) -> dict[str, ScoreReport]:
     """`breakdown_by` for a report scored against `gt_root`: its metadata table and person IDs."""
-    from ..data.layout import find_samples, load_metadata
+    from ..data.layout import find_samples
+    from ..data.metadata import load_metadata
 
     metadata = load_metadata(gt_root)
     if not metadata:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..classes import CLASSES, GROUPS, PALM_CLASSES
 from ..errors import TwostageError
-from ..io import write_png_atomic
+from ..io.files import write_png_atomic
 
 # BGR colours (OpenCV order).
 TRUE_POSITIVE = (80, 200, 60)
@@ -372,8 +372,9 @@ def visualize(data: str | os.PathLike, out: str | os.PathLike, *, csv: str | os.
     """
     from tqdm import tqdm
 
-    from ..data.layout import load_masks, select_samples
-    from ..io import read_image
+    from ..data.fixes import select_samples
+    from ..data.masks import load_masks
+    from ..io.images import read_image
     from ..metrics import dice_per_class
 
     if (csv is None) == (global_ckpt is None):

@@ -15,7 +15,8 @@ from pathlib import Path
 from .. import fusion
 from ..checkpoint import checkpoint_file
 from ..errors import TwostageError
-from ..io import read_yaml, sha256_file
+from ..io.files import sha256_file
+from ..io.readers import read_yaml
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ Each network is traced with dynamic batch, height and width, checked against PyT
 ONNX Runtime at the example size and at another one; where the graph cannot follow another
 size (UPerNet's adaptive pooling: ONNX has no adaptive pool, the exporter bakes the example's
 pooling windows in), it is written for the fixed input size it runs at and chain.yaml says
-why. Nothing is written under OUT unless every file exported and agreed (`io.staging_dir`).
+why. Nothing is written under OUT unless every file exported and agreed (`io.files.staging_dir`).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from torch import nn
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import check_new_dir, native_messages, sha256_file, staging_dir, write_text_atomic
+from ..io.files import check_new_dir, sha256_file, staging_dir, write_text_atomic
+from ..io.native import native_messages
 from .onnx_backend import CHAIN_FILE, FORMAT, OnnxNet
 
 log = logging.getLogger(__name__)

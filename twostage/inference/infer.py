@@ -28,7 +28,8 @@ from ..classes import CLASSES
 from ..data.layout import Sample, find_samples, shard_slice
 from ..devices import out_of_memory_as_error
 from ..errors import TwostageError
-from ..io import read_image, run_lock
+from ..io.images import read_image
+from ..io.locks import run_lock
 from ..sr.upscale import tile_hint
 from .chain import Segmentation, TwoStage
 from .probs import probs_file_name, write_probs

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import read_yaml, sha256_file
+from ..io.files import sha256_file
+from ..io.readers import read_yaml
 
 FORMAT = "twostage-export-1"
 CHAIN_FILE = "chain.yaml"

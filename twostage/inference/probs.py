@@ -16,7 +16,8 @@ import torch
 
 from ..classes import CLASSES
 from ..errors import TwostageError
-from ..io import ENV_MAX_PIXELS, atomic_path, max_pixels
+from ..io.files import atomic_path
+from ..io.images import ENV_MAX_PIXELS, max_pixels
 
 PROBS_SCALE = 255
 """Saved probabilities are uint8 round(p·255): 1/510 worst-case error, 4× smaller than float32."""
@@ -67,7 +68,7 @@ def _header(z, name: str) -> tuple[tuple[int, ...], np.dtype]:
 
 
 def _check_arrays(z, path: str | os.PathLike) -> None:
-    """`probs` (C, H, W) uint8 and `classes` (C,) str, C ≤ 29 and H·W within `io.max_pixels()`."""
+    """`probs` (C, H, W) uint8 and `classes` (C,) str, C ≤ 29 and H·W within `io.images.max_pixels()`."""
     if not isinstance(z, np.lib.npyio.NpzFile) or {"probs", "classes"} - set(z.files):
         raise TwostageError(f"{path}: not a saved-probabilities file (needs arrays 'probs' and 'classes')")
     shape, dtype = _header(z, "probs")

@@ -28,10 +28,13 @@ import numpy as np
 import torch
 
 from ..classes import CLASSES
-from ..data.layout import IMAGE_DIR, JSON_DIR, Annotation, Sample, write_annotations
+from ..data.annotations import Annotation, write_annotations
+from ..data.layout import IMAGE_DIR, JSON_DIR, Sample
 from ..data.pseudo_record import PSEUDO_RECORD, RECORD_FORMAT
 from ..errors import TwostageError, first_few
-from ..io import check_new_dir, make_dir, png_size, run_lock, sha256_file, staging_dir, write_error, write_json_atomic
+from ..io.files import check_new_dir, make_dir, sha256_file, staging_dir, write_error, write_json_atomic
+from ..io.images import png_size
+from ..io.locks import run_lock
 
 log = logging.getLogger(__name__)
 

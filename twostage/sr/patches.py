@@ -29,7 +29,7 @@ def palm_regions(root: str | os.PathLike, margin: float = DEFAULT_MARGIN, contex
     """(ID, region) of every annotated training image with carpals: the palm box (prepare-sr's
     rule) grown by `context`, cut from the native-resolution image (uint8)."""
     from ..box import BoxRule, crop_image
-    from ..io import read_image
+    from ..io.images import read_image
     from .prepare import palm_items
 
     root = Path(root)

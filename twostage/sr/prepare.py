@@ -14,7 +14,7 @@ model to miss carpals. `shard=(i, n)` processes the i-th of n contiguous slices 
 sorted items (the `--shard` of every command); every shard writes the same palmset.json
 (computed from all boxes). Shards of one setting may run in parallel into one folder; a run
 of a shard already running there, or with other settings than a running one, is refused
-(`io.run_lock`).
+(`io.locks.run_lock`).
 """
 from __future__ import annotations
 
@@ -27,28 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from .. import box as boxes
-from ..data.layout import (
-    Annotation,
-    find_samples,
-    load_annotations,
-    parse_shard,
-    select_samples,
-    shard_slice,
-    write_annotations,
-)
+from ..data.annotations import Annotation, write_annotations
+from ..data.fixes import load_annotations, select_samples
+from ..data.layout import find_samples, parse_shard, shard_slice
 from ..data.palm_set import FORMAT, PALMSET, SETTING_KEYS, item_paths, load_palm_set
 from ..errors import TwostageError
-from ..io import (
-    describe_holder,
-    other_holders,
-    png_size,
-    read_image,
-    read_json,
-    run_lock,
-    sha256_file,
-    write_json_atomic,
-    write_png_atomic,
-)
+from ..io.files import sha256_file, write_json_atomic, write_png_atomic
+from ..io.images import png_size, read_image
+from ..io.locks import describe_holder, other_holders, run_lock
+from ..io.readers import read_json
 
 log = logging.getLogger(__name__)
 

@@ -146,7 +146,7 @@ class _Trainer:
         import yaml
 
         from ..checkpoint import load_weights_only
-        from ..io import make_dir, write_text_atomic
+        from ..io.files import make_dir, write_text_atomic
 
         if resume:
             state = load_weights_only(self.run / STATE, "train-sr state", map_location=self.dev)
@@ -167,7 +167,7 @@ class _Trainer:
         """Write the resumable state (atomically: an interrupted save leaves the previous one)."""
         import torch
 
-        from ..io import atomic_path
+        from ..io.files import atomic_path
 
         state = {"step": self.step, "net": self.net.state_dict(), "ema": self.ema.state_dict(),
                  "optim": self.opt.state_dict(), **(self.disc.state() if self.disc is not None else {})}
@@ -258,7 +258,7 @@ def _register(name: str, trainer: _Trainer, last_q: dict,
 
     import torch
 
-    from ..io import atomic_path, sha256_file
+    from ..io.files import atomic_path, sha256_file
     from . import weights
 
     cfg, regions = trainer.cfg, trainer.regions

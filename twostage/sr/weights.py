@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TwostageError
-from ..io import atomic_path, read_yaml, sha256_file, write_text_atomic
+from ..io.files import atomic_path, sha256_file, write_text_atomic
+from ..io.readers import read_yaml
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from ..box import Box, jitter_box
 from ..config import StageConfig
 from ..data.palm_set import read_item_manifest
 from ..errors import TwostageError
-from ..io import png_size
+from ..io.images import png_size
 from ..models import input_hw
 from .augment import IDENTITY, draw_params
 from .inputs import CanvasSpec, InputCache, open_cache

@@ -32,9 +32,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data.layout import Fixes, Sample, load_annotations, mask_boxes, rasterize
+from ..data.annotations import rasterize
+from ..data.fixes import Fixes, load_annotations
+from ..data.layout import Sample
+from ..data.masks import mask_boxes
 from ..errors import TwostageError
-from ..io import read_image, sha256_file, write_json_atomic
+from ..io.files import sha256_file, write_json_atomic
+from ..io.images import read_image
 from ..models import resize_images
 
 log = logging.getLogger(__name__)

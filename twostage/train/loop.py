@@ -23,7 +23,7 @@ from ..checkpoint import save_checkpoint
 from ..config import StageConfig
 from ..devices import out_of_memory_as_error
 from ..errors import TwostageError
-from ..io import write_json_atomic
+from ..io.files import write_json_atomic
 from ..metrics import summarize
 from ..models import SegmentationNet, build_model, input_hw, normalize
 from .augment import make_batch

@@ -13,7 +13,7 @@ import torch
 from ..checkpoint import load_checkpoint
 from ..config import StageConfig, config_from_dict, read_config_yaml
 from ..errors import TwostageError
-from ..io import make_dir, write_text_atomic
+from ..io.files import make_dir, write_text_atomic
 from ..models import input_hw
 from ..pretrained import default_normalization
 from .distributed import Dist

@@ -14,10 +14,11 @@ import torch
 
 from ..box import palm_input_warning
 from ..config import StageConfig
-from ..data.layout import Fixes, MaskCache, select_samples
+from ..data.fixes import Fixes, select_samples
+from ..data.masks import MaskCache
 from ..data.palm_set import MANIFEST_DIR, load_palm_set
 from ..errors import TwostageError
-from ..io import png_size
+from ..io.images import png_size
 from .datasets import GlobalDataset, PalmDataset, PalmItem, StageDataset, load_palm_items
 from .distributed import Dist, broadcast
 from .inputs import default_cache_dir

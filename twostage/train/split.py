@@ -8,7 +8,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import TwostageError
-from ..io import read_json, write_json_atomic
+from ..io.files import write_json_atomic
+from ..io.readers import read_json
 
 log = logging.getLogger(__name__)
 

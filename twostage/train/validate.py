@@ -10,9 +10,9 @@ from torch import nn
 
 from ..box import crop_image
 from ..config import StageConfig
-from ..data.layout import load_masks
+from ..data.masks import load_masks
 from ..fusion import binarize, thresholds
-from ..io import read_image
+from ..io.images import read_image
 from ..metrics import dice_per_class
 from ..models import Predictor
 from .datasets import PalmItem
