@@ -14,8 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "if its weights are in weights/, else an X-ray super-resolution network it trains on "
                     "the phantoms first, said plainly), trains the global and "
                     "the palm model with stages/demo-*.yaml, runs inference global-only and fused on the "
-                    "held-out set, scores both and writes a side-by-side table and pictures. About 15 "
-                    "minutes on a 2-core CPU; --quick about 3 (a smoke test, not the claim).",
+                    "held-out set, scores both and writes a side-by-side table and pictures. 5 to 15 "
+                    "minutes on a 2-core CPU; --quick 2 to 5 (a smoke test, not the claim).",
     )
     p.add_argument("--out", type=Path, default=Path("twostage-demo"), help="output folder (default: %(default)s)")
     p.add_argument("--size", type=int, default=512, help="phantom image size in pixels (default: %(default)s)")
