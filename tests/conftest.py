@@ -131,6 +131,16 @@ def make_phantoms(tmp_path_factory) -> Callable[..., Path]:
     return _make
 
 
+def bicubic_palm_set(data: Path, scale: int = 2) -> Path:
+    """The palm set of `data` (prepare-sr with bicubic x`scale`) at <data>/../PALM: the palm
+    training data of tests that need one but do not test prepare-sr itself."""
+    from twostage.sr.prepare import prepare_sr
+
+    out = data.parent / "PALM"
+    prepare_sr(data, out, upscaler="bicubic", scale=scale)
+    return out
+
+
 @pytest.fixture(scope="session")
 def make_world(tmp_path_factory, make_phantoms, make_tiny_checkpoint) -> Callable[..., dict]:
     """make_world(name, n=4, size=128, seed=0, palm=True): phantoms and random-init checkpoints

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bicubic_palm_set
 
 from twostage.box import crop_image
 from twostage.config import load_config
@@ -31,11 +32,7 @@ def data(make_phantoms) -> Path:
 
 @pytest.fixture(scope="module")
 def palm_data(data) -> Path:
-    from twostage.sr.prepare import prepare_sr
-
-    out = data.parent / "PALM"
-    prepare_sr(data, out, upscaler="bicubic", scale=2)
-    return out
+    return bicubic_palm_set(data)
 
 
 def cfg_for(stage: str, data: Path, *extra: str, input_size: int = 64):

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bicubic_palm_set
 
 from twostage.checkpoint import load_checkpoint
 from twostage.cli import main
@@ -38,11 +39,7 @@ def data(make_phantoms) -> Path:
 
 @pytest.fixture(scope="module")
 def palm_data(data) -> Path:
-    from twostage.sr.prepare import prepare_sr
-
-    out = data.parent / "PALM"
-    prepare_sr(data, out, upscaler="bicubic", scale=2)
-    return out
+    return bicubic_palm_set(data)
 
 
 def tiny(stage: str, data: Path, out: Path, *extra: str, epochs: int = 2):
