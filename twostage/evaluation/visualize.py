@@ -121,87 +121,123 @@ def dice_change_chart(path: str | os.PathLike, classes: Sequence[str], series: d
     pixels; an axis fitted to the changes shows them. Numbers sit in their own columns (the
     reference's Dice on the left; each series' Dice and change on the right) and tick labels
     above and below the plot, so no text crosses a bar or a grid line."""
-    import cv2
-
     others = [n for n in series if n != reference]
+    rows = _chart_rows(classes, series)
+    chart = _ChangeChart(rows, reference, others, width)
+    chart.draw_header()
+    chart.draw_grid()
+    chart.draw_rows()
+    write_png_atomic(path, chart.img)
+
+
+ChartRow = tuple[str, dict[str, float], bool] | None
+"""(label, {series: Dice}, bold), or None for a gap between groups."""
+
+
+def _chart_rows(classes: Sequence[str], series: dict[str, Sequence[float]]) -> list[ChartRow]:
+    """Carpals, the carpal mean and the overall mean (bold), then the other classes."""
     values = {n: np.asarray(series[n], np.float64) for n in series}
     carpal = [i for i, c in enumerate(classes) if c in PALM_CLASSES]
     rest = [i for i, c in enumerate(classes) if c not in PALM_CLASSES]
-    # rows: (label, {series: value}, bold); None is a gap
-    rows: list[tuple[str, dict[str, float], bool] | None] = [
-        (classes[i], {n: values[n][i] for n in series}, True) for i in carpal]
+    rows: list[ChartRow] = [(classes[i], {n: values[n][i] for n in series}, True) for i in carpal]
     if carpal:
         rows += [None, ("carpal mean", {n: float(np.mean(values[n][carpal])) for n in series}, True)]
     rows.append(("overall", {n: float(np.mean(values[n])) for n in series}, True))
     if rest:
         rows.append(None)
         rows += [(classes[i], {n: values[n][i] for n in series}, False) for i in rest]
-    deltas = [r[1][n] - r[1][reference] for r in rows if r for n in others]
-    deltas = [d for d in deltas if np.isfinite(d)] or [0.0]
-    lo, hi = min(0.0, min(deltas)), max(0.0, max(deltas))
-    step = _tick_step(max(hi - lo, 0.005))
-    lo, hi = np.floor(lo / step + 1e-9) * step, np.ceil(hi / step - 1e-9) * step
-    hi = max(hi, lo + step)
+    return rows
 
-    font, bar_h, gap = cv2.FONT_HERSHEY_SIMPLEX, 8, 2
-    row_h = 6 + len(others) * (bar_h + gap)
-    name_w, ref_w, col_w = 118, 70, 128
-    plot_x0, plot_x1 = name_w + ref_w + 24, width - col_w * len(others) - 24
-    top = 92
-    body = sum(row_h if r else 10 for r in rows)
-    height = top + body + 34
-    img = np.full((height, width, 3), 255, np.uint8)
-    ink, grey, light = (0, 0, 0), (90, 90, 90), (225, 225, 225)
 
-    def text(s: str, x: int, y: int, scale: float = 0.42, colour=ink, bold: bool = False, right: bool = False):
+class _ChangeChart:
+    """The canvas of `dice_change_chart`: an axis fitted to the changes (round ticks, zero
+    included), the name and reference columns left of the plot, one column per series right."""
+
+    FONT, BAR_H, GAP = 0, 8, 2  # cv2.FONT_HERSHEY_SIMPLEX
+    NAME_W, REF_W, COL_W, TOP = 118, 70, 128, 92
+    INK, GREY, LIGHT = (0, 0, 0), (90, 90, 90), (225, 225, 225)
+
+    def __init__(self, rows: list[ChartRow], reference: str, others: list[str], width: int):
+        self.rows, self.reference, self.others = rows, reference, others
+        deltas = [r[1][n] - r[1][reference] for r in rows if r for n in others]
+        deltas = [d for d in deltas if np.isfinite(d)] or [0.0]
+        lo, hi = min(0.0, min(deltas)), max(0.0, max(deltas))
+        self.step = _tick_step(max(hi - lo, 0.005))
+        self.lo = np.floor(lo / self.step + 1e-9) * self.step
+        self.hi = max(np.ceil(hi / self.step - 1e-9) * self.step, self.lo + self.step)
+        self.row_h = 6 + len(others) * (self.BAR_H + self.GAP)
+        self.plot_x0, self.plot_x1 = self.NAME_W + self.REF_W + 24, width - self.COL_W * len(others) - 24
+        self.body = sum(self.row_h if r else 10 for r in rows)
+        self.width, self.height = width, self.TOP + self.body + 34
+        self.img = np.full((self.height, width, 3), 255, np.uint8)
+
+    def text(self, s: str, x: int, y: int, scale: float = 0.42, colour=INK, bold: bool = False,
+             right: bool = False) -> None:
+        import cv2
+
         if right:
-            x -= cv2.getTextSize(s, font, scale, 2 if bold else 1)[0][0]
-        cv2.putText(img, s, (x, y), font, scale, colour, 2 if bold else 1, cv2.LINE_AA)
+            x -= cv2.getTextSize(s, self.FONT, scale, 2 if bold else 1)[0][0]
+        cv2.putText(self.img, s, (x, y), self.FONT, scale, colour, 2 if bold else 1, cv2.LINE_AA)
 
-    def px(d: float) -> int:
-        return int(round(plot_x0 + (d - lo) / (hi - lo) * (plot_x1 - plot_x0)))
+    def px(self, d: float) -> int:
+        return int(round(self.plot_x0 + (d - self.lo) / (self.hi - self.lo) * (self.plot_x1 - self.plot_x0)))
 
-    text(f"Dice per class: change against the {reference} model", 8, 22, 0.6, bold=True)
-    text(f"{reference} Dice", name_w + ref_w, top - 24, 0.4, grey, right=True)
-    for k, n in enumerate(others):
-        x = plot_x1 + 28 + k * col_w
-        cv2.rectangle(img, (x, 34), (x + 12, 46), CHART_COLOURS[k % len(CHART_COLOURS)], -1)
-        text(n, x + 18, 45, 0.45)
-        text("Dice   change", x, top - 24, 0.4, grey)
-    ticks = np.arange(lo, hi + step / 2, step)
-    y_plot0, y_plot1 = top - 4, top + body + 2
-    for t in ticks:
-        x = px(t)
-        cv2.line(img, (x, y_plot0), (x, y_plot1), (150, 150, 150) if abs(t) < 1e-12 else light, 1)
-        label = "0" if abs(t) < 1e-12 else f"{t:+.3f}".rstrip("0")
-        w = cv2.getTextSize(label, font, 0.36, 1)[0][0]
-        text(label, x - w // 2, top - 10, 0.36, grey)
-        text(label, x - w // 2, y_plot1 + 14, 0.36, grey)
-    text(f"change in Dice ({' / '.join(others)} minus {reference})", plot_x0, height - 6, 0.38, grey)
-    y = top
-    for row in rows:
-        if row is None:
-            cv2.line(img, (8, y + 5), (width - 8, y + 5), light, 1)
-            y += 10
-            continue
-        label, vals, bold = row
-        mid = y + row_h // 2 + 4
-        text(label, 8, mid, 0.45, bold=bold)
-        r = vals[reference]
-        text(f"{r:.4f}" if np.isfinite(r) else "-", name_w + ref_w, mid, 0.42, right=True)
-        for k, n in enumerate(others):
-            colour = CHART_COLOURS[k % len(CHART_COLOURS)]
-            d = vals[n] - r
-            y0 = y + 3 + k * (bar_h + gap)
-            if np.isfinite(d) and abs(d) > 0:
-                x0, x1 = sorted((px(0.0), px(d)))
-                cv2.rectangle(img, (x0, y0), (max(x1, x0 + 1), y0 + bar_h - 1), colour, -1)
-            x = plot_x1 + 28 + k * col_w
-            moved = np.isfinite(d) and abs(d) >= 5e-5
-            shown = "-" if not np.isfinite(d) else f"{vals[n]:.4f}   {d:+.4f}" if moved else f"{vals[n]:.4f}   0"
-            text(shown, x, mid, 0.4, ink if moved else grey)
-        y += row_h
-    write_png_atomic(path, img)
+    def column_x(self, k: int) -> int:
+        return self.plot_x1 + 28 + k * self.COL_W
+
+    def draw_header(self) -> None:
+        """Title, the reference column's heading, one legend swatch and heading per series."""
+        import cv2
+
+        self.text(f"Dice per class: change against the {self.reference} model", 8, 22, 0.6, bold=True)
+        self.text(f"{self.reference} Dice", self.NAME_W + self.REF_W, self.TOP - 24, 0.4, self.GREY, right=True)
+        for k, n in enumerate(self.others):
+            x = self.column_x(k)
+            cv2.rectangle(self.img, (x, 34), (x + 12, 46), CHART_COLOURS[k % len(CHART_COLOURS)], -1)
+            self.text(n, x + 18, 45, 0.45)
+            self.text("Dice   change", x, self.TOP - 24, 0.4, self.GREY)
+
+    def draw_grid(self) -> None:
+        """Grid lines at round steps (zero darker), labelled above and below the plot."""
+        import cv2
+
+        y_plot0, y_plot1 = self.TOP - 4, self.TOP + self.body + 2
+        for t in np.arange(self.lo, self.hi + self.step / 2, self.step):
+            x = self.px(t)
+            cv2.line(self.img, (x, y_plot0), (x, y_plot1), (150, 150, 150) if abs(t) < 1e-12 else self.LIGHT, 1)
+            label = "0" if abs(t) < 1e-12 else f"{t:+.3f}".rstrip("0")
+            w = cv2.getTextSize(label, self.FONT, 0.36, 1)[0][0]
+            self.text(label, x - w // 2, self.TOP - 10, 0.36, self.GREY)
+            self.text(label, x - w // 2, y_plot1 + 14, 0.36, self.GREY)
+        self.text(f"change in Dice ({' / '.join(self.others)} minus {self.reference})", self.plot_x0,
+                  self.height - 6, 0.38, self.GREY)
+
+    def draw_rows(self) -> None:
+        """Per row: its name, the reference Dice, a bar per series and its Dice and change."""
+        import cv2
+
+        y = self.TOP
+        for row in self.rows:
+            if row is None:
+                cv2.line(self.img, (8, y + 5), (self.width - 8, y + 5), self.LIGHT, 1)
+                y += 10
+                continue
+            label, vals, bold = row
+            mid = y + self.row_h // 2 + 4
+            self.text(label, 8, mid, 0.45, bold=bold)
+            r = vals[self.reference]
+            self.text(f"{r:.4f}" if np.isfinite(r) else "-", self.NAME_W + self.REF_W, mid, 0.42, right=True)
+            for k, n in enumerate(self.others):
+                d = vals[n] - r
+                y0 = y + 3 + k * (self.BAR_H + self.GAP)
+                if np.isfinite(d) and abs(d) > 0:
+                    x0, x1 = sorted((self.px(0.0), self.px(d)))
+                    cv2.rectangle(self.img, (x0, y0), (max(x1, x0 + 1), y0 + self.BAR_H - 1),
+                                  CHART_COLOURS[k % len(CHART_COLOURS)], -1)
+                moved = np.isfinite(d) and abs(d) >= 5e-5
+                shown = "-" if not np.isfinite(d) else f"{vals[n]:.4f}   {d:+.4f}" if moved else f"{vals[n]:.4f}   0"
+                self.text(shown, self.column_x(k), mid, 0.4, self.INK if moved else self.GREY)
+            y += self.row_h
 
 
 # --------------------------------------------------------------------------- `twostage visualize`
