@@ -271,35 +271,15 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
     from ..rle import CsvWriter, encode_masks
 
     t0 = time.perf_counter()
-    if not folders:
-        raise TwostageError("soft voting needs at least one --probs folder")
     folders = [Path(f) for f in folders]
-    if weights is None:
-        weights = [1.0] * len(folders)
-    if len(weights) != len(folders):
-        raise TwostageError(f"--weights: {len(weights)} value(s) for {len(folders)} --probs folder(s); give one each")
-    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise TwostageError(f"--weights {list(weights)}: must be non-negative with a positive sum")
+    weights = _soft_weights(folders, weights)
     dev = torch_device(device)
     inputs = [str(f) for f in folders]
     files = [_probs_files(f) for f in folders]
-    _check_same_images(inputs, [set(fs) for fs in files])
-    if images is not None:
-        from ..data.layout import find_samples
-
-        order = [s.name for s in find_samples(images)]
-        _check_same_images([str(images)] + inputs[:1], [set(order), set(files[0])])
-    else:
-        order = sorted(files[0])
-
+    order = _image_order(inputs, files, images)
     first = [probs_classes(fs[order[0]]) for fs in files]
     classes = _output_classes(inputs, first)
-    wsum = np.zeros(len(classes))
-    for w, cl in zip(weights, first):
-        wsum[[classes.index(c) for c in cl]] += w
-    if (wsum == 0).any():
-        zero = [c for c, s in zip(classes, wsum) if s == 0]
-        raise TwostageError(f"--weights: classes {first_few(zero)} get total weight 0 (every input having them has weight 0)")
+    wsum = _class_weight_sums(classes, weights, first)
     thr = fusion.thresholds(thresholds)[[CLASS_TO_INDEX[c] for c in classes]].to(dev)
     norm = torch.as_tensor(1.0 / wsum, dtype=torch.float32, device=dev)[:, None, None]
     rows_of = [_rows_of(classes, cl) for cl in first]
@@ -326,3 +306,40 @@ def average_probs(folders: Sequence[str | os.PathLike], out: str | os.PathLike, 
     return EnsembleSummary(out=str(out), mode="soft", images=len(order), inputs=inputs, classes=classes,
                            rule={c: float(t) for c, t in zip(classes, thr.cpu().tolist())},
                            seconds=time.perf_counter() - t0)
+
+
+def _soft_weights(folders: list[Path], weights: Sequence[float] | None) -> list[float]:
+    """One non-negative weight per --probs folder (default equal), with a positive sum."""
+    if not folders:
+        raise TwostageError("soft voting needs at least one --probs folder")
+    if weights is None:
+        weights = [1.0] * len(folders)
+    if len(weights) != len(folders):
+        raise TwostageError(f"--weights: {len(weights)} value(s) for {len(folders)} --probs folder(s); give one each")
+    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise TwostageError(f"--weights {list(weights)}: must be non-negative with a positive sum")
+    return list(weights)
+
+
+def _image_order(inputs: list[str], files: list[dict[str, Path]], images: str | os.PathLike | None) -> list[str]:
+    """The CSV's image order: the dataset's sorted paths with --images, else sorted names; every
+    input must hold the same images."""
+    _check_same_images(inputs, [set(fs) for fs in files])
+    if images is None:
+        return sorted(files[0])
+    from ..data.layout import find_samples
+
+    order = [s.name for s in find_samples(images)]
+    _check_same_images([str(images)] + inputs[:1], [set(order), set(files[0])])
+    return order
+
+
+def _class_weight_sums(classes: list[str], weights: list[float], first: list[list[str]]) -> np.ndarray:
+    """Σ_k w_k per output class over the inputs that have it; a class no weight reaches is an error."""
+    wsum = np.zeros(len(classes))
+    for w, cl in zip(weights, first):
+        wsum[[classes.index(c) for c in cl]] += w
+    if (wsum == 0).any():
+        zero = [c for c, s in zip(classes, wsum) if s == 0]
+        raise TwostageError(f"--weights: classes {first_few(zero)} get total weight 0 (every input having them has weight 0)")
+    return wsum
