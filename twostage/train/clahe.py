@@ -106,10 +106,20 @@ def clahe(images: torch.Tensor, clip_limit: float = 2.0, tiles: tuple[int, int] 
         return images.to(torch.float32)
     chunk = _CHUNK_CPU if dev.type == "cpu" else _CHUNK_OTHER
     levels = torch.round(images).clamp_(0, LEVELS - 1).to(torch.uint8)
+    hist, th, tw = _tile_histograms(levels, weight, tx, ty, chunk)
+    lut = _luts(hist.view(B, ty, tx, LEVELS), clip_limit)
+    return _blend(levels, lut, th, tw, chunk)
 
-    # 1. histograms, of the image padded at the bottom/right (reflect-101) when a side does
-    # not divide; OpenCV then pads *both* sides by tiles - size % tiles, i.e. by a whole tile
-    # on a side that did divide (which changes that side's tile size): kept, to match it
+
+def _tile_histograms(levels: torch.Tensor, weight: torch.Tensor | None, tx: int, ty: int,
+                     chunk: int) -> tuple[torch.Tensor, int, int]:
+    """The (weighted) grey-level histogram of every tile, flat (B*ty*tx*256), and the tile size.
+
+    Of the image padded at the bottom/right (reflect-101) when a side does not divide; OpenCV
+    then pads *both* sides by tiles - size % tiles, i.e. by a whole tile on a side that did
+    divide (which changes that side's tile size): kept, to match it."""
+    B, H, W = levels.shape
+    dev = levels.device
     lv, wt = levels, weight
     if H % ty or W % tx:
         rows = _reflect101(H, H + ty - H % ty, dev)
@@ -132,11 +142,19 @@ def clahe(images: torch.Tensor, clip_limit: float = 2.0, tiles: tuple[int, int] 
         key = lv[r0:r1].to(torch.int64).add_(col_key).add_(row_key[r0:r1]).view(-1)
         src = ones.expand(key.numel()) if wt is None else wt[r0:r1].reshape(-1)
         hist.scatter_add_(0, key, src)  # float32 sums of integer counts stay exact
-    del lv, wt
-    lut = _luts(hist.view(B, ty, tx, LEVELS), clip_limit)
+    return hist, th, tw
 
-    # 2. per interpolation cell (between 4 tile centres) its 4 LUTs side by side, packed as
-    # one int32 per level, so that a pixel needs one gather instead of four
+
+def _blend(levels: torch.Tensor, lut: torch.Tensor, th: int, tw: int, chunk: int) -> torch.Tensor:
+    """Every pixel's level through the 4 LUTs of the tile centres around it, blended bilinearly.
+
+    Per interpolation cell (between 4 tile centres) its 4 LUTs side by side, packed as one
+    int32 per level, so that a pixel needs one gather instead of four; then OpenCV's blend, in
+    its order of float32 operations (one rounding each, no fused multiply-add):
+    (l11 * xa1 + l12 * xa) * ya1 + (l21 * xa1 + l22 * xa) * ya."""
+    B, H, W = levels.shape
+    ty, tx = lut.shape[1:3]
+    dev = levels.device
     cy, ya, ya1 = _axis(H, th, ty, dev)
     cx, xa, xa1 = _axis(W, tw, tx, dev)
     cells_y, cells_x = torch.arange(ty + 1, device=dev), torch.arange(tx + 1, device=dev)
@@ -150,8 +168,6 @@ def clahe(images: torch.Tensor, clip_limit: float = 2.0, tiles: tuple[int, int] 
     cell_col = (cx * LEVELS).to(torch.int32)
     ya, ya1 = ya.repeat(B).unsqueeze(1), ya1.repeat(B).unsqueeze(1)
 
-    # 3. OpenCV's blend, in its order of float32 operations (one rounding each, no fused
-    # multiply-add): (l11 * xa1 + l12 * xa) * ya1 + (l21 * xa1 + l22 * xa) * ya
     lv = levels.reshape(B * H, W)
     out = torch.empty((B * H, W), dtype=torch.float32, device=dev)
     step = max(1, chunk // W)
