@@ -120,6 +120,7 @@ def test_resumed_run_reaches_the_same_weights(phantoms, tmp_path):
     b = torch.load(resumed.path, weights_only=True)["params_ema"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert once.quality == resumed.quality
+    assert once.sha256 == resumed.sha256  # equal weights, equal file: the sha256 a palm set records
 
 
 def test_gan_loss_trains_and_resumes(phantoms, tmp_path):

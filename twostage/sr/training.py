@@ -171,8 +171,8 @@ class _Trainer:
 
         state = {"step": self.step, "net": self.net.state_dict(), "ema": self.ema.state_dict(),
                  "optim": self.opt.state_dict(), **(self.disc.state() if self.disc is not None else {})}
-        with atomic_path(self.run / STATE) as tmp:
-            torch.save(state, tmp)
+        with atomic_path(self.run / STATE) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)  # a file object: the archive's name is not the temporary file's
 
     def train_step(self):
         """One step, seeded from (seed, step): patches, their degraded inputs, the updates and the EMA.
@@ -265,9 +265,11 @@ def _register(name: str, trainer: _Trainer, last_q: dict,
     directory = weights.weights_dir(weights_dir)
     spec = network_spec(cfg, name)
     path = directory / spec.file
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # through a file object: torch.save names the zip's root folder after a path, so saving to
+        # the temporary path gave the same weights other bytes (and another sha256) every run
         torch.save({"params_ema": {k: v.detach().cpu().contiguous() for k, v in trainer.ema.state_dict().items()}},
-                   tmp)
+                   f)
     sha = sha256_file(path)
     trained_on = {"data": str(Path(cfg.data.root).resolve()), "images": len(regions.train),
                   "holdout_ids": regions.holdout_ids, "steps": trainer.step, "seed": cfg.train.seed,
