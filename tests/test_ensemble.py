@@ -177,3 +177,20 @@ def test_cli_subprocess_usage_errors(tmp_path):
     assert_one_line_error(r, "soft voting", rc=2)
     r = run_cli("ensemble", "--csv", *paths, "--out", tmp_path / "o.csv")
     assert r.returncode == 0 and "hard voting over 2 inputs" in r.stdout
+
+
+@pytest.mark.parametrize("data", [b"PK\x03\x04garbage", b"PK\x05\x06" + b"\0" * 18])
+def test_an_unreadable_probabilities_file_is_closed(tmp_path, data):
+    """np.load leaks the handle it opens when the zip directory is unreadable; read_probs opens
+    its own (ensembling reads thousands of these files)."""
+    import gc
+    import warnings
+
+    path = tmp_path / "image.npz"
+    path.write_bytes(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(TwostageError, match="not a saved-probabilities file"):
+            read_probs(path)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

@@ -45,7 +45,8 @@ def _open(path: str | os.PathLike, read):
     (before anything is decompressed: memory stays within the pixel limit); anything
     unreadable is one TwostageError naming the file."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our own handle: np.load leaks the one it opens when the zip directory is unreadable
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             _check_arrays(z, path)
             return read(z)
     except TwostageError:
