@@ -248,3 +248,15 @@ def test_tensor_input_checked(wdir):
     bic = make_upscaler("bicubic", 2)
     img = crop(9, 7)
     np.testing.assert_array_equal(bic.tensor(torch.from_numpy(img)).numpy(), bic(img))
+
+
+def test_the_names_users_import_from_twostage_sr():
+    """`twostage.sr.make_upscaler` / `Upscaler` / `network_upscaler` kept working when sr.py
+    became the package sr/ (the code lives in sr/upscale.py)."""
+    import twostage.sr as sr
+    from twostage.sr import upscale
+
+    assert (sr.make_upscaler, sr.Upscaler, sr.network_upscaler) == (
+        upscale.make_upscaler, upscale.Upscaler, upscale.network_upscaler)
+    up = sr.make_upscaler("bicubic", 2)
+    assert isinstance(up, sr.Upscaler) and up(np.zeros((4, 6), np.uint8)).shape == (8, 12)
