@@ -70,9 +70,16 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
            "meta": meta}
     if extra:
         obj.update(extra)
+    return save_atomic(obj, path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save, atomically, through a Python file: a full disk is an OSError atomic_path
+    reports, and the same object is the same bytes (given a path, torch.save names the zip's
+    root folder after it, i.e. after the temporary file, so every save differed)."""
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)  # through a Python file: a full disk is an OSError atomic_path reports
+        torch.save(obj, f)
     return path
 
 

@@ -122,6 +122,7 @@ class _Trainer:
 
         from ..train.loss import lr_lambda
         from .degrade import Degrader
+        from .upscale import make_upscaler
 
         self.cfg, self.regions, self.run, self.dev = cfg, regions, run, dev
         self.net = build_network(cfg, weights_dir).to(dev).train()
@@ -138,7 +139,7 @@ class _Trainer:
 
             self.usm = USMSharp().to(dev)  # Real-ESRGAN's sharpened targets
         self.pairs = holdout_pairs(regions.holdout, cfg, dev)
-        self.bicubic = _bicubic(cfg.net.scale)
+        self.bicubic = make_upscaler("bicubic", scale=cfg.net.scale)
         self.step = 0
 
     def start(self, resume: bool) -> None:
@@ -165,14 +166,11 @@ class _Trainer:
 
     def save(self) -> None:
         """Write the resumable state (atomically: an interrupted save leaves the previous one)."""
-        import torch
-
-        from ..io.files import atomic_path
+        from ..checkpoint import save_atomic
 
         state = {"step": self.step, "net": self.net.state_dict(), "ema": self.ema.state_dict(),
                  "optim": self.opt.state_dict(), **(self.disc.state() if self.disc is not None else {})}
-        with atomic_path(self.run / STATE) as tmp, open(tmp, "wb") as f:
-            torch.save(state, f)  # a file object: the archive's name is not the temporary file's
+        save_atomic(state, self.run / STATE)
 
     def train_step(self):
         """One step, seeded from (seed, step): patches, their degraded inputs, the updates and the EMA.
@@ -256,20 +254,17 @@ def _register(name: str, trainer: _Trainer, last_q: dict,
     its sha256, what it learnt from and its held-out scores. Returns (path, sha256)."""
     import dataclasses
 
-    import torch
-
-    from ..io.files import atomic_path, sha256_file
+    from ..checkpoint import save_atomic
+    from ..io.files import sha256_file
     from . import weights
 
     cfg, regions = trainer.cfg, trainer.regions
     directory = weights.weights_dir(weights_dir)
     spec = network_spec(cfg, name)
     path = directory / spec.file
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        # through a file object: torch.save names the zip's root folder after a path, so saving to
-        # the temporary path gave the same weights other bytes (and another sha256) every run
-        torch.save({"params_ema": {k: v.detach().cpu().contiguous() for k, v in trainer.ema.state_dict().items()}},
-                   f)
+    # the same weights are the same bytes, so the sha256 a palm set records repeats
+    save_atomic({"params_ema": {k: v.detach().cpu().contiguous() for k, v in trainer.ema.state_dict().items()}},
+                path)
     sha = sha256_file(path)
     trained_on = {"data": str(Path(cfg.data.root).resolve()), "images": len(regions.train),
                   "holdout_ids": regions.holdout_ids, "steps": trainer.step, "seed": cfg.train.seed,
@@ -327,12 +322,6 @@ def _live(model, scale: int, dev):
     from .upscale import network_upscaler
 
     return network_upscaler(copy.deepcopy(model).eval(), "live", scale, None, device=str(dev))
-
-
-def _bicubic(scale: int):
-    from .upscale import make_upscaler
-
-    return make_upscaler("bicubic", scale=scale)
 
 
 METRICS_FIELDS = ["step", "l1"] + [f"{kind}_{name}_{m}" for kind in ("clean", "degraded")
