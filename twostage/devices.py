@@ -1,13 +1,20 @@
 """The one place a user's device string becomes a torch device, and an allocation failure on
-it a user error (docs/DESIGN.md §6)."""
+it a user error (docs/DESIGN.md §6); and how many CPU cores this process may use."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator
 
 import torch
 
 from .errors import TwostageError
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask: a container's or taskset's share,
+    not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def torch_device(name: str | torch.device, option: str = "--device", allow_auto: bool = False) -> torch.device:

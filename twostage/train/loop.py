@@ -21,7 +21,7 @@ from torch import nn
 
 from ..checkpoint import save_checkpoint
 from ..config import StageConfig
-from ..devices import out_of_memory_as_error
+from ..devices import cpu_cores, out_of_memory_as_error
 from ..errors import TwostageError
 from ..io.files import write_json_atomic
 from ..metrics import summarize
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 def loader_workers(cfg: StageConfig) -> int:
     """train.workers as a count: `auto` is the cores of this process's share of the machine
     (torchrun's LOCAL_WORLD_SIZE processes split them) less one for the training loop itself."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     share = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     if cfg.train.workers == "auto":
         return share - 1

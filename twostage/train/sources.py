@@ -4,7 +4,6 @@ to the dataset."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from ..config import StageConfig
 from ..data.fixes import Fixes, select_samples
 from ..data.masks import MaskCache
 from ..data.palm_set import MANIFEST_DIR, load_palm_set
+from ..devices import cpu_cores
 from ..errors import TwostageError
 from ..io.images import png_size
 from .datasets import GlobalDataset, PalmDataset, PalmItem, StageDataset, load_palm_items
@@ -186,7 +186,7 @@ def attach_cache(cfg: StageConfig, train_ds: StageDataset, dist: Dist) -> None:
     """Open the training-input cache (data.cache), built first where missing: by local rank 0 of
     every node on all its cores while the other ranks wait, then opened by them."""
     root = Path(cfg.data.cache) if cfg.data.cache else default_cache_dir()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_cores()
     if dist.world == 1:
         train_ds.attach_cache(root, workers=cores)
         return
