@@ -153,10 +153,10 @@ def _clear_out(out: Path, overwrite: bool) -> None:
 @contextlib.contextmanager
 def _step(times: dict[str, float], name: str) -> Iterator[None]:
     """Log a step's start and its seconds, and record them in `times` (a failing step is not)."""
-    times[name] = time.perf_counter()
+    t0 = time.perf_counter()
     log.info("== %s ==", name)
     yield
-    times[name] = time.perf_counter() - times[name]
+    times[name] = time.perf_counter() - t0
     log.info("   %s: %.0f s", name, times[name])
 
 

@@ -10,12 +10,12 @@ import tempfile
 import threading
 from typing import Iterator
 
-_NATIVE_LINE = re.compile(r"^(libpng (warning|error)|\[ ?(WARN|ERROR|INFO|DEBUG):)")
-_NATIVE_LOCK = threading.RLock()  # re-entrant: one block may hold fd 1 and fd 2
+_LINE = re.compile(r"^(libpng (warning|error)|\[ ?(WARN|ERROR|INFO|DEBUG):)")
+_LOCK = threading.RLock()  # re-entrant: one block may hold fd 1 and fd 2
 
 
 @contextlib.contextmanager
-def native_messages(collect: re.Pattern = _NATIVE_LINE, fd: int = 2) -> Iterator[list[str]]:
+def native_messages(collect: re.Pattern = _LINE, fd: int = 2) -> Iterator[list[str]]:
     """Collect the lines native code (libpng, OpenCV's logger; the ONNX exporter's graph dump,
     on fd 1) writes to file descriptor `fd` during the block, those matching `collect`.
 
@@ -23,7 +23,7 @@ def native_messages(collect: re.Pattern = _NATIVE_LINE, fd: int = 2) -> Iterator
     instead of loose lines on the terminal; anything else written meanwhile (another
     thread's log line) is passed on afterwards. One block at a time (fd 2 is process-wide)."""
     messages: list[str] = []
-    with _NATIVE_LOCK:
+    with _LOCK:
         try:
             (sys.stdout if fd == 1 else sys.stderr).flush()
             saved = os.dup(fd)
